@@ -1,0 +1,108 @@
+"""The `vmrestore` command: parses arguments, runs one command, maps errors to exit codes.
+
+Each sub-command lives in ``vmrestore.commands.<name>`` and exposes
+``register(subparsers)``; this module only wires them and owns the edge where
+typed errors become a one-line message and an exit code. Command modules
+import heavy dependencies (pyvmomi, numpy, the core) inside their run
+functions so that ``vmrestore --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from vmrestore import __version__
+from vmrestore.errors import Interrupted, VmrError
+
+# Order shown in --help. A module that does not exist yet is skipped.
+COMMANDS = (
+    "restore",
+    "backup",
+    "verify",
+    "inspect",
+    "restore_disk",
+    "lab",
+    "proxy_mover",
+    "repo_agent",
+    "vddk",
+    "bench",
+)
+
+log = logging.getLogger("vmrestore")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmrestore",
+        description=(
+            "Full VM restore into VMware vSphere from block-level backups. "
+            "Run 'vmrestore COMMAND --help' for each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"vmrestore {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    parser.add_argument(
+        "--log-file", metavar="PATH", help="also write a debug log to PATH (timestamps, threads)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"vmrestore.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"vmrestore.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def setup_logging(verbose: int, log_file: str | None) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    root = logging.getLogger("vmrestore")
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("vmrestore: %(levelname)s: %(message)s"))
+    root.addHandler(console)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s "
+                              "%(message)s")
+        )
+        root.addHandler(fh)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    setup_logging(args.verbose, args.log_file)
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except KeyboardInterrupt:
+        print("vmrestore: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except VmrError as e:
+        log.debug("error", exc_info=True)
+        print(f"vmrestore: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        # Output closed early (e.g. piped to head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
