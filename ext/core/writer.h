@@ -1,0 +1,216 @@
+/* vmrestore core: the writer interface (targets) and the source interface (backup data).
+ *
+ * WHY THIS SHAPE
+ * The pipeline (pipeline.c) moves verified blocks from a *source* (stored,
+ * compressed extents) to a *writer* (the restore target). Every target --
+ * a local file or block device (HotAdd), an NBD export through libnbd, a raw
+ * LUN at the physical extents of a disk (SAN), VixDiskLib (writer_vddk.c) --
+ * plugs in through the same small table of function pointers, modelled on
+ * nbdkit-plugin.h:
+ *
+ *   - capability checks (can_zero, can_fast_zero, can_flush, can_multi_conn)
+ *     so the pipeline, not each writer, decides how to zero and flush;
+ *   - the same (handle, buf, count, offset, flags) shape on every data call;
+ *   - an optional asynchronous path (submit_pwrite / submit_zero + poll with a
+ *     completion callback) for writers that keep many requests in flight
+ *     (libnbd aio_*, VixDiskLib_WriteAsync + Wait);
+ *   - VERSIONED: `abi_version` + `struct_size` open each table. New members
+ *     are only ever APPENDED; the pipeline checks struct_size before touching
+ *     a member, so a writer built against an older header keeps working.
+ *
+ * OBJECTS AND THREADS
+ *   writer   one per restore of one disk (`void *w` below): opened by the
+ *            writer's own constructor (e.g. vmr_file_writer_open), which also
+ *            checks the target (size, existence) before anything is written.
+ *   lane     one per writer thread of the pipeline (`void *lane`): a
+ *            connection (NBD), a handle (VDDK) or a dup'ed fd (file). A lane
+ *            is used by exactly ONE thread at a time, so lane calls need no
+ *            locking. The pipeline opens `lanes` of them (1 unless the writer
+ *            says can_multi_conn, or is a local file).
+ *
+ * Every call returns 0 on success, -1 on failure after filling *err (see
+ * struct vmr_error): the message names what failed and where (offset).
+ * Buffers passed to pwrite/submit_pwrite are VMR_ALIGN aligned and `count`
+ * is a multiple of 512 except possibly the last block of a disk.
+ *
+ * ASYNCHRONOUS PATH (optional: all three of submit_pwrite, submit_zero and
+ * poll are set, or none). The lane thread calls submit_* up to the pipeline's
+ * queue depth, then poll(); the writer calls `cb->fn(cb->data, err)` exactly
+ * once per submitted request, FROM INSIDE poll() (or from inside submit_*
+ * when it fails synchronously -- then submit_* still returns 0), on the lane
+ * thread, with err == NULL on success. After a completion callback has run,
+ * the buffer belongs to the pipeline again. A writer that retries (NBD on a
+ * fresh connection) does so internally and reports only the final outcome.
+ * poll(lane, timeout_ms) returns the number of requests still in flight on
+ * the lane, or -1 when the lane itself is broken beyond repair.
+ *
+ * SOURCES (struct vmr_source_ops) are the mirror image for reading: one
+ * `pread`-like call per stored extent, (handle, buf, count, offset, flags)
+ * plus the index of the chain file. The local implementation preads file
+ * descriptors (pipeline.c, vmr_fd_source_*); a repository-agent connection
+ * can implement the same table later (ext/core/source_*.c). Called from the
+ * reader threads, one handle per reader thread (open_reader), in plan order.
+ */
+#ifndef VMR_WRITER_H
+#define VMR_WRITER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define VMR_WRITER_ABI_VERSION 1
+#define VMR_SOURCE_ABI_VERSION 1
+#define VMR_ALIGN 4096
+
+/* Error codes of struct vmr_error; Python maps them to vmrestore.errors. */
+enum vmr_errcode {
+    VMR_OK = 0,
+    VMR_E_CHECKSUM = 1,    /* stored data does not decompress / verify    -> ChecksumError */
+    VMR_E_SOURCE = 2,      /* a backup file cannot be read                -> SourceError   */
+    VMR_E_TARGET = 3,      /* the target refused (too small, EIO, ENOSPC) -> TargetError   */
+    VMR_E_TRANSPORT = 4,   /* connection lost / retries exhausted         -> TransportError*/
+    VMR_E_INTERRUPTED = 5, /* vmr_pipeline_cancel() was called            -> Interrupted   */
+    VMR_E_INTERNAL = 6,    /* bad arguments, out of memory                -> VmrError      */
+};
+
+/* An error with where it happened. plan_index / offset are -1 / UINT64_MAX
+ * when unknown; the pipeline fills them in for the entry being written when
+ * a writer leaves them unset. */
+struct vmr_error {
+    int code;             /* enum vmr_errcode */
+    int sys_errno;        /* errno when a system call failed, else 0 */
+    int64_t plan_index;   /* index of the plan entry, -1 if none */
+    uint64_t offset;      /* disk byte offset, UINT64_MAX if none */
+    char msg[512];
+};
+
+/* Set *err (if err is not NULL and no error is set yet); printf-style. */
+void vmr_error_set(struct vmr_error *err, int code, int sys_errno, uint64_t offset,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* Flags of data calls (same bits as NBD's command flags where they overlap). */
+#define VMR_F_FUA       0x01u  /* write: durable before completing */
+#define VMR_F_MAY_TRIM  0x02u  /* zero: the writer may deallocate (punch a hole) */
+#define VMR_F_FAST_ZERO 0x04u  /* zero: fail fast instead of writing zeros slowly */
+
+/* Completion of an asynchronous request: err is NULL on success. */
+struct vmr_completion {
+    void (*fn)(void *data, const struct vmr_error *err);
+    void *data;
+};
+
+struct vmr_writer_ops {
+    uint32_t abi_version;   /* VMR_WRITER_ABI_VERSION the writer was built against */
+    uint32_t struct_size;   /* sizeof(struct vmr_writer_ops) the writer was built with */
+    const char *name;       /* "file", "nbd", "san", "vddk", ... */
+
+    /* --- whole target (called from the controlling thread) --- */
+    uint64_t (*get_size)(void *w);
+    int (*can_zero)(void *w);        /* efficient zeroing (fallocate/BLKZEROOUT/NBD_CMD_WRITE_ZEROES) */
+    int (*can_fast_zero)(void *w);   /* zero requests can carry VMR_F_FAST_ZERO */
+    int (*can_trim)(void *w);        /* zero requests can carry VMR_F_MAY_TRIM */
+    int (*can_flush)(void *w);
+    int (*can_multi_conn)(void *w);  /* lanes may be used in parallel; a flush on one covers all */
+    void (*close)(void *w);          /* after all lanes are closed; frees w */
+
+    /* --- lanes (one thread each) --- */
+    void *(*open_lane)(void *w, int lane_index, struct vmr_error *err);
+    int (*close_lane)(void *lane, struct vmr_error *err);   /* always frees the lane */
+
+    /* --- synchronous data calls (required) --- */
+    int (*pwrite)(void *lane, const void *buf, uint32_t count, uint64_t offset, uint32_t flags,
+                  struct vmr_error *err);
+    int (*zero)(void *lane, uint32_t count, uint64_t offset, uint32_t flags, struct vmr_error *err);
+    int (*flush)(void *lane, uint32_t flags, struct vmr_error *err);
+
+    /* --- asynchronous data calls (optional: all NULL or all set) --- */
+    int (*submit_pwrite)(void *lane, const void *buf, uint32_t count, uint64_t offset,
+                         uint32_t flags, struct vmr_completion cb, struct vmr_error *err);
+    int (*submit_zero)(void *lane, uint32_t count, uint64_t offset, uint32_t flags,
+                       struct vmr_completion cb, struct vmr_error *err);
+    int (*poll)(void *lane, int timeout_ms, struct vmr_error *err);
+
+    /* --- appended in later versions go below; check struct_size first --- */
+};
+
+/* A writer instance: what constructors return and the pipeline consumes. */
+struct vmr_writer {
+    const struct vmr_writer_ops *ops;
+    void *w;
+    /* Largest count the writer accepts in one call (0 = 64 MiB default);
+     * the pipeline splits larger zero runs. */
+    uint32_t max_request;
+    /* 1 when the target is known to read as zeros where not written (a new
+     * sparse file, a new thin disk): zero entries are then skipped. */
+    int target_zeroed;
+};
+
+/* ---------------------------------------------------------------------------
+ * Sources: where the stored (compressed) extents come from.
+ */
+struct vmr_source_ops {
+    uint32_t abi_version;   /* VMR_SOURCE_ABI_VERSION */
+    uint32_t struct_size;
+    const char *name;       /* "fd", "repo", ... */
+    /* One reader handle per reader thread. */
+    void *(*open_reader)(void *s, int reader_index, struct vmr_error *err);
+    void (*close_reader)(void *reader);
+    /* Read exactly count bytes of chain file `src` at `offset` into buf. */
+    int (*pread)(void *reader, void *buf, uint32_t count, uint64_t offset, uint16_t src,
+                 uint32_t flags, struct vmr_error *err);
+    /* Optional (may be NULL): the reader will soon want [offset, offset+count)
+     * of file src (readahead / request pipelining). */
+    void (*hint)(void *reader, uint16_t src, uint64_t offset, uint64_t count);
+    void (*close)(void *s);
+    /* --- appended in later versions go below --- */
+};
+
+struct vmr_source {
+    const struct vmr_source_ops *ops;
+    void *s;
+};
+
+/* ---------------------------------------------------------------------------
+ * Constructors of the built-in writers and sources (see the .c files).
+ * Each checks its target before returning; on failure returns -1 with *err.
+ */
+
+/* file / block device (HotAdd). flags: VMR_FILE_* below. */
+#define VMR_FILE_TARGET_ZEROED 0x1u   /* skip zero entries (target known zero) */
+#define VMR_FILE_NO_DIRECT     0x2u   /* do not try O_DIRECT */
+#define VMR_FILE_CREATE        0x4u   /* create a new regular file of `size` (sparse) */
+#define VMR_FILE_FORCE         0x8u   /* allow overwriting an existing regular file */
+int vmr_file_writer_open(const char *path, uint64_t size, uint32_t flags, struct vmr_writer *out,
+                         struct vmr_error *err);
+
+/* NBD through libnbd: uri is an NBD URI (nbd://, nbds://, nbd+unix://, ...).
+ * psk_file / cert_dir / tls_username may be NULL. */
+struct vmr_nbd_options {
+    const char *uri;
+    uint32_t connections;   /* wanted lanes (used only if the server offers multi-conn) */
+    uint32_t retries;       /* attempts per request on a fresh connection */
+    uint32_t retry_delay_ms;
+    uint32_t flags;         /* VMR_FILE_TARGET_ZEROED honoured */
+    const char *psk_file;
+    const char *tls_username;
+    const char *cert_dir;
+    int tls_verify_peer;    /* -1 = libnbd default */
+};
+int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct vmr_writer *out,
+                        struct vmr_error *err);
+
+/* SAN: a raw LUN (file or block device) plus an extent map of the disk:
+ * n records of (virtual offset, length, LUN offset), sorted by virtual
+ * offset, which must cover [0, size) with no gap (checked). */
+struct vmr_extent {
+    uint64_t voff;
+    uint64_t len;
+    uint64_t loff;
+};
+int vmr_san_writer_open(const char *lun_path, const struct vmr_extent *map, size_t n,
+                        uint64_t size, uint32_t flags, struct vmr_writer *out,
+                        struct vmr_error *err);
+
+/* Local chain files by file descriptor (the pipeline does not close them). */
+int vmr_fd_source_open(const int *fds, size_t n, struct vmr_source *out, struct vmr_error *err);
+
+#endif
