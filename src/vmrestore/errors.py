@@ -95,3 +95,19 @@ class Interrupted(VmrError):
     """The user stopped the run (Ctrl-C / SIGTERM)."""
 
     exit_code = 130
+
+
+class ProtocolError(MoverError):
+    """A mover message that is malformed, oversized, or not allowed at this point."""
+
+
+class AuthenticationError(MoverError):
+    """A mover peer that failed the token challenge (wrong token, unknown client)."""
+
+
+class RemoteError(MoverError):
+    """An error the repository agent answered with; ``code`` is the protocol's error code."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
