@@ -70,6 +70,25 @@ int vmr_decompress(int codec, const void *src, size_t n, void *dst, size_t raw_l
     }
 }
 
+void *vmr_dctx_new(void)
+{
+    return ZSTD_createDCtx();
+}
+
+void vmr_dctx_free(void *dctx)
+{
+    ZSTD_freeDCtx(dctx);
+}
+
+int vmr_decompress_dctx(void *dctx, int codec, const void *src, size_t n, void *dst,
+                        size_t raw_len)
+{
+    if (codec != VMR_CODEC_ZSTD || dctx == NULL)
+        return vmr_decompress(codec, src, n, dst, raw_len);
+    size_t r = ZSTD_decompressDCtx(dctx, dst, raw_len, src, n);
+    return (!ZSTD_isError(r) && r == raw_len) ? 0 : -1;
+}
+
 void vmr_xxh3_128(const void *buf, size_t n, uint64_t *lo, uint64_t *hi)
 {
     XXH128_hash_t h = XXH3_128bits(buf, n);

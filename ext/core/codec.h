@@ -27,6 +27,14 @@ size_t vmr_compress(int codec, int level, const void *src, size_t n, void *dst, 
  * -1 if the data is corrupt or does not decompress to exactly raw_len. */
 int vmr_decompress(int codec, const void *src, size_t n, void *dst, size_t raw_len);
 
+/* A reusable decompression context (one per thread): avoids allocating a
+ * zstd context per block on the restore hot path. NULL on out of memory. */
+void *vmr_dctx_new(void);
+void vmr_dctx_free(void *dctx);
+/* As vmr_decompress, using dctx (from vmr_dctx_new) for zstd. */
+int vmr_decompress_dctx(void *dctx, int codec, const void *src, size_t n, void *dst,
+                        size_t raw_len);
+
 /* XXH3 128-bit hash of buf. */
 void vmr_xxh3_128(const void *buf, size_t n, uint64_t *lo, uint64_t *hi);
 

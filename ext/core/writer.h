@@ -42,7 +42,8 @@
  * the buffer belongs to the pipeline again. A writer that retries (NBD on a
  * fresh connection) does so internally and reports only the final outcome.
  * poll(lane, timeout_ms) returns the number of requests still in flight on
- * the lane, or -1 when the lane itself is broken beyond repair.
+ * the lane, or -1 when the lane itself is broken beyond repair -- and then
+ * it has already completed every request it held, with an error.
  *
  * SOURCES (struct vmr_source_ops) are the mirror image for reading: one
  * `pread`-like call per stored extent, (handle, buf, count, offset, flags)
@@ -142,6 +143,9 @@ struct vmr_writer {
     /* 1 when the target is known to read as zeros where not written (a new
      * sparse file, a new thin disk): zero entries are then skipped. */
     int target_zeroed;
+    /* Human-readable notes from the constructor (e.g. why O_DIRECT fell
+     * back to buffered I/O); Python logs them. Empty when nothing to say. */
+    char note[256];
 };
 
 /* ---------------------------------------------------------------------------
