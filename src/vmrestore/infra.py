@@ -1,0 +1,325 @@
+"""Backup infrastructure: proxies, their task slots, what storage they see, transport choice.
+
+The orchestrator asks two questions here and nowhere else: *which proxy runs
+this restore* (one with a free task slot that can serve the requested
+transport) and *which transport each disk uses, and why*. Both answers are
+pure decisions over facts the caller gathered (disk provisioning, datastore,
+whether the proxy sees that datastore's LUN), so they are unit-tested without
+a vCenter.
+
+Infrastructure file (YAML, version 1; documented in docs/restore.md)::
+
+    version: 1
+    proxies:
+      - name: proxy1
+        slots: 2                 # concurrent disk restores (task slots)
+        vm: vmr-proxy            # the proxy is this VM in vCenter: HotAdd possible
+        datastores: [ds-local]   # datastores the proxy VM can hot-add from (omit: all)
+        san: auto                # datastores whose LUN it sees, or 'auto' (LUN path present)
+        transports: [san, hotadd, nbd, nbdssl]
+
+Without a file there is one local proxy (``local``) with 4 slots, SAN 'auto',
+and when the lab is up, the lab's proxy VM as its VM.
+
+Task slots are lock files taken with ``flock`` under the state directory: a
+slot is free again the moment its holder exits, even by kill -9, so a crashed
+restore never leaks a slot and ``--resume`` can take one at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmrestore.errors import UsageError
+
+MODES = ("san", "hotadd", "nbd", "nbdssl")
+THICK = ("thick-lazy", "thick-eager")
+INFRA_VERSION = 1
+
+
+@dataclass
+class Proxy:
+    """One backup proxy: where the proxy-side data mover runs."""
+
+    name: str
+    slots: int = 4
+    vm: str | None = None
+    datastores: list[str] | None = None  # None: every datastore (for HotAdd)
+    san: list[str] | str = "auto"  # datastore names, or "auto"
+    transports: tuple[str, ...] = MODES
+
+    @property
+    def is_vm(self) -> bool:
+        return bool(self.vm)
+
+    def can_hotadd(self, datastore: str) -> bool:
+        return self.is_vm and "hotadd" in self.transports and (
+            self.datastores is None or datastore in self.datastores)
+
+    def sees_lun(self, datastore: str, lun_path: str | None) -> bool:
+        """True when this proxy can write the datastore's LUN directly."""
+        if "san" not in self.transports or not lun_path:
+            return False
+        if self.san == "auto":
+            return os.path.exists(lun_path)
+        return datastore in self.san
+
+
+@dataclass
+class Infra:
+    proxies: list[Proxy]
+    source: str = "default"
+
+    def get(self, name: str) -> Proxy:
+        for p in self.proxies:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.proxies)
+        raise UsageError(f"proxy {name!r} not in the infrastructure ({self.source}: {known})")
+
+
+def default_infra(proxy_vm: str | None = None) -> Infra:
+    """One local proxy; a VM (HotAdd) when the caller knows the proxy VM (the lab's)."""
+    return Infra([Proxy(name="local", slots=4, vm=proxy_vm)], source="default")
+
+
+def load_infra(path: str | Path) -> Infra:
+    import yaml
+
+    p = Path(path)
+    src = f"infrastructure file {p}"
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise UsageError(f"{src}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{src}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{src}: expected a mapping with 'proxies'")
+    if data.get("version", INFRA_VERSION) != INFRA_VERSION:
+        raise UsageError(f"{src}: version {data.get('version')!r} not supported "
+                         f"(this build reads {INFRA_VERSION})")
+    unknown = set(data) - {"version", "proxies"}
+    if unknown:
+        raise UsageError(f"{src}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    raw = data.get("proxies")
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(f"{src}: 'proxies' must be a non-empty list")
+    proxies = [_proxy(item, f"{src}: proxies[{i}]") for i, item in enumerate(raw)]
+    names = [p.name for p in proxies]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"{src}: proxy name(s) given twice: {', '.join(sorted(dup))}")
+    return Infra(proxies, source=str(p))
+
+
+def _proxy(item: Any, where: str) -> Proxy:
+    if not isinstance(item, dict):
+        raise UsageError(f"{where}: expected a mapping")
+    allowed = {"name", "slots", "vm", "datastores", "san", "transports"}
+    unknown = set(item) - allowed
+    if unknown:
+        raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{where}: field 'name' is required")
+    slots = item.get("slots", 4)
+    if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 64:
+        raise UsageError(f"{where}: field 'slots' must be an integer 1..64, got {slots!r}")
+    vm = item.get("vm")
+    if vm is not None and not isinstance(vm, str):
+        raise UsageError(f"{where}: field 'vm' must be a VM name")
+    ds = item.get("datastores")
+    if ds is not None and not (isinstance(ds, list) and all(isinstance(d, str) for d in ds)):
+        raise UsageError(f"{where}: field 'datastores' must be a list of datastore names")
+    san = item.get("san", "auto")
+    if not (san == "auto" or (isinstance(san, list) and all(isinstance(d, str) for d in san))):
+        raise UsageError(f"{where}: field 'san' must be 'auto' or a list of datastore names")
+    tr = item.get("transports", list(MODES))
+    if not (isinstance(tr, list) and tr and all(t in MODES for t in tr)):
+        raise UsageError(f"{where}: field 'transports' must be a non-empty list of "
+                         f"{', '.join(MODES)}")
+    return Proxy(name=name, slots=slots, vm=vm, datastores=ds, san=san, transports=tuple(tr))
+
+
+# --- task slots -------------------------------------------------------------------------
+
+
+class SlotLease:
+    """A held task slot; released by :meth:`release` or when the process dies."""
+
+    def __init__(self, proxy: Proxy, index: int, fd: int, path: Path) -> None:
+        self.proxy = proxy
+        self.index = index
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SlotLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _try_slot(slot_dir: Path, proxy: Proxy, i: int) -> SlotLease | None:
+    path = slot_dir / f"{proxy.name}.{i}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return SlotLease(proxy, i, fd, path)
+
+
+def free_slots(infra: Infra, slot_dir: Path) -> dict[str, int]:
+    """How many slots each proxy has free right now (probing the locks)."""
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for p in infra.proxies:
+        n = 0
+        for i in range(p.slots):
+            lease = _try_slot(slot_dir, p, i)
+            if lease:
+                n += 1
+                lease.release()
+        out[p.name] = n
+    return out
+
+
+def acquire_slot(infra: Infra, slot_dir: Path, wanted: str | None,
+                 transport: str) -> SlotLease:
+    """Take a free slot: on the named proxy, else on the proxy with most free slots.
+
+    A proxy that cannot serve an explicitly requested transport is not a
+    candidate (auto can always fall back to nbd).
+    """
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    if wanted:
+        candidates = [infra.get(wanted)]
+    else:
+        candidates = [p for p in infra.proxies
+                      if transport == "auto" or transport in p.transports]
+        if transport == "hotadd":
+            candidates = [p for p in candidates if p.is_vm]
+        if not candidates:
+            raise UsageError(f"no proxy in {infra.source} offers transport {transport!r}")
+        free = free_slots(infra, slot_dir)
+        candidates.sort(key=lambda p: -free.get(p.name, 0))
+    for p in candidates:
+        for i in range(p.slots):
+            lease = _try_slot(slot_dir, p, i)
+            if lease:
+                return lease
+    names = ", ".join(p.name for p in candidates)
+    raise UsageError(f"no free task slot on proxy {names} (all slots busy; try again later)")
+
+
+# --- transport selection ----------------------------------------------------------------
+
+
+@dataclass
+class DiskFacts:
+    """What transport selection needs to know about one target disk."""
+
+    index: int
+    datastore: str
+    provisioning: str  # target provisioning: thin / thick-lazy / thick-eager
+    datastore_type: str = "OTHER"
+    lun_path: str | None = None  # LUN behind the datastore, if the host reports one
+
+
+@dataclass
+class Decision:
+    """The transport of one disk, why, and what to try if it fails."""
+
+    disk: int
+    mode: str
+    reason: str
+    fallback: list[str] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)  # failed attempts, in order
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"disk": self.disk, "mode": self.mode, "reason": self.reason,
+                "fallback": self.fallback, "history": self.history}
+
+
+def select_transports(requested: str, proxy: Proxy,
+                      disks: Sequence[DiskFacts]) -> list[Decision]:
+    """Pick a mode per disk; an explicit mode the disks cannot use is refused up front.
+
+    auto: san only when every disk is thick and the proxy sees each disk's
+    LUN; else hotadd per disk when the proxy is a VM that reaches the disk's
+    datastore; else nbd. Every auto choice can fall back to nbd.
+    """
+    if requested not in ("auto", *MODES):
+        raise UsageError(f"unknown transport {requested!r}")
+    if requested != "auto":
+        return [_explicit(requested, proxy, d) for d in disks]
+
+    thin = [d for d in disks if d.provisioning not in THICK]
+    blind = [d for d in disks if not proxy.sees_lun(d.datastore, d.lun_path)]
+    if not thin and not blind and disks:
+        lun_ds = sorted({d.datastore for d in disks})
+        return [Decision(d.index, "san",
+                         f"auto: every disk is thick and proxy {proxy.name} sees the LUN of "
+                         f"{', '.join(lun_ds)}", ["nbd"]) for d in disks]
+    if thin:
+        no_san = f"not san: disk {thin[0].index} is {thin[0].provisioning}"
+    else:
+        no_san = (f"not san: proxy {proxy.name} does not see a LUN for datastore "
+                  f"{blind[0].datastore}")
+    out = []
+    for d in disks:
+        if proxy.can_hotadd(d.datastore):
+            out.append(Decision(d.index, "hotadd",
+                                f"auto: {no_san}; proxy VM {proxy.vm} reaches {d.datastore}",
+                                ["nbd"]))
+        elif proxy.is_vm:
+            out.append(Decision(d.index, "nbd",
+                                f"auto: {no_san}; proxy VM {proxy.vm} cannot reach "
+                                f"{d.datastore}"))
+        else:
+            out.append(Decision(d.index, "nbd",
+                                f"auto: {no_san}; proxy {proxy.name} is not a VM (no hotadd)"))
+    return out
+
+
+def _explicit(mode: str, proxy: Proxy, d: DiskFacts) -> Decision:
+    if mode not in proxy.transports:
+        raise UsageError(f"transport {mode}: proxy {proxy.name} does not offer it "
+                         f"(offers {', '.join(proxy.transports)})")
+    if mode == "san":
+        if d.provisioning not in THICK:
+            raise UsageError(
+                f"transport san refused: disk {d.index} would be {d.provisioning} on "
+                f"{d.datastore}; direct SAN writes need every disk thick "
+                "(use --disk-format thick-eager/thick-lazy or another transport)")
+        if not proxy.sees_lun(d.datastore, d.lun_path):
+            raise UsageError(
+                f"transport san refused: proxy {proxy.name} does not see a LUN for datastore "
+                f"{d.datastore} (disk {d.index})")
+        return Decision(d.index, "san", f"requested; disk is {d.provisioning} and proxy "
+                        f"{proxy.name} sees the LUN of {d.datastore}")
+    if mode == "hotadd":
+        if not proxy.is_vm:
+            raise UsageError(f"transport hotadd refused: proxy {proxy.name} is not a VM")
+        if not proxy.can_hotadd(d.datastore):
+            raise UsageError(f"transport hotadd refused: proxy VM {proxy.vm} cannot reach "
+                             f"datastore {d.datastore} (disk {d.index})")
+        return Decision(d.index, "hotadd",
+                        f"requested; proxy VM {proxy.vm} reaches {d.datastore}")
+    return Decision(d.index, mode, "requested")

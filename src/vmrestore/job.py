@@ -1,0 +1,267 @@
+"""The restore job: one typed, validated description of what a restore must do.
+
+A job comes from the command line or from a YAML/JSON file with the same
+fields; both paths end in :func:`validate`, so a bad value gets the same
+message naming the field whichever way it was given. The orchestrator only
+ever sees a valid :class:`RestoreJob`. Nothing here talks to vCenter or reads
+the backup: those checks belong to the phases that own them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmrestore.errors import UsageError
+
+DISK_FORMATS = ("same", "thin", "thick-lazy", "thick-eager")
+TRANSPORTS = ("auto", "san", "hotadd", "nbd", "nbdssl")
+JOB_VERSION = 1
+
+# A VM name vSphere accepts: 1..80 characters, no path separators or control chars.
+_NAME_RE = re.compile(r"^[^/\\\x00-\x1f%]{1,80}$")
+
+
+@dataclass
+class RestoreJob:
+    """Everything a restore needs to know, already checked for shape and type."""
+
+    backup: str
+    point: str | None = None
+    # vCenter/ESXi connection; None = the lab's when the lab is up.
+    vcenter: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+    thumbprint: str | None = None  # SHA-1/SHA-256 of the server cert, "aa:bb:..."
+    ca_file: str | None = None  # PEM bundle to verify the server cert
+    insecure: bool = False  # https without certificate checks (lab use)
+    # Placement and amendments.
+    datacenter: str | None = None
+    name: str | None = None
+    folder: str | None = None
+    host: str | None = None
+    resource_pool: str | None = None
+    datastore: str | None = None
+    disk_datastores: dict[int, str] = field(default_factory=dict)
+    disk_format: str = "same"
+    network_map: dict[str, str] = field(default_factory=dict)
+    power_on: bool = False
+    # Data movement.
+    transport: str = "auto"
+    proxy: str | None = None
+    infra: str | None = None
+    threads: int | None = None
+    queue_depth: int | None = None
+    # Failure handling.
+    resume: bool = False
+    keep_on_failure: bool = False
+    state_dir: str | None = None
+    # Output.
+    json: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (the job-state file stores it to check a resume is the same job)."""
+        d = dataclasses.asdict(self)
+        d["disk_datastores"] = {str(k): v for k, v in self.disk_datastores.items()}
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the run it resumes."""
+        d = self.to_dict()
+        for k in ("resume", "keep_on_failure", "json", "threads", "queue_depth", "password_file",
+                  "state_dir"):
+            d.pop(k, None)
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RestoreJob)}
+_STR_FIELDS = {
+    "backup", "point", "vcenter", "user", "password_file", "thumbprint", "ca_file",
+    "datacenter", "name", "folder", "host", "resource_pool", "datastore", "proxy", "infra",
+    "state_dir",
+}
+_BOOL_FIELDS = {"power_on", "resume", "keep_on_failure", "json", "insecure"}
+_INT_FIELDS = {"threads", "queue_depth"}
+
+
+def _pairs(items: Iterable[str], what: str) -> dict[str, str]:
+    """Parse repeated ``A=B`` options into a dict; a malformed one names the option."""
+    out: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise UsageError(f"{what}: expected SRC=DST, got {item!r}")
+        k, v = item.split("=", 1)
+        k, v = k.strip(), v.strip()
+        if not k or not v:
+            raise UsageError(f"{what}: empty side in {item!r}")
+        if k in out and out[k] != v:
+            raise UsageError(f"{what}: {k!r} given twice ({out[k]!r} and {v!r})")
+        out[k] = v
+    return out
+
+
+def _disk_index(key: Any, what: str) -> int:
+    try:
+        n = int(key)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: disk must be a disk index (0, 1, ...), got {key!r}") from None
+    if n < 0:
+        raise UsageError(f"{what}: disk index must be >= 0, got {n}")
+    return n
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "job") -> RestoreJob:
+    """Build a job from a dict (a parsed job file); every field is checked by name."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{source}: a job must be a mapping of field: value")
+    kw: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "version":
+            if value != JOB_VERSION:
+                raise UsageError(f"{source}: field 'version': this build reads job version "
+                                 f"{JOB_VERSION}, got {value!r}")
+            continue
+        if key == "password":
+            raise UsageError(f"{source}: field 'password': not allowed in a job file; "
+                             "use 'password_file'")
+        if key not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
+            raise UsageError(f"{source}: unknown field {raw_key!r} (known: {known})")
+        if value is None:
+            continue
+        if key in _STR_FIELDS:
+            if not isinstance(value, str | int) or isinstance(value, bool):
+                raise UsageError(f"{source}: field {key!r} must be a string, got {value!r}")
+            kw[key] = str(value)
+        elif key in _BOOL_FIELDS:
+            if not isinstance(value, bool):
+                raise UsageError(f"{source}: field {key!r} must be true or false, got {value!r}")
+            kw[key] = value
+        elif key in _INT_FIELDS:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"{source}: field {key!r} must be an integer, got {value!r}")
+            kw[key] = value
+        elif key == "disk_datastores":
+            if isinstance(value, list):
+                value = _pairs(value, f"{source}: field 'disk_datastores'")
+            if not isinstance(value, Mapping):
+                raise UsageError(f"{source}: field 'disk_datastores' must map disk index to "
+                                 f"datastore, got {value!r}")
+            kw[key] = {_disk_index(k, f"{source}: field 'disk_datastores'"): str(v)
+                       for k, v in value.items()}
+        elif key == "network_map":
+            if isinstance(value, list):
+                value = _pairs(value, f"{source}: field 'network_map'")
+            if not isinstance(value, Mapping):
+                raise UsageError(f"{source}: field 'network_map' must map source network to "
+                                 f"target network, got {value!r}")
+            kw[key] = {str(k): str(v) for k, v in value.items()}
+        else:  # disk_format, transport: strings checked in validate()
+            if not isinstance(value, str):
+                raise UsageError(f"{source}: field {key!r} must be a string, got {value!r}")
+            kw[key] = value
+    if "backup" not in kw:
+        raise UsageError(f"{source}: field 'backup' is required")
+    return validate(RestoreJob(**kw), source)
+
+
+def load_job_file(path: str | Path) -> RestoreJob:
+    """Read a YAML or JSON job file (YAML is a superset of JSON, so one parser reads both)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise UsageError(f"job file {p}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise UsageError(f"job file {p}: not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    job = from_mapping(data or {}, f"job file {p}")
+    # Relative paths in a job file are relative to the file, not to the caller's cwd.
+    base = p.resolve().parent
+    for key in ("backup", "password_file", "infra", "ca_file", "state_dir"):
+        v = getattr(job, key)
+        if v and not Path(v).is_absolute():
+            setattr(job, key, str(base / v))
+    return job
+
+
+def from_args(args: Any) -> RestoreJob:
+    """Build a job from parsed CLI arguments (commands/restore.py's parser)."""
+    if getattr(args, "job_file", None):
+        job = load_job_file(args.job_file)
+        # Flags given on the command line next to a job file only switch things on.
+        for key in ("resume", "keep_on_failure", "json", "power_on"):
+            if getattr(args, key, False):
+                setattr(job, key, True)
+        return job
+    if not args.backup:
+        raise UsageError("restore: give --backup BACKUP or a job file (vmrestore restore JOB.yaml)")
+    kw: dict[str, Any] = {}
+    for key in _FIELDS:
+        if key in ("disk_datastores", "network_map"):
+            continue
+        v = getattr(args, key, None)
+        if v is not None:
+            kw[key] = v
+    kw["disk_datastores"] = {
+        _disk_index(k, "--disk-datastore"): v
+        for k, v in _pairs(getattr(args, "disk_datastore", None) or [], "--disk-datastore").items()
+    }
+    kw["network_map"] = _pairs(getattr(args, "network_map", None) or [], "--network-map")
+    return validate(RestoreJob(**kw), "restore")
+
+
+def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
+    """Check values that have a fixed shape; raise UsageError naming the field."""
+    def bad(fieldname: str, why: str) -> UsageError:
+        return UsageError(f"{source}: field {fieldname!r}: {why}")
+
+    if not job.backup:
+        raise bad("backup", "required")
+    if job.disk_format not in DISK_FORMATS:
+        raise bad("disk_format", f"{job.disk_format!r} is not one of {', '.join(DISK_FORMATS)}")
+    if job.transport not in TRANSPORTS:
+        raise bad("transport", f"{job.transport!r} is not one of {', '.join(TRANSPORTS)}")
+    if job.name is not None and not _NAME_RE.match(job.name):
+        raise bad("name", f"{job.name!r} is not a valid VM name (1-80 characters, no / \\ %)")
+    if job.vcenter is not None:
+        if not re.match(r"^(https?://)?[^/\s]+(/.*)?$", job.vcenter):
+            raise bad("vcenter", f"{job.vcenter!r} is not a host or URL")
+        if not job.user:
+            raise bad("user", "required with 'vcenter'")
+        if not job.password_file:
+            raise bad("password_file", "required with 'vcenter'")
+    for key in ("threads", "queue_depth"):
+        v = getattr(job, key)
+        if v is not None and not 1 <= v <= 256:
+            raise bad(key, f"must be 1..256, got {v}")
+    if job.thumbprint is not None:
+        tp = job.thumbprint.replace(":", "").lower()
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", tp):
+            raise bad("thumbprint", "expected a SHA-1 or SHA-256 fingerprint in hex")
+    for k, v in job.network_map.items():
+        if not k or not v:
+            raise bad("network_map", f"empty network name in {k!r}={v!r}")
+    return job
+
+
+def parse_vcenter(url: str) -> tuple[str, str, int, str]:
+    """Split 'https://host:port/sdk' (or a bare host) into (protocol, host, port, path)."""
+    from urllib.parse import urlsplit
+
+    if "://" not in url:
+        url = "https://" + url
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise UsageError(f"restore: field 'vcenter': {url!r} is not an http(s) URL")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return u.scheme, u.hostname, port, u.path or "/sdk"
