@@ -111,3 +111,15 @@ class RemoteError(MoverError):
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
+
+
+class HostServiceError(TransportError):
+    """A host data services call that was refused or failed; ``kind`` says which.
+
+    Kinds (docs/lab.md): bad-request, not-found, refused (e.g. an extent map of
+    a thin disk: the transport must fall back), failed, unauthorized, unreachable.
+    """
+
+    def __init__(self, message: str, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.kind = kind
