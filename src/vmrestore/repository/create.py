@@ -172,18 +172,19 @@ def _process_chunk(disk: _Disk, first: int, count: int, bs: int, codec: int, lev
 
 
 def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, Any] | None = None,
-                  codec: str = "zstd", level: int = 3, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+                  codec: str = "zstd", level: int = 3, block_size: int | None = None,
                   parent: str | None = None, force: bool = False, threads: int | None = None,
                   progress: ProgressFn | None = None,
                   start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write one restore point; returns the summary printed by ``backup create --json``.
 
     ``start(total_bytes)`` is called once sources are open; ``progress(n)``
-    after every chunk with the bytes read so far.
+    after every chunk with the bytes read so far. ``block_size`` defaults to
+    the parent's (an incremental must use it) or 1 MiB.
     """
     if not disk_paths:
         raise UsageError("backup create needs at least one --disk")
-    if not fmt.valid_block_size(block_size):
+    if block_size is not None and not fmt.valid_block_size(block_size):
         raise UsageError(f"block size {block_size} is not a power of two in 64K..8M")
     if codec not in core.CODECS:
         raise UsageError(f"unknown codec {codec!r} (zstd, lz4, none)")
@@ -191,6 +192,14 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
     check_output(out_path, force)
     t0 = time.monotonic()
     chain = open_chain(parent) if parent else None
+    if chain is not None and chain.disks:
+        parent_bs = int(chain.disks[0]["block_size"])
+        if block_size is not None and block_size != parent_bs:
+            chain.close()
+            raise UsageError(f"block size {block_size} differs from the parent's ({parent_bs}, "
+                             f"{chain.point.path}); an incremental keeps its parent's")
+        block_size = parent_bs
+    bs: int = block_size or fmt.DEFAULT_BLOCK_SIZE
     disks: list[_Disk] = []
     writer: PointWriter | None = None
     try:
@@ -226,10 +235,10 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
         maps: list[np.ndarray] = []
         done = 0
         nthreads = threads or max(2, os.cpu_count() or 2)
-        per_chunk = max(1, CHUNK_BYTES // block_size)
+        per_chunk = max(1, CHUNK_BYTES // bs)
         with ThreadPoolExecutor(nthreads, thread_name_prefix="backup") as pool:
             for di, disk in enumerate(disks):
-                nblocks = fmt.block_count(disk.size, block_size)
+                nblocks = fmt.block_count(disk.size, bs)
                 bmap = np.zeros(nblocks, fmt.BLOCK_DTYPE)
                 kind = bmap["kind"]
                 pstate = _ParentState(chain, di)
@@ -239,7 +248,7 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
                 while nxt < nblocks or window:
                     while nxt < nblocks and len(window) < 2 * nthreads:
                         fut = pool.submit(_process_chunk, disk, nxt,
-                                          min(per_chunk, nblocks - nxt), block_size, codec_id,
+                                          min(per_chunk, nblocks - nxt), bs, codec_id,
                                           level, known, pstate)
                         window.append((nxt, fut))
                         nxt += per_chunk
@@ -263,7 +272,7 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
                                                                             depth, ext)
                             stats["data_blocks"] += 1
                     if progress:
-                        progress(done + min(disk.size, (first + per_chunk) * block_size))
+                        progress(done + min(disk.size, (first + per_chunk) * bs))
                 done += disk.size
                 maps.append(bmap)
         stats["stored_bytes"] = writer.stored_bytes
@@ -278,8 +287,8 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
             "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "tool": f"vmrestore {__version__}",
             "codec": codec, "level": level,
-            "disks": [{"index": i, "capacity": d.size, "block_size": block_size,
-                       "blocks": fmt.block_count(d.size, block_size),
+            "disks": [{"index": i, "capacity": d.size, "block_size": bs,
+                       "blocks": fmt.block_count(d.size, bs),
                        "source": os.path.basename(d.path),
                        "label": str(cfg["disks"][i].get("label", f"Hard disk {i + 1}"))}
                       for i, d in enumerate(disks)],
@@ -301,7 +310,7 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
         "output": os.path.abspath(out_path), "point_id": manifest["point_id"], "depth": depth,
         "parent": chain.point.path if chain else None,
         "disks": [{"index": i, "path": d.path, "capacity": d.size} for i, d in enumerate(disks)],
-        "codec": codec, "level": level, "block_size": block_size,
+        "codec": codec, "level": level, "block_size": bs,
         "blocks": {"zero": stats["zero_blocks"], "data": stats["data_blocks"],
                    "dedup": stats["dedup_blocks"], "unchanged": stats["unchanged_blocks"]},
         "stored_bytes": stats["stored_bytes"], "raw_bytes": stats["raw_bytes"],

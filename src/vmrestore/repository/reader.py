@@ -306,6 +306,10 @@ class Chain:
             if disk >= len(p.disks):
                 prev_blocks = 0
                 continue
+            if int(p.disks[disk]["block_size"]) != int(info["block_size"]):
+                raise FormatError(f"{p.path}: disk {disk} has block size "
+                                  f"{p.disks[disk]['block_size']}, but {self.point.path} has "
+                                  f"{info['block_size']}: not one chain")
             m = p.block_map(disk)
             m = m[: min(len(m), n)]
             k = m["kind"]
