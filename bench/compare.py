@@ -520,12 +520,12 @@ def build_cases() -> list[Case]:
     ]
 
 
-def vmrestore_ready() -> str:
-    """'' when `backup create` and `restore-disk` exist, else why not."""
-    for sub in (["backup", "create", "--help"], ["restore-disk", "--help"]):
-        r = subprocess.run([*_vmrestore(), *sub], capture_output=True, text=True)
+def vmrestore_missing(*subs: str) -> str:
+    """'' when every `vmrestore SUB --help` works (default: backup create, restore-disk)."""
+    for sub in subs or ("backup create", "restore-disk"):
+        r = subprocess.run([*_vmrestore(), *sub.split(), "--help"], capture_output=True, text=True)
         if r.returncode != 0:
-            return f"'vmrestore {' '.join(sub[:-1])}' is not available yet"
+            return f"'vmrestore {sub}' is not available yet"
     return ""
 
 
@@ -590,8 +590,8 @@ def _prepare(opts: Options, wd: Path, log: Callable[[str], None]) -> dict[str, A
         info["qcow2_s"] = round(time.perf_counter() - t, 2)
         log(f"qcow2 -c: {fmt_size(info['qcow2_bytes'])} in {info['qcow2_s']} s")
 
-    info["vmrestore"] = vmrestore_ready()
-    if not info["vmrestore"]:
+    info["vmrestore"] = vmrestore_missing()
+    if not vmrestore_missing("backup create"):
         with contextlib.suppress(FileNotFoundError):
             vmrb.unlink()
         t = time.perf_counter()
@@ -604,7 +604,7 @@ def _prepare(opts: Options, wd: Path, log: Callable[[str], None]) -> dict[str, A
         info["vmrb_s"] = round(time.perf_counter() - t, 2)
         log(f"vmrestore backup (default codec): {fmt_size(info['vmrb_bytes'])} "
             f"in {info['vmrb_s']} s")
-    else:
+    if info["vmrestore"]:
         log(f"vmrestore rows skipped: {info['vmrestore']}")
     return info
 
@@ -774,7 +774,7 @@ def _targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_rss(sizes: list[int], workdir: Path | None, keep: bool, data_every: int,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Peak RSS of restore-disk for mostly-zero disks of each size (file and NBD targets)."""
-    why = vmrestore_ready()
+    why = vmrestore_missing()
     if why:
         raise UsageError(f"cannot measure restore-disk RSS: {why}")
     results = []
