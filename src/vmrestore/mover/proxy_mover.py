@@ -1,0 +1,241 @@
+"""The proxy mover: runs one data-phase job and reports it as JSON lines (docs/proxy-mover.md).
+
+The orchestrator starts `vmrestore proxy-mover` as a subprocess (launcher.py)
+with a job: which disks of which backup go to which target URIs. This module
+validates the job, runs each disk (in-process core for a local backup, the
+repository agent for repo:// URLs), and emits one JSON object per line on
+stdout: start, plan, progress, warning, disk_done, error, and a final
+result. The exit code is the one of the first error class (errors.py), so a
+caller can act without parsing text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from vmrestore.errors import UsageError, VmrError
+
+JOB_VERSION = 1
+EVENT_VERSION = 1
+
+log = logging.getLogger("vmrestore.mover.proxy")
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DiskJob:
+    disk: int
+    target: str
+
+
+@dataclass
+class Job:
+    """A validated data-phase job (see docs/proxy-mover.md for the JSON form)."""
+
+    disks: list[DiskJob]
+    backup: str | None = None
+    repository: str | None = None
+    token_file: str | None = None
+    point: str | None = None
+    transport: str = "auto"
+    job_id: str = ""
+    connections: int = 4
+    retries: int = 5
+    force: bool = False
+    threads: int | None = None
+    queue_depth: int | None = None
+    progress_interval: float = 1.0
+    client: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Job:
+        if not isinstance(d, dict):
+            raise UsageError("job: expected a JSON object")
+        v = d.get("version", JOB_VERSION)
+        if v != JOB_VERSION:
+            raise UsageError(f"job: version {v!r} not supported (this proxy mover reads "
+                             f"{JOB_VERSION})")
+        src = d.get("source")
+        if not isinstance(src, dict) or ("backup" in src) == ("repository" in src):
+            raise UsageError("job.source: exactly one of 'backup' (a local path) or "
+                             "'repository' (repo://HOST:PORT/PATH)")
+        disks_raw = d.get("disks")
+        if not isinstance(disks_raw, list) or not disks_raw:
+            raise UsageError("job.disks: a non-empty list of {disk, target}")
+        disks = []
+        for i, x in enumerate(disks_raw):
+            if (not isinstance(x, dict) or not isinstance(x.get("disk"), int)
+                    or x["disk"] < 0 or not isinstance(x.get("target"), str) or not x["target"]):
+                raise UsageError(f"job.disks[{i}]: needs 'disk' (index >= 0) and 'target' (URI)")
+            disks.append(DiskJob(x["disk"], x["target"]))
+        if len({x.disk for x in disks}) != len(disks):
+            raise UsageError("job.disks: a disk index appears twice")
+        s = d.get("settings", {}) or {}
+        if not isinstance(s, dict):
+            raise UsageError("job.settings: expected an object")
+        known = {"connections", "retries", "force", "threads", "queue_depth",
+                 "progress_interval", "client"}
+        unknown = set(s) - known
+        if unknown:
+            raise UsageError(f"job.settings: unknown field(s) {', '.join(sorted(unknown))}")
+
+        def num(name: str, default: Any, lo: float) -> Any:
+            val = s.get(name, default)
+            if val is None and default is None:
+                return None
+            if isinstance(val, bool) or not isinstance(val, int | float) or val < lo:
+                raise UsageError(f"job.settings.{name}: expected a number >= {lo}")
+            return val
+
+        job = cls(
+            disks=disks,
+            backup=src.get("backup"),
+            repository=src.get("repository"),
+            token_file=src.get("token_file"),
+            point=d.get("point"),
+            transport=str(d.get("transport", "auto")),
+            job_id=str(d.get("job_id", "")),
+            connections=int(num("connections", 4, 1)),
+            retries=int(num("retries", 5, 0)),
+            force=bool(s.get("force", False)),
+            threads=num("threads", None, 1),
+            queue_depth=num("queue_depth", None, 1),
+            progress_interval=float(num("progress_interval", 1.0, 0.05)),
+            client=s.get("client"),
+        )
+        if job.repository is not None:
+            from vmrestore.mover.client import RepoURL
+
+            RepoURL.parse(job.repository)
+        return job
+
+
+class JsonLines:
+    """Writes events as JSON lines, one lock so threads never interleave a line."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        event = {"event": event.pop("event"), "t": round(time.time(), 3), **event}
+        line = json.dumps(event, separators=(",", ":"))
+        with self.lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+
+def _error_event(e: BaseException, disk: int | None) -> dict[str, Any]:
+    code = e.exit_code if isinstance(e, VmrError) else 1
+    return {"event": "error", "disk": disk, "kind": type(e).__name__, "exit_code": code,
+            "message": str(e)}
+
+
+def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
+    from vmrestore.mover.client import RepoURL, load_token
+    from vmrestore.mover.remote import restore_remote_disk
+
+    url = RepoURL.parse(job.repository or "")
+    token = load_token(job.token_file)
+    target = dj.target.removeprefix("file://")
+    if "://" in target:
+        raise UsageError(f"disk {dj.disk}: target {dj.target}: from a repository agent this "
+                         "build writes local files and block devices only")
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= job.progress_interval:
+            last[0] = now
+            emit({"event": "progress", "disk": dj.disk, "done": done, "total": total})
+
+    res = restore_remote_disk(url, token, dj.disk, target, point=job.point,
+                              connections=job.connections, force=job.force,
+                              retries=job.retries, client=job.client, progress=progress)
+    if res.reconnects or res.refetches:
+        emit({"event": "warning", "disk": dj.disk,
+              "message": f"{res.reconnects} reconnects, {res.refetches} re-fetched batches"})
+    return {"source": "repository", **res.as_dict()}
+
+
+def _run_local(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
+    try:
+        from vmrestore import restore_disk as rd  # H2's API: the in-process core
+    except ImportError:
+        raise UsageError("this build has no in-process restore core "
+                         "(vmrestore.restore_disk); use a repository source") from None
+    t0 = time.monotonic()
+    kwargs: dict[str, Any] = {"point": job.point, "force": job.force}
+    if job.threads:
+        kwargs["threads"] = job.threads
+    if job.queue_depth:
+        kwargs["queue_depth"] = job.queue_depth
+    res = rd.restore_disk(job.backup, dj.disk, dj.target, **kwargs)
+    out = dict(res.__dict__) if hasattr(res, "__dict__") else {"result": str(res)}
+    out.setdefault("seconds", time.monotonic() - t0)
+    return {"source": "local", "disk": dj.disk, "target": dj.target, **out}
+
+
+def run_job(job: Job, emit: Emit) -> int:
+    """Run every disk of the job; returns the exit code (0, or the first error's)."""
+    emit({"event": "start", "version": EVENT_VERSION, "job_id": job.job_id,
+          "disks": [d.disk for d in job.disks],
+          "source": "repository" if job.repository else "local"})
+    t0 = time.monotonic()
+    results: list[dict[str, Any]] = []
+    rc = 0
+    status = "ok"
+    for dj in job.disks:
+        try:
+            r = (_run_remote if job.repository else _run_local)(job, dj, emit)
+            results.append(r)
+            emit({"event": "disk_done", **{k: v for k, v in r.items() if k != "event"}})
+        except KeyboardInterrupt:
+            emit({"event": "error", "disk": dj.disk, "kind": "Interrupted", "exit_code": 130,
+                  "message": "interrupted"})
+            rc, status = 130, "interrupted"
+            break
+        except VmrError as e:
+            log.debug("disk %d failed", dj.disk, exc_info=True)
+            emit(_error_event(e, dj.disk))
+            rc, status = e.exit_code, "failed"
+            break
+    wire = sum(int(r.get("wire_bytes", 0)) for r in results)
+    logical = sum(int(r.get("bytes_written", 0)) + int(r.get("bytes_zeroed", 0))
+                  + int(r.get("bytes_skipped", 0)) for r in results)
+    emit({"event": "result", "status": status, "exit_code": rc, "job_id": job.job_id,
+          "disks_done": [r["disk"] for r in results], "seconds": round(time.monotonic() - t0, 3),
+          "wire_bytes": wire, "logical_bytes": logical,
+          "wire_ratio": round(wire / logical, 4) if logical else 0.0})
+    return rc
+
+
+def load_job(text: str) -> Job:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"job: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return Job.from_dict(data)
+
+
+def main(job_text: str, out: IO[str] = sys.stdout) -> int:
+    """Parse + run; a bad job is reported as an error event and a result, like any failure."""
+    emit = JsonLines(out)
+    try:
+        job = load_job(job_text)
+    except VmrError as e:
+        emit(_error_event(e, None))
+        emit({"event": "result", "status": "failed", "exit_code": e.exit_code, "job_id": "",
+              "disks_done": [], "seconds": 0.0, "wire_bytes": 0, "logical_bytes": 0,
+              "wire_ratio": 0.0})
+        return e.exit_code
+    return run_job(job, emit)
