@@ -109,8 +109,10 @@ def make_sample(path: Path, size: int, seed: int = 1) -> str:
         sample = None
     gen = getattr(sample, "write_sample_disk", None) if sample else None
     if gen is not None:
-        gen(path, size, seed=seed)
+        counts = gen(path, size, seed=seed)
         who = "vmrestore.sample.write_sample_disk"
+        if isinstance(counts, dict):
+            who += " " + ", ".join(f"{v} {k}" for k, v in counts.items())
     else:
         _fallback_sample(path, size, seed)
         who = "bench/compare.py fallback generator"
