@@ -12,7 +12,7 @@ APT_PACKAGES=(
   liblz4-dev libzstd-dev libxxhash-dev libnbd-dev
   libnbd-bin nbdkit qemu-utils
   golang-go golang-github-vmware-govmomi-dev
-  e2fsprogs util-linux kmod gnutls-bin procps
+  e2fsprogs util-linux kmod gnutls-bin procps time
 )
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
