@@ -1,0 +1,87 @@
+"""The `lab` fixture: a real embedded vSphere lab (vcsim + hostd + SAN loop LUN) for tests.
+
+Use it from any test folder's conftest.py::
+
+    from lab_helpers import lab, lab_si, host_services  # noqa: F401  (re-exported fixtures)
+
+`lab` is session-scoped: one lab per test session, brought up in a pytest tmp
+dir (so it never collides with a demo lab in ./.lab) and torn down at the end,
+also when tests fail. It yields a vmrestore.lab.client.LabInfo:
+
+- ``lab.dir``                       the lab directory (``status --json`` is ``lab.raw``)
+- ``lab.vcenter_url``, ``lab.user``, ``lab.password``, ``lab.password_file``
+- ``lab.connect_args()``            kwargs for pyVim.connect.SmartConnect (protocol http)
+- ``lab.datacenter`` "DC0", ``lab.cluster`` "DC0_C0", ``lab.resource_pool``, ``lab.vm_folder``
+- ``lab.hosts`` (2), ``lab.networks`` ["VM Network", "Restore Network"], ``lab.proxy_vm``
+- ``lab.datastores["ds-local"|"ds-san"|"ds-vvol"]`` → DatastoreInfo(name, type, dir, lun)
+- ``lab.hostd_url`` / ``lab.hostd_token``: use ``HostServices.from_lab(lab)``
+
+Tests share the lab: give every VM/disk you create a unique name and remove
+it (or leave it; the lab dir is deleted at the end). Skips without root, Go
+or nbdkit (fails in CI, where VMRESTORE_REQUIRE_ALL=1). Environment:
+VMRESTORE_TEST_LAB_DIR=DIR reuses a lab that is already up in DIR (not torn down).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _root_conftest() -> Any:
+    # tests/conftest.py by path: the name "conftest" may be a sub-folder's conftest here.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "vmr_tests_root_conftest", Path(__file__).with_name("conftest.py"))
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_rc = _root_conftest()
+need, need_root, need_tool = _rc.need, _rc.need_root, _rc.need_tool
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from vmrestore.lab import lab as labmod
+    from vmrestore.lab.build import GOVMOMI_SIM
+    from vmrestore.lab.client import load_lab
+
+    reuse = os.environ.get("VMRESTORE_TEST_LAB_DIR")
+    if reuse:
+        yield load_lab(reuse)
+        return
+    need_root()
+    need_tool("go", "nbdkit", "losetup", "mkfs.ext4", "mount")
+    need(GOVMOMI_SIM.is_dir(), "govmomi sources missing (golang-github-vmware-govmomi-dev)")
+    d: Path = tmp_path_factory.mktemp("lab")
+    try:
+        labmod.up(d, san_size=512 << 20)
+        yield load_lab(d)
+    finally:
+        labmod.down(d)
+
+
+@pytest.fixture(scope="session")
+def lab_si(lab: Any) -> Iterator[Any]:
+    """A pyvmomi ServiceInstance logged in to the lab's vCenter."""
+    from pyVim.connect import Disconnect, SmartConnect
+
+    si = SmartConnect(**lab.connect_args())
+    yield si
+    Disconnect(si)
+
+
+@pytest.fixture(scope="session")
+def host_services(lab: Any) -> Any:
+    """The lab's host data services client (vmrestore.transport.host.HostServices)."""
+    from vmrestore.transport.host import HostServices
+
+    return HostServices.from_lab(lab)
