@@ -61,28 +61,37 @@ def plan_from_map(kind: np.ndarray, point: np.ndarray, extent: np.ndarray,
     zeros["dst_off"] = starts * bs
     zeros["length"] = np.minimum(ends * bs, cap) - starts * bs
 
+    # Data entries: gather columns first (contiguous arrays are fast), sort once, then fill.
     blocks = np.flatnonzero(kind == fmt.BLOCK_DATA)
-    data = np.zeros(len(blocks), PLAN_DTYPE)
-    data["kind"] = KIND_DATA
-    data["block"] = blocks
-    b64 = blocks.astype(np.uint64)
-    data["dst_off"] = b64 * bs
-    data["length"] = np.minimum(bs, cap - b64 * bs)
     pts = point[blocks]
     exts = extent[blocks]
-    data["src"] = pts
+    src_off = np.zeros(len(blocks), np.uint64)
+    stored_len = np.zeros(len(blocks), np.uint32)
+    codec = np.zeros(len(blocks), np.uint8)
+    xxh = np.zeros((len(blocks), 2), np.uint64)
     for i, table in enumerate(extent_tables):
-        sel = np.flatnonzero(pts == i)
-        if not len(sel):
-            continue
-        rec = table[exts[sel]]
-        data["src_off"][sel] = rec["offset"]
-        data["stored_len"][sel] = rec["stored_len"]
-        data["codec"][sel] = rec["codec"]
-        data["xxh_lo"][sel] = rec["xxh"][:, 0]
-        data["xxh_hi"][sel] = rec["xxh"][:, 1]
-    order = np.lexsort((data["block"], data["src_off"], data["src"]))
-    out = np.concatenate([zeros, data[order]])
+        sel = np.flatnonzero(pts == i) if len(extent_tables) > 1 else slice(None)
+        e = exts[sel]
+        src_off[sel] = table["offset"][e]
+        stored_len[sel] = table["stored_len"][e]
+        codec[sel] = table["codec"][e]
+        xxh[sel] = table["xxh"][e]
+    # (src, src_off) fits one u64 key: offsets are < 2**48 (256 TiB files); stable sort keeps
+    # the blocks of a deduplicated extent in disk order.
+    order = np.argsort((pts.astype(np.uint64) << np.uint64(48)) | src_off, kind="stable")
+    blocks = blocks[order].astype(np.uint64)
+    data = np.empty(len(blocks), PLAN_DTYPE)
+    data["kind"] = KIND_DATA
+    data["block"] = blocks
+    data["dst_off"] = blocks * bs
+    data["length"] = np.minimum(bs, cap - blocks * bs)
+    data["src"] = pts[order]
+    data["src_off"] = src_off[order]
+    data["stored_len"] = stored_len[order]
+    data["codec"] = codec[order]
+    data["xxh_lo"] = xxh[order, 0]
+    data["xxh_hi"] = xxh[order, 1]
+    out = np.concatenate([zeros, data])
     assert n == 0 or len(out) > 0
     return out
 
