@@ -1,0 +1,421 @@
+# cython: language_level=3
+"""The block pipeline and the native writers (pipeline.h, writer.h), GIL released.
+
+Thin by design: Python objects own the C objects (a Writer owns a
+struct vmr_writer, a Pipeline owns a struct vmr_pipeline and keeps the plan
+array and the writer alive); every blocking C call runs under `with nogil`.
+The typed face is vmrestore.pipeline.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+
+cdef extern from "writer.h" nogil:
+    enum:
+        VMR_OK
+        VMR_E_CHECKSUM
+        VMR_E_SOURCE
+        VMR_E_TARGET
+        VMR_E_TRANSPORT
+        VMR_E_INTERRUPTED
+        VMR_E_INTERNAL
+        VMR_FILE_TARGET_ZEROED
+        VMR_FILE_NO_DIRECT
+        VMR_FILE_CREATE
+        VMR_FILE_FORCE
+        VMR_WRITER_ABI_VERSION
+    struct vmr_error:
+        int code
+        int sys_errno
+        int64_t plan_index
+        uint64_t offset
+        char msg[512]
+    struct vmr_writer_ops:
+        const char *name
+        uint64_t (*get_size)(void *w)
+        int (*can_zero)(void *w)
+        int (*can_fast_zero)(void *w)
+        int (*can_trim)(void *w)
+        int (*can_flush)(void *w)
+        int (*can_multi_conn)(void *w)
+        void (*close)(void *w)
+        void *poll
+    struct vmr_writer:
+        const vmr_writer_ops *ops
+        void *w
+        uint32_t max_request
+        int target_zeroed
+        char note[256]
+    struct vmr_source_ops:
+        void (*close)(void *s)
+    struct vmr_source:
+        const vmr_source_ops *ops
+        void *s
+    struct vmr_nbd_options:
+        const char *uri
+        uint32_t connections
+        uint32_t retries
+        uint32_t retry_delay_ms
+        uint32_t flags
+        const char *psk_file
+        const char *tls_username
+        const char *cert_dir
+        int tls_verify_peer
+    struct vmr_extent:
+        uint64_t voff
+        uint64_t len
+        uint64_t loff
+    int vmr_file_writer_open(const char *path, uint64_t size, uint32_t flags, vmr_writer *out,
+                             vmr_error *err)
+    int vmr_nbd_writer_open(const vmr_nbd_options *opt, uint64_t size, vmr_writer *out,
+                            vmr_error *err)
+    int vmr_san_writer_open(const char *lun_path, const vmr_extent *map, size_t n,
+                            uint64_t size, uint32_t flags, vmr_writer *out, vmr_error *err)
+    int vmr_fd_source_open(const int *fds, size_t n, vmr_source *out, vmr_error *err)
+
+
+cdef extern from "pipeline.h" nogil:
+    enum:
+        VMR_PLAN_VERSION
+    struct vmr_plan_entry:
+        pass
+    struct vmr_pipeline_config:
+        uint32_t readers
+        uint32_t threads
+        uint32_t lanes
+        uint32_t queue_depth
+        uint32_t buffers
+        uint32_t disk
+    struct vmr_counters:
+        uint64_t bytes_read
+        uint64_t bytes_decompressed
+        uint64_t bytes_written
+        uint64_t bytes_zeroed
+        uint64_t bytes_skipped
+        uint64_t read_ns
+        uint64_t decompress_ns
+        uint64_t write_ns
+        uint64_t entries_done
+        uint64_t completed_prefix
+        uint64_t entries_total
+        uint64_t elapsed_ns
+        uint32_t readers, threads, lanes, queue_depth, buffers, running
+    struct vmr_pipeline:
+        pass
+    vmr_pipeline *vmr_pipeline_create(const vmr_plan_entry *plan, size_t n, vmr_source *src,
+                                      vmr_writer *wr, const vmr_pipeline_config *cfg,
+                                      vmr_error *err)
+    int vmr_pipeline_start(vmr_pipeline *p, vmr_error *err)
+    int vmr_pipeline_wait(vmr_pipeline *p, int timeout_ms)
+    void vmr_pipeline_cancel(vmr_pipeline *p)
+    int vmr_pipeline_flush(vmr_pipeline *p, int timeout_ms, vmr_error *err)
+    void vmr_pipeline_counters(vmr_pipeline *p, vmr_counters *out)
+    int vmr_pipeline_error(vmr_pipeline *p, vmr_error *out)
+    void vmr_pipeline_destroy(vmr_pipeline *p)
+
+
+PLAN_VERSION = VMR_PLAN_VERSION
+WRITER_ABI_VERSION = VMR_WRITER_ABI_VERSION
+E_CHECKSUM = VMR_E_CHECKSUM
+E_SOURCE = VMR_E_SOURCE
+E_TARGET = VMR_E_TARGET
+E_TRANSPORT = VMR_E_TRANSPORT
+E_INTERRUPTED = VMR_E_INTERRUPTED
+E_INTERNAL = VMR_E_INTERNAL
+F_TARGET_ZEROED = VMR_FILE_TARGET_ZEROED
+F_NO_DIRECT = VMR_FILE_NO_DIRECT
+F_CREATE = VMR_FILE_CREATE
+F_FORCE = VMR_FILE_FORCE
+
+
+class CoreError(Exception):
+    """An error from the C core: (code, message, plan index, disk offset)."""
+
+    def __init__(self, code, message, plan_index=None, offset=None, sys_errno=0):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.plan_index = plan_index
+        self.offset = offset
+        self.sys_errno = sys_errno
+
+
+cdef object _core_error(vmr_error *e):
+    msg = e.msg.decode("utf-8", "replace")
+    idx = None if e.plan_index < 0 else e.plan_index
+    off = None if e.offset == <uint64_t>-1 else e.offset
+    return CoreError(e.code or VMR_E_INTERNAL, msg or "unknown core error", idx, off, e.sys_errno)
+
+
+cdef void _error_init(vmr_error *e) noexcept nogil:
+    memset(e, 0, sizeof(vmr_error))
+    e.plan_index = -1
+    e.offset = <uint64_t>-1
+
+
+cdef class Writer:
+    """One open restore target; the pipeline borrows it. close() when done."""
+
+    cdef vmr_writer wr
+    cdef bint opened
+
+    def __dealloc__(self):
+        self._close()
+
+    cdef _close(self):
+        if self.opened:
+            self.opened = False
+            self.wr.ops.close(self.wr.w)
+
+    def close(self):
+        self._close()
+
+    @staticmethod
+    def open_file(str path, uint64_t size, uint32_t flags=0):
+        cdef Writer w = Writer.__new__(Writer)
+        cdef vmr_error e
+        cdef bytes bpath = path.encode()
+        cdef const char *cp = bpath
+        cdef int rc
+        _error_init(&e)
+        with nogil:
+            rc = vmr_file_writer_open(cp, size, flags, &w.wr, &e)
+        if rc != 0:
+            raise _core_error(&e)
+        w.opened = True
+        return w
+
+    @staticmethod
+    def open_nbd(str uri, uint64_t size, uint32_t retries=3, uint32_t retry_delay_ms=200,
+                 uint32_t flags=0, psk_file=None, tls_username=None, cert_dir=None,
+                 int tls_verify_peer=-1):
+        cdef Writer w = Writer.__new__(Writer)
+        cdef vmr_error e
+        cdef vmr_nbd_options o
+        cdef bytes buri = uri.encode()
+        cdef bytes bpsk = psk_file.encode() if psk_file else b""
+        cdef bytes buser = tls_username.encode() if tls_username else b""
+        cdef bytes bcert = cert_dir.encode() if cert_dir else b""
+        cdef int rc
+        memset(&o, 0, sizeof(o))
+        o.uri = buri
+        o.retries = retries
+        o.retry_delay_ms = retry_delay_ms
+        o.flags = flags
+        o.psk_file = <const char *>bpsk if psk_file else NULL
+        o.tls_username = <const char *>buser if tls_username else NULL
+        o.cert_dir = <const char *>bcert if cert_dir else NULL
+        o.tls_verify_peer = tls_verify_peer
+        _error_init(&e)
+        with nogil:
+            rc = vmr_nbd_writer_open(&o, size, &w.wr, &e)
+        if rc != 0:
+            raise _core_error(&e)
+        w.opened = True
+        return w
+
+    @staticmethod
+    def open_san(str lun, const uint64_t[::1] extents not None, uint64_t size,
+                 uint32_t flags=0):
+        """extents: flat uint64 array of (virtual offset, length, LUN offset) triples."""
+        if extents.shape[0] % 3:
+            raise ValueError("extent map must be (offset, length, LUN offset) triples")
+        cdef Writer w = Writer.__new__(Writer)
+        cdef vmr_error e
+        cdef bytes blun = lun.encode()
+        cdef const char *cp = blun
+        cdef size_t n = extents.shape[0] // 3
+        cdef const vmr_extent *m = <const vmr_extent *>&extents[0] if n else NULL
+        cdef int rc
+        _error_init(&e)
+        with nogil:
+            rc = vmr_san_writer_open(cp, m, n, size, flags, &w.wr, &e)
+        if rc != 0:
+            raise _core_error(&e)
+        w.opened = True
+        return w
+
+    cdef _check(self):
+        if not self.opened:
+            raise ValueError("writer is closed")
+
+    @property
+    def name(self):
+        self._check()
+        return self.wr.ops.name.decode()
+
+    @property
+    def size(self):
+        self._check()
+        return self.wr.ops.get_size(self.wr.w)
+
+    @property
+    def note(self):
+        return self.wr.note.decode("utf-8", "replace")
+
+    @property
+    def target_zeroed(self):
+        return bool(self.wr.target_zeroed)
+
+    @target_zeroed.setter
+    def target_zeroed(self, value):
+        self.wr.target_zeroed = 1 if value else 0
+
+    def capabilities(self):
+        self._check()
+        return {
+            "zero": bool(self.wr.ops.can_zero(self.wr.w)),
+            "fast_zero": bool(self.wr.ops.can_fast_zero(self.wr.w)),
+            "trim": bool(self.wr.ops.can_trim(self.wr.w)),
+            "flush": bool(self.wr.ops.can_flush(self.wr.w)),
+            "multi_conn": bool(self.wr.ops.can_multi_conn(self.wr.w)),
+            "async": self.wr.ops.poll != NULL,
+        }
+
+
+cdef class Pipeline:
+    """One job: a plan, chain file descriptors, a writer. start(), wait(), counters()."""
+
+    cdef vmr_pipeline *p
+    cdef vmr_source src
+    cdef bint have_src
+    cdef object plan_bytes
+    cdef Writer writer
+
+    def __cinit__(self, plan, fds, Writer writer not None, uint32_t readers=0,
+                  uint32_t threads=0, uint32_t lanes=0, uint32_t queue_depth=0,
+                  uint32_t buffers=0, uint32_t disk=0):
+        cdef vmr_error e
+        cdef vmr_pipeline_config cfg
+        cdef size_t nf = len(fds)
+        cdef int *cfds = <int *>malloc((nf if nf else 1) * sizeof(int))
+        cdef size_t i
+        cdef int rc
+        cdef const unsigned char[::1] view
+        cdef size_t n
+        cdef const vmr_plan_entry *pp
+        if cfds == NULL:
+            raise MemoryError()
+        for i in range(nf):
+            cfds[i] = int(fds[i])
+        writer._check()
+        self.writer = writer
+        self.plan_bytes = plan
+        view = memoryview(plan).cast("B")
+        if view.shape[0] % 56:
+            free(cfds)
+            raise ValueError("plan is not an array of 56-byte entries")
+        _error_init(&e)
+        rc = vmr_fd_source_open(cfds, nf, &self.src, &e)
+        free(cfds)
+        if rc != 0:
+            raise _core_error(&e)
+        self.have_src = True
+        cfg.readers = readers
+        cfg.threads = threads
+        cfg.lanes = lanes
+        cfg.queue_depth = queue_depth
+        cfg.buffers = buffers
+        cfg.disk = disk
+        n = view.shape[0] // 56
+        pp = <const vmr_plan_entry *>&view[0] if n else NULL
+        _error_init(&e)
+        with nogil:
+            self.p = vmr_pipeline_create(pp, n, &self.src, &writer.wr, &cfg, &e)
+        if self.p == NULL:
+            raise _core_error(&e)
+
+    def __dealloc__(self):
+        self._destroy()
+
+    cdef _destroy(self):
+        cdef vmr_pipeline *p = self.p
+        self.p = NULL
+        if p != NULL:
+            with nogil:
+                vmr_pipeline_destroy(p)
+        if self.have_src:
+            self.have_src = False
+            self.src.ops.close(self.src.s)
+
+    def close(self):
+        """Join the threads (cancelling if still running) and free the pool."""
+        self._destroy()
+
+    cdef _live(self):
+        if self.p == NULL:
+            raise ValueError("pipeline is closed")
+
+    def start(self):
+        self._live()
+        cdef vmr_error e
+        cdef int rc
+        _error_init(&e)
+        with nogil:
+            rc = vmr_pipeline_start(self.p, &e)
+        if rc != 0:
+            raise _core_error(&e)
+
+    def wait(self, timeout=None):
+        """Wait for the end (True) or until timeout seconds passed (False)."""
+        self._live()
+        cdef int ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        cdef int r
+        with nogil:
+            r = vmr_pipeline_wait(self.p, ms)
+        return r == 1
+
+    def cancel(self):
+        if self.p != NULL:
+            vmr_pipeline_cancel(self.p)
+
+    def flush(self, timeout=None):
+        """Make every completed write durable; safe while running, from any thread."""
+        self._live()
+        cdef vmr_error e
+        cdef int ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        cdef int rc
+        _error_init(&e)
+        with nogil:
+            rc = vmr_pipeline_flush(self.p, ms, &e)
+        if rc != 0:
+            raise _core_error(&e)
+
+    def counters(self):
+        self._live()
+        cdef vmr_counters c
+        vmr_pipeline_counters(self.p, &c)
+        return {
+            "bytes_read": c.bytes_read,
+            "bytes_decompressed": c.bytes_decompressed,
+            "bytes_written": c.bytes_written,
+            "bytes_zeroed": c.bytes_zeroed,
+            "bytes_skipped": c.bytes_skipped,
+            "read_ns": c.read_ns,
+            "decompress_ns": c.decompress_ns,
+            "write_ns": c.write_ns,
+            "entries_done": c.entries_done,
+            "completed_prefix": c.completed_prefix,
+            "entries_total": c.entries_total,
+            "elapsed_ns": c.elapsed_ns,
+            "readers": c.readers,
+            "threads": c.threads,
+            "lanes": c.lanes,
+            "queue_depth": c.queue_depth,
+            "buffers": c.buffers,
+            "running": bool(c.running),
+        }
+
+    def error(self):
+        """The first error as a CoreError, or None."""
+        self._live()
+        cdef vmr_error e
+        _error_init(&e)
+        if vmr_pipeline_error(self.p, &e) == VMR_OK:
+            return None
+        return _core_error(&e)
+
+
+# The VDDK writer (ext/core/writer_vddk.*; owner H5): open_vddk_writer(...).
+include "writer_vddk.pxi"

@@ -1,0 +1,488 @@
+/* NBD writer through libnbd's C API (nbd://, nbds://, nbd+unix://, nbds+unix://).
+ *
+ * Each lane is one NBD connection driven by one pipeline thread: requests go
+ * out with nbd_aio_pwrite / nbd_aio_zero and complete inside nbd_poll. The
+ * libnbd completion callback only records the result (no libnbd call from a
+ * callback); poll() then hands results to the pipeline, or -- for a failed
+ * request or a dead connection -- reconnects and resubmits, at most `retries`
+ * times per request, before failing with an error naming the offset. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <libnbd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "writer.h"
+
+enum { R_INFLIGHT = 1, R_OK = 2, R_FAILED = 3, R_RESUBMIT = 4 };
+
+struct nbd_writer {
+    char *uri, *psk_file, *tls_username, *cert_dir;
+    int tls_verify_peer;
+    uint32_t retries, retry_delay_ms;
+    uint64_t size;
+    int can_zero, can_fast_zero, can_trim, can_flush, can_multi_conn;
+};
+
+struct nreq {
+    struct nreq *next;
+    struct nbd_lane *L;
+    const void *buf;
+    uint64_t offset;
+    uint32_t count;
+    uint32_t flags;
+    int zero;
+    int state;
+    int err;
+    uint32_t attempts;
+    struct vmr_completion cb;
+};
+
+struct nbd_lane {
+    struct nbd_writer *w;
+    struct nbd_handle *h;
+    int index;
+    struct nreq *active;      /* submitted and not yet reported to the pipeline */
+    int nactive;
+};
+
+static void nbd_err(struct vmr_error *err, int code, uint64_t off, const char *what,
+                    const char *uri)
+{
+    int e = nbd_get_errno();
+    const char *m = nbd_get_error();
+    vmr_error_set(err, code, e, off, "%s: %s: %s", uri, what, m ? m : strerror(e ? e : EIO));
+}
+
+static struct nbd_handle *connect_one(struct nbd_writer *w, struct vmr_error *err)
+{
+    struct nbd_handle *h = nbd_create();
+    if (h == NULL) {
+        nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "nbd_create", w->uri);
+        return NULL;
+    }
+    int bad = nbd_set_uri_allow_local_file(h, true) == -1 ||
+              (w->psk_file && nbd_set_tls_psk_file(h, w->psk_file) == -1) ||
+              (w->tls_username && nbd_set_tls_username(h, w->tls_username) == -1) ||
+              (w->cert_dir && nbd_set_tls_certificates(h, w->cert_dir) == -1) ||
+              (w->tls_verify_peer >= 0 && nbd_set_tls_verify_peer(h, w->tls_verify_peer) == -1);
+    if (bad || nbd_connect_uri(h, w->uri) == -1) {
+        nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "cannot connect", w->uri);
+        nbd_close(h);
+        return NULL;
+    }
+    return h;
+}
+
+static void sleep_ms(uint32_t ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+static int on_complete(void *user_data, int *error)
+{
+    struct nreq *r = user_data;
+    if (r->state == R_INFLIGHT) {
+        r->err = *error;
+        r->state = *error ? R_FAILED : R_OK;
+    }
+    return 1; /* retire the command */
+}
+
+static void submit(struct nbd_lane *L, struct nreq *r)
+{
+    struct nbd_writer *w = L->w;
+    nbd_completion_callback cb = {.callback = on_complete, .user_data = r, .free = NULL};
+    uint32_t f = (r->flags & VMR_F_FUA) && w->can_flush ? LIBNBD_CMD_FLAG_FUA : 0;
+    int64_t c;
+    r->state = R_INFLIGHT;
+    if (L->h == NULL) {
+        r->state = R_FAILED;
+        r->err = ENOTCONN;
+        return;
+    }
+    if (r->zero) {
+        if ((r->flags & VMR_F_FAST_ZERO) && w->can_fast_zero)
+            f |= LIBNBD_CMD_FLAG_FAST_ZERO;
+        if (!(r->flags & VMR_F_MAY_TRIM) || !w->can_trim)
+            f |= LIBNBD_CMD_FLAG_NO_HOLE;
+        c = nbd_aio_zero(L->h, r->count, r->offset, cb, f);
+    } else {
+        c = nbd_aio_pwrite(L->h, r->buf, r->count, r->offset, cb, f);
+    }
+    if (c == -1 && r->state == R_INFLIGHT) {
+        r->state = R_FAILED;
+        r->err = nbd_get_errno() ? nbd_get_errno() : EIO;
+    }
+}
+
+/* Replace the lane's connection: requests still in flight are resubmitted. */
+static int reconnect(struct nbd_lane *L, struct vmr_error *err)
+{
+    struct nbd_writer *w = L->w;
+    for (struct nreq *r = L->active; r; r = r->next)
+        if (r->state == R_INFLIGHT)
+            r->state = R_RESUBMIT;
+    if (L->h)
+        nbd_close(L->h);
+    L->h = NULL;
+    for (uint32_t attempt = 0; attempt < (w->retries ? w->retries : 1); attempt++) {
+        sleep_ms(w->retry_delay_ms * (attempt + 1));
+        struct vmr_error e = {0};
+        e.plan_index = -1;
+        L->h = connect_one(w, &e);
+        if (L->h != NULL)
+            return 0;
+        if (attempt + 1 == (w->retries ? w->retries : 1))
+            *err = e;
+    }
+    return -1;
+}
+
+static void report(struct nbd_lane *L, struct nreq *r, const struct vmr_error *e)
+{
+    struct vmr_completion cb = r->cb;
+    free(r);
+    L->nactive--;
+    cb.fn(cb.data, e);
+}
+
+static void fail_all(struct nbd_lane *L, const struct vmr_error *why)
+{
+    while (L->active) {
+        struct nreq *r = L->active;
+        L->active = r->next;
+        struct vmr_error e = *why;
+        e.offset = r->offset;
+        snprintf(e.msg, sizeof e.msg, "%s %u bytes at disk offset %llu failed: %.*s",
+                 r->zero ? "NBD zero of" : "NBD write of", r->count,
+                 (unsigned long long)r->offset, 400, why->msg);
+        report(L, r, &e);
+    }
+}
+
+static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
+{
+    struct nbd_lane *L = lane;
+    struct nbd_writer *w = L->w;
+    if (L->nactive == 0)
+        return 0;
+    int waiting = 0;
+    for (struct nreq *r = L->active; r; r = r->next)
+        if (r->state == R_INFLIGHT)
+            waiting = 1;
+    int broken = L->h == NULL;
+    if (waiting && !broken) {
+        int rc = nbd_poll(L->h, timeout_ms);
+        if (rc == -1 || nbd_aio_is_dead(L->h) || nbd_aio_is_closed(L->h))
+            broken = 1;
+    }
+    if (broken) {
+        for (struct nreq *r = L->active; r; r = r->next)
+            if (r->state == R_INFLIGHT) {
+                r->state = R_FAILED;
+                r->err = ENOTCONN;
+            }
+    }
+    /* hand back finished requests; collect failures */
+    int retry = 0;
+    struct nreq **pp = &L->active;
+    while (*pp) {
+        struct nreq *r = *pp;
+        if (r->state == R_OK) {
+            *pp = r->next;
+            report(L, r, NULL);
+            continue;
+        }
+        if (r->state == R_FAILED) {
+            if (r->zero && (r->flags & VMR_F_FAST_ZERO) && r->err == ENOTSUP) {
+                /* the server cannot zero fast: let it zero the slow way, no retry counted */
+                r->flags &= ~VMR_F_FAST_ZERO;
+                submit(L, r);
+                pp = &r->next;
+                continue;
+            }
+            r->attempts++;
+            if (r->attempts > w->retries) {
+                *pp = r->next;
+                struct vmr_error e = {0};
+                e.plan_index = -1;
+                vmr_error_set(&e, r->err == ENOTCONN ? VMR_E_TRANSPORT : VMR_E_TARGET, r->err,
+                              r->offset,
+                              "%s: %s %u bytes at disk offset %llu failed after %u attempts: %s",
+                              w->uri, r->zero ? "zero of" : "write of", r->count,
+                              (unsigned long long)r->offset, r->attempts, strerror(r->err));
+                report(L, r, &e);
+                continue;
+            }
+            r->state = R_RESUBMIT;
+            retry = 1;
+        }
+        pp = &r->next;
+    }
+    if (retry) {
+        struct vmr_error e = {0};
+        e.plan_index = -1;
+        if (reconnect(L, &e) != 0) {
+            if (e.code == VMR_OK)
+                vmr_error_set(&e, VMR_E_TRANSPORT, ENOTCONN, UINT64_MAX, "%s: cannot reconnect",
+                              w->uri);
+            e.code = VMR_E_TRANSPORT;
+            fail_all(L, &e);
+            *err = e;
+            err->offset = UINT64_MAX;
+            return -1;
+        }
+        for (struct nreq *r = L->active; r; r = r->next)
+            if (r->state == R_RESUBMIT)
+                submit(L, r);
+    }
+    return L->nactive;
+}
+
+static int enqueue(struct nbd_lane *L, const void *buf, uint32_t count, uint64_t off,
+                   uint32_t flags, int zero, struct vmr_completion cb, struct vmr_error *err)
+{
+    struct nreq *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, off, "out of memory");
+        return -1;
+    }
+    r->L = L;
+    r->buf = buf;
+    r->count = count;
+    r->offset = off;
+    r->flags = flags;
+    r->zero = zero;
+    r->cb = cb;
+    r->next = L->active;
+    L->active = r;
+    L->nactive++;
+    submit(L, r);
+    return 0;
+}
+
+static int nw_submit_pwrite(void *lane, const void *buf, uint32_t count, uint64_t off,
+                            uint32_t flags, struct vmr_completion cb, struct vmr_error *err)
+{
+    return enqueue(lane, buf, count, off, flags, 0, cb, err);
+}
+
+static int nw_submit_zero(void *lane, uint32_t count, uint64_t off, uint32_t flags,
+                          struct vmr_completion cb, struct vmr_error *err)
+{
+    return enqueue(lane, NULL, count, off, flags, 1, cb, err);
+}
+
+/* Synchronous calls: submit, then poll until that request is reported. */
+struct sync_wait {
+    int done;
+    struct vmr_error e;
+};
+
+static void sync_cb(void *data, const struct vmr_error *e)
+{
+    struct sync_wait *s = data;
+    s->done = 1;
+    if (e)
+        s->e = *e;
+}
+
+static int run_sync(struct nbd_lane *L, const void *buf, uint32_t count, uint64_t off,
+                    uint32_t flags, int zero, struct vmr_error *err)
+{
+    struct sync_wait s = {0};
+    struct vmr_completion cb = {sync_cb, &s};
+    if (enqueue(L, buf, count, off, flags, zero, cb, err) != 0)
+        return -1;
+    while (!s.done)
+        if (nw_poll(L, 1000, err) < 0 && !s.done)
+            return -1;
+    if (s.e.code != VMR_OK) {
+        *err = s.e;
+        return -1;
+    }
+    return 0;
+}
+
+static int nw_pwrite(void *lane, const void *buf, uint32_t count, uint64_t off, uint32_t flags,
+                     struct vmr_error *err)
+{
+    return run_sync(lane, buf, count, off, flags, 0, err);
+}
+
+static int nw_zero(void *lane, uint32_t count, uint64_t off, uint32_t flags,
+                   struct vmr_error *err)
+{
+    return run_sync(lane, NULL, count, off, flags, 1, err);
+}
+
+static int nw_flush(void *lane, uint32_t flags, struct vmr_error *err)
+{
+    struct nbd_lane *L = lane;
+    if (!L->w->can_flush)
+        return 0;
+    if (L->h == NULL || nbd_flush(L->h, 0) == -1) {
+        if (L->h == NULL)
+            vmr_error_set(err, VMR_E_TRANSPORT, ENOTCONN, UINT64_MAX, "%s: flush: not connected",
+                          L->w->uri);
+        else
+            nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "flush failed", L->w->uri);
+        return -1;
+    }
+    return 0;
+}
+
+static void *nw_open_lane(void *wp, int index, struct vmr_error *err)
+{
+    struct nbd_writer *w = wp;
+    if (index > 0 && !w->can_multi_conn) {
+        vmr_error_set(err, VMR_E_TARGET, 0, UINT64_MAX,
+                      "%s: the server does not offer multi-conn: only one connection allowed",
+                      w->uri);
+        return NULL;
+    }
+    struct nbd_lane *L = calloc(1, sizeof *L);
+    if (L == NULL) {
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "out of memory");
+        return NULL;
+    }
+    L->w = w;
+    L->index = index;
+    L->h = connect_one(w, err);
+    if (L->h == NULL) {
+        free(L);
+        return NULL;
+    }
+    return L;
+}
+
+static int nw_close_lane(void *lane, struct vmr_error *err)
+{
+    struct nbd_lane *L = lane;
+    int rc = 0;
+    if (L->nactive) {
+        struct vmr_error e = {0};
+        vmr_error_set(&e, VMR_E_INTERRUPTED, 0, UINT64_MAX, "connection closed");
+        fail_all(L, &e);
+    }
+    if (L->h) {
+        if (nbd_aio_is_ready(L->h) && nbd_shutdown(L->h, 0) == -1) {
+            nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "shutdown", L->w->uri);
+            rc = -1;
+        }
+        nbd_close(L->h);
+    }
+    free(L);
+    return rc;
+}
+
+static uint64_t nw_get_size(void *w) { return ((struct nbd_writer *)w)->size; }
+static int nw_can_zero(void *w) { return ((struct nbd_writer *)w)->can_zero; }
+static int nw_can_fast_zero(void *w) { return ((struct nbd_writer *)w)->can_fast_zero; }
+static int nw_can_trim(void *w) { return ((struct nbd_writer *)w)->can_trim; }
+static int nw_can_flush(void *w) { return ((struct nbd_writer *)w)->can_flush; }
+static int nw_can_multi_conn(void *w) { return ((struct nbd_writer *)w)->can_multi_conn; }
+
+static void nw_close(void *wp)
+{
+    struct nbd_writer *w = wp;
+    free(w->uri);
+    free(w->psk_file);
+    free(w->tls_username);
+    free(w->cert_dir);
+    free(w);
+}
+
+static const struct vmr_writer_ops nbd_ops = {
+    .abi_version = VMR_WRITER_ABI_VERSION,
+    .struct_size = sizeof(struct vmr_writer_ops),
+    .name = "nbd",
+    .get_size = nw_get_size,
+    .can_zero = nw_can_zero,
+    .can_fast_zero = nw_can_fast_zero,
+    .can_trim = nw_can_trim,
+    .can_flush = nw_can_flush,
+    .can_multi_conn = nw_can_multi_conn,
+    .close = nw_close,
+    .open_lane = nw_open_lane,
+    .close_lane = nw_close_lane,
+    .pwrite = nw_pwrite,
+    .zero = nw_zero,
+    .flush = nw_flush,
+    .submit_pwrite = nw_submit_pwrite,
+    .submit_zero = nw_submit_zero,
+    .poll = nw_poll,
+};
+
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
+
+int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct vmr_writer *out,
+                        struct vmr_error *err)
+{
+    memset(out, 0, sizeof *out);
+    struct nbd_writer *w = calloc(1, sizeof *w);
+    if (w == NULL || (w->uri = strdup(opt->uri)) == NULL) {
+        free(w);
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "out of memory");
+        return -1;
+    }
+    w->psk_file = dup_or_null(opt->psk_file);
+    w->tls_username = dup_or_null(opt->tls_username);
+    w->cert_dir = dup_or_null(opt->cert_dir);
+    w->tls_verify_peer = opt->tls_verify_peer;
+    w->retries = opt->retries;
+    w->retry_delay_ms = opt->retry_delay_ms;
+    /* a probe connection learns the export's size and what the server offers */
+    struct nbd_handle *h = connect_one(w, err);
+    if (h == NULL) {
+        nw_close(w);
+        return -1;
+    }
+    int64_t sz = nbd_get_size(h);
+    w->can_zero = nbd_can_zero(h) == 1;
+    w->can_fast_zero = nbd_can_fast_zero(h) == 1;
+    w->can_trim = nbd_can_trim(h) == 1;
+    w->can_flush = nbd_can_flush(h) == 1;
+    w->can_multi_conn = nbd_can_multi_conn(h) == 1;
+    int ro = nbd_is_read_only(h) == 1;
+    nbd_shutdown(h, 0);
+    nbd_close(h);
+    if (sz < 0) {
+        vmr_error_set(err, VMR_E_TRANSPORT, 0, UINT64_MAX, "%s: cannot read the export size",
+                      w->uri);
+        nw_close(w);
+        return -1;
+    }
+    if (ro) {
+        vmr_error_set(err, VMR_E_TARGET, EROFS, UINT64_MAX, "%s: the export is read-only",
+                      w->uri);
+        nw_close(w);
+        return -1;
+    }
+    w->size = (uint64_t)sz;
+    if (w->size < size) {
+        vmr_error_set(err, VMR_E_TARGET, 0, UINT64_MAX,
+                      "%s: the export holds %llu bytes, smaller than the disk (%llu bytes): "
+                      "refused",
+                      w->uri, (unsigned long long)w->size, (unsigned long long)size);
+        nw_close(w);
+        return -1;
+    }
+    out->ops = &nbd_ops;
+    out->w = w;
+    out->max_request = 1u << 30;
+    out->target_zeroed = (opt->flags & VMR_FILE_TARGET_ZEROED) != 0;
+    snprintf(out->note, sizeof out->note,
+             "%s: %llu bytes, zero=%d fast_zero=%d trim=%d flush=%d multi_conn=%d", w->uri,
+             (unsigned long long)w->size, w->can_zero, w->can_fast_zero, w->can_trim,
+             w->can_flush, w->can_multi_conn);
+    return 0;
+}
