@@ -80,9 +80,10 @@ class VddkError(VmrError):
 
     exit_code = 10
 
-    def __init__(self, message: str, code: int = 0) -> None:
+    def __init__(self, message: str, code: int = 0, text: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.text = text  # the library's own text for code (GetErrorText)
 
 
 class MoverError(VmrError):

@@ -1,0 +1,431 @@
+/* The VixDiskLib (VDDK) writer: the pipeline's writer interface (writer.h)
+ * over VixDiskLib_WriteAsync, straight from the pipeline's aligned buffers.
+ *
+ * One lane (a VDDK disk handle is not shared between writers: can_multi_conn
+ * is 0) with up to the pipeline's queue depth of requests in flight. A
+ * request larger than max_request is split into several WriteAsync calls and
+ * completes when the last one does. VixDiskLib calls our completion from its
+ * own threads; we only queue the finished request there, and deliver it to
+ * the pipeline from poll(), on the lane thread, as writer.h requires.
+ *
+ * There is no write-zeroes in VixDiskLib: can_zero is 0, so the pipeline
+ * writes zero runs from its zero buffer -- or skips them when the target is a
+ * new disk (VMR_FILE_TARGET_ZEROED -> target_zeroed). flush = Wait + Flush.
+ * Errors carry VixDiskLib's own text (GetErrorText/FreeErrorText), the disk
+ * name and the byte offset.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../vixdisklib/vixdisklib.h"
+#include "writer.h"
+#include "writer_vddk.h"
+
+#define SECTOR VIXDISKLIB_SECTOR_SIZE
+
+/* Function-pointer types from the one VixDiskLib table. */
+#define VDDK_FN_TYPE(ret, name, params) typedef ret(*name##_fn) params;
+VMR_VIXDISKLIB_FUNCTIONS(VDDK_FN_TYPE, VDDK_FN_TYPE)
+
+struct vddk_fns {
+    VixDiskLib_WriteAsync_fn write_async;
+    VixDiskLib_Write_fn write;
+    VixDiskLib_Wait_fn wait;
+    VixDiskLib_Flush_fn flush;
+    VixDiskLib_GetErrorText_fn get_error_text;
+    VixDiskLib_FreeErrorText_fn free_error_text;
+};
+
+struct vddk_lane;
+
+struct vddk_req {
+    struct vddk_req *next;       /* in the lane's done list */
+    struct vddk_lane *lane;
+    struct vmr_completion cb;
+    uint64_t offset;
+    uint32_t count;
+    int parts_left;              /* WriteAsync calls not yet completed */
+    VixError result;             /* first failure, VIX_OK if none */
+    uint64_t fail_offset;        /* where the first failure was */
+};
+
+struct vddk_lane {
+    struct vddk_writer *w;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct vddk_req *done_head, *done_tail;
+    int inflight;                /* submitted, not yet delivered by poll */
+};
+
+struct vddk_writer {
+    VixDiskLibHandle h;
+    struct vddk_fns fn;
+    uint64_t size;
+    uint32_t max_request;
+    int lane_open;
+    struct vddk_lane lane;
+    unsigned char *zeros;        /* max_request zeros, for submit_zero / zero */
+    char disk[256];
+};
+
+/* ---- errors --------------------------------------------------------------- */
+
+static int is_transport_error(VixError e)
+{
+    uint64_t c = e & 0xFFFF;
+    return c == VIX_E_HOST_NOT_CONNECTED || c == VIX_E_HOST_CONNECTION_LOST || c == 34 ||
+           (c >= 14006 && c <= 14013) || (c >= 30000 && c < 31000);
+}
+
+static void vddk_error(struct vddk_writer *w, struct vmr_error *err, VixError e,
+                       const char *call, uint64_t offset, uint32_t count)
+{
+    char *text = w->fn.get_error_text ? w->fn.get_error_text(e, NULL) : NULL;
+    int code = is_transport_error(e) ? VMR_E_TRANSPORT : VMR_E_TARGET;
+    if (count)
+        vmr_error_set(err, code, 0, offset,
+                      "disk %s: %s of %u bytes at offset %llu failed: %s (VixError %llu)",
+                      w->disk, call, count, (unsigned long long)offset,
+                      text ? text : "unknown error", (unsigned long long)(e & 0xFFFF));
+    else
+        vmr_error_set(err, code, 0, offset, "disk %s: %s failed: %s (VixError %llu)", w->disk,
+                      call, text ? text : "unknown error", (unsigned long long)(e & 0xFFFF));
+    if (text && w->fn.free_error_text)
+        w->fn.free_error_text(text);
+}
+
+static int check_range(struct vddk_writer *w, uint32_t count, uint64_t offset,
+                       struct vmr_error *err)
+{
+    if (offset % SECTOR || count % SECTOR) {
+        vmr_error_set(err, VMR_E_INTERNAL, 0, offset,
+                      "disk %s: VixDiskLib writes whole sectors; got %u bytes at offset %llu",
+                      w->disk, count, (unsigned long long)offset);
+        return -1;
+    }
+    if (offset > w->size || count > w->size - offset) {
+        vmr_error_set(err, VMR_E_TARGET, 0, offset,
+                      "disk %s: write of %u bytes at offset %llu is past its end (%llu bytes)",
+                      w->disk, count, (unsigned long long)offset, (unsigned long long)w->size);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- async completion (VixDiskLib's threads) --------------------------------- */
+
+static void part_done(struct vddk_req *r, VixError result, uint64_t offset)
+{
+    struct vddk_lane *L = r->lane;
+    pthread_mutex_lock(&L->mu);
+    if (result != VIX_OK && r->result == VIX_OK) {
+        r->result = result;
+        r->fail_offset = offset;
+    }
+    if (--r->parts_left == 0) {
+        r->next = NULL;
+        if (L->done_tail)
+            L->done_tail->next = r;
+        else
+            L->done_head = r;
+        L->done_tail = r;
+        pthread_cond_signal(&L->cv);
+    }
+    pthread_mutex_unlock(&L->mu);
+}
+
+static void vddk_completion(void *cb_data, VixError result)
+{
+    struct vddk_req *r = cb_data;
+    part_done(r, result, r->offset);
+}
+
+/* ---- writer ops ----------------------------------------------------------------- */
+
+static uint64_t w_get_size(void *wp) { return ((struct vddk_writer *)wp)->size; }
+static int w_no(void *wp) { (void)wp; return 0; }
+static int w_yes(void *wp) { (void)wp; return 1; }
+
+static void w_close(void *wp)
+{
+    struct vddk_writer *w = wp;
+    pthread_mutex_destroy(&w->lane.mu);
+    pthread_cond_destroy(&w->lane.cv);
+    free(w->zeros);
+    free(w);
+}
+
+static void *w_open_lane(void *wp, int lane_index, struct vmr_error *err)
+{
+    struct vddk_writer *w = wp;
+    if (lane_index != 0 || w->lane_open) {
+        vmr_error_set(err, VMR_E_INTERNAL, 0, UINT64_MAX,
+                      "disk %s: a VixDiskLib handle takes one writer lane", w->disk);
+        return NULL;
+    }
+    w->lane_open = 1;
+    return &w->lane;
+}
+
+static int w_close_lane(void *lp, struct vmr_error *err)
+{
+    struct vddk_lane *L = lp;
+    struct vddk_writer *w = L->w;
+    struct vddk_req *r;
+    (void)err;
+    if (L->inflight > 0) {
+        /* Only after a broken run: make sure VixDiskLib holds no buffer of ours. */
+        w->fn.wait(w->h);
+        pthread_mutex_lock(&L->mu);
+        while ((r = L->done_head) != NULL) {
+            L->done_head = r->next;
+            free(r);
+        }
+        L->done_tail = NULL;
+        L->inflight = 0;
+        pthread_mutex_unlock(&L->mu);
+    }
+    w->lane_open = 0;
+    return 0;
+}
+
+static int w_pwrite(void *lp, const void *buf, uint32_t count, uint64_t offset, uint32_t flags,
+                    struct vmr_error *err)
+{
+    struct vddk_lane *L = lp;
+    struct vddk_writer *w = L->w;
+    const unsigned char *p = buf;
+    (void)flags;
+    if (check_range(w, count, offset, err) != 0)
+        return -1;
+    for (uint32_t done = 0; done < count;) {
+        uint32_t n = count - done > w->max_request ? w->max_request : count - done;
+        VixError e = w->fn.write(w->h, (offset + done) / SECTOR, n / SECTOR, p + done);
+        if (e != VIX_OK) {
+            vddk_error(w, err, e, "VixDiskLib_Write", offset + done, n);
+            return -1;
+        }
+        done += n;
+    }
+    return 0;
+}
+
+static int w_zero(void *lp, uint32_t count, uint64_t offset, uint32_t flags,
+                  struct vmr_error *err)
+{
+    struct vddk_lane *L = lp;
+    struct vddk_writer *w = L->w;
+    for (uint32_t done = 0; done < count;) {
+        uint32_t n = count - done > w->max_request ? w->max_request : count - done;
+        if (w_pwrite(lp, w->zeros, n, offset + done, flags, err) != 0)
+            return -1;
+        done += n;
+    }
+    return 0;
+}
+
+static int w_flush(void *lp, uint32_t flags, struct vmr_error *err)
+{
+    struct vddk_lane *L = lp;
+    struct vddk_writer *w = L->w;
+    VixError e;
+    (void)flags;
+    if ((e = w->fn.wait(w->h)) != VIX_OK) {
+        vddk_error(w, err, e, "VixDiskLib_Wait", UINT64_MAX, 0);
+        return -1;
+    }
+    if ((e = w->fn.flush(w->h)) != VIX_OK) {
+        vddk_error(w, err, e, "VixDiskLib_Flush", UINT64_MAX, 0);
+        return -1;
+    }
+    return 0;
+}
+
+/* Submit buf (several WriteAsync calls if larger than max_request); every
+ * outcome is delivered from poll(). `stride` 0 repeats the same buffer (zeros). */
+static int submit(struct vddk_lane *L, const unsigned char *buf, size_t stride, uint32_t count,
+                  uint64_t offset, struct vmr_completion cb, struct vmr_error *err)
+{
+    struct vddk_writer *w = L->w;
+    struct vddk_req *r;
+    uint32_t parts, i;
+
+    if (check_range(w, count, offset, err) != 0)
+        return -1;
+    if ((r = calloc(1, sizeof *r)) == NULL) {
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, offset, "disk %s: out of memory", w->disk);
+        return -1;
+    }
+    parts = count == 0 ? 1 : (count + w->max_request - 1) / w->max_request;
+    r->lane = L;
+    r->cb = cb;
+    r->offset = offset;
+    r->count = count;
+    r->parts_left = (int)parts;
+    L->inflight++;
+    if (count == 0) {
+        part_done(r, VIX_OK, offset);
+        return 0;
+    }
+    for (i = 0; i < parts; i++) {
+        uint32_t done = i * w->max_request;
+        uint32_t n = count - done > w->max_request ? w->max_request : count - done;
+        const unsigned char *p = stride ? buf + done : buf;
+        VixError e = w->fn.write_async(w->h, (offset + done) / SECTOR, n / SECTOR, p,
+                                       vddk_completion, r);
+        if (e == VIX_ASYNC)
+            continue;
+        /* Completed (or refused) synchronously: no callback will come for it,
+         * nor for the parts we now do not issue. */
+        part_done(r, e, offset + done);
+        if (e != VIX_OK) {
+            for (i++; i < parts; i++)
+                part_done(r, e, offset + done);
+            break;
+        }
+    }
+    return 0;
+}
+
+static int w_submit_pwrite(void *lp, const void *buf, uint32_t count, uint64_t offset,
+                           uint32_t flags, struct vmr_completion cb, struct vmr_error *err)
+{
+    (void)flags;
+    return submit(lp, buf, 1, count, offset, cb, err);
+}
+
+static int w_submit_zero(void *lp, uint32_t count, uint64_t offset, uint32_t flags,
+                         struct vmr_completion cb, struct vmr_error *err)
+{
+    struct vddk_lane *L = lp;
+    (void)flags;
+    return submit(L, L->w->zeros, 0, count, offset, cb, err);
+}
+
+static int w_poll(void *lp, int timeout_ms, struct vmr_error *err)
+{
+    struct vddk_lane *L = lp;
+    struct vddk_writer *w = L->w;
+    struct vddk_req *list, *r;
+    (void)err;
+
+    pthread_mutex_lock(&L->mu);
+    if (L->done_head == NULL && L->inflight > 0 && timeout_ms != 0) {
+        if (timeout_ms < 0) {
+            while (L->done_head == NULL)
+                pthread_cond_wait(&L->cv, &L->mu);
+        } else {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += timeout_ms / 1000;
+            ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            while (L->done_head == NULL)
+                if (pthread_cond_timedwait(&L->cv, &L->mu, &ts) == ETIMEDOUT)
+                    break;
+        }
+    }
+    list = L->done_head;
+    L->done_head = L->done_tail = NULL;
+    pthread_mutex_unlock(&L->mu);
+
+    while ((r = list) != NULL) {
+        struct vmr_error e;
+        list = r->next;
+        L->inflight--;
+        if (r->result != VIX_OK) {
+            memset(&e, 0, sizeof e);
+            e.plan_index = -1;
+            e.offset = UINT64_MAX;
+            vddk_error(w, &e, r->result, "VixDiskLib_WriteAsync", r->fail_offset, r->count);
+            r->cb.fn(r->cb.data, &e);
+        } else {
+            r->cb.fn(r->cb.data, NULL);
+        }
+        free(r);
+    }
+    return L->inflight;
+}
+
+static const struct vmr_writer_ops vddk_ops = {
+    .abi_version = VMR_WRITER_ABI_VERSION,
+    .struct_size = sizeof(struct vmr_writer_ops),
+    .name = "vddk",
+    .get_size = w_get_size,
+    .can_zero = w_no,
+    .can_fast_zero = w_no,
+    .can_trim = w_no,
+    .can_flush = w_yes,
+    .can_multi_conn = w_no,
+    .close = w_close,
+    .open_lane = w_open_lane,
+    .close_lane = w_close_lane,
+    .pwrite = w_pwrite,
+    .zero = w_zero,
+    .flush = w_flush,
+    .submit_pwrite = w_submit_pwrite,
+    .submit_zero = w_submit_zero,
+    .poll = w_poll,
+};
+
+int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *out,
+                         struct vmr_error *err)
+{
+    struct vddk_writer *w;
+    const struct vmr_vddk_functions *f = &opt->fn;
+
+    memset(out, 0, sizeof *out);
+    if (opt->handle == 0 || !f->write_async || !f->write || !f->wait || !f->flush ||
+        !f->get_error_text || !f->free_error_text) {
+        vmr_error_set(err, VMR_E_INTERNAL, 0, UINT64_MAX,
+                      "VDDK writer: a disk handle and the addresses of WriteAsync, Write, "
+                      "Wait, Flush, GetErrorText and FreeErrorText are required");
+        return -1;
+    }
+    if (opt->size == 0 || opt->size % SECTOR) {
+        vmr_error_set(err, VMR_E_TARGET, 0, UINT64_MAX,
+                      "VDDK writer: disk %s has a size of %llu bytes, not whole sectors",
+                      opt->disk ? opt->disk : "?", (unsigned long long)opt->size);
+        return -1;
+    }
+    if ((w = calloc(1, sizeof *w)) == NULL) {
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "VDDK writer: out of memory");
+        return -1;
+    }
+    w->h = (VixDiskLibHandle)opt->handle;
+    w->fn.write_async = (VixDiskLib_WriteAsync_fn)f->write_async;
+    w->fn.write = (VixDiskLib_Write_fn)f->write;
+    w->fn.wait = (VixDiskLib_Wait_fn)f->wait;
+    w->fn.flush = (VixDiskLib_Flush_fn)f->flush;
+    w->fn.get_error_text = (VixDiskLib_GetErrorText_fn)f->get_error_text;
+    w->fn.free_error_text = (VixDiskLib_FreeErrorText_fn)f->free_error_text;
+    w->size = opt->size;
+    w->max_request = opt->max_request ? opt->max_request : VMR_VDDK_DEFAULT_MAX_REQUEST;
+    w->max_request -= w->max_request % 4096;
+    if (w->max_request == 0)
+        w->max_request = 4096;
+    snprintf(w->disk, sizeof w->disk, "%s", opt->disk ? opt->disk : "(vddk)");
+    if (posix_memalign((void **)&w->zeros, VMR_ALIGN, w->max_request) != 0) {
+        free(w);
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "VDDK writer: out of memory");
+        return -1;
+    }
+    memset(w->zeros, 0, w->max_request);
+    w->lane.w = w;
+    pthread_mutex_init(&w->lane.mu, NULL);
+    pthread_cond_init(&w->lane.cv, NULL);
+
+    out->ops = &vddk_ops;
+    out->w = w;
+    out->max_request = w->max_request;
+    out->target_zeroed = (opt->flags & VMR_FILE_TARGET_ZEROED) != 0;
+    return 0;
+}

@@ -1,0 +1,50 @@
+# The VDDK writer's constructor for _pipeline.pyx (included at its end; owner: H5).
+# vmrestore.vddk.Disk.writer_args() supplies the handle and call addresses.
+from libc.stdint cimport uintptr_t
+
+
+cdef extern from "writer_vddk.h" nogil:
+    struct vmr_vddk_functions:
+        uintptr_t write_async
+        uintptr_t write
+        uintptr_t wait
+        uintptr_t flush
+        uintptr_t get_error_text
+        uintptr_t free_error_text
+    struct vmr_vddk_options:
+        uintptr_t handle
+        vmr_vddk_functions fn
+        uint64_t size
+        uint32_t max_request
+        uint32_t flags
+        const char *disk
+    int vmr_vddk_writer_open(const vmr_vddk_options *opt, vmr_writer *out, vmr_error *err)
+
+
+def open_vddk_writer(dict args not None, uint64_t size, str disk, uint32_t max_request=0,
+                     uint32_t flags=0):
+    """A Writer over an open VixDiskLib disk handle (args: Disk.writer_args())."""
+    cdef Writer w = Writer.__new__(Writer)
+    cdef vmr_error e
+    cdef vmr_vddk_options o
+    cdef bytes bdisk = disk.encode()
+    cdef int rc
+    memset(&o, 0, sizeof(o))
+    o.handle = <uintptr_t>args["handle"]
+    o.fn.write_async = <uintptr_t>args["WriteAsync"]
+    o.fn.write = <uintptr_t>args["Write"]
+    o.fn.wait = <uintptr_t>args["Wait"]
+    o.fn.flush = <uintptr_t>args["Flush"]
+    o.fn.get_error_text = <uintptr_t>args["GetErrorText"]
+    o.fn.free_error_text = <uintptr_t>args["FreeErrorText"]
+    o.size = size
+    o.max_request = max_request
+    o.flags = flags
+    o.disk = bdisk
+    _error_init(&e)
+    with nogil:
+        rc = vmr_vddk_writer_open(&o, &w.wr, &e)
+    if rc != 0:
+        raise _core_error(&e)
+    w.opened = True
+    return w

@@ -1,0 +1,517 @@
+"""The face of VixDiskLib (VMware VDDK): load it, check it, call it, convert its errors.
+
+The user brings the library (``--vddk-libdir DIR`` or ``VMRESTORE_VDDK_LIBDIR``,
+laid out as VDDK ships it: ``DIR/lib64/libvixDiskLib.so[.N]``); tests and the
+lab use ext/vddk_sim through :func:`sim_libdir`. The library is opened with
+cffi in ABI mode (``ffi.dlopen``), checked against the one table of functions
+in ext/vixdisklib (required calls missing -> refused at load; optional calls
+missing -> the operation that needs one says which), and initialized once per
+process. Every VixError becomes ``VddkError`` in one place
+(:meth:`Library.check`), with the library's own text.
+
+No block I/O happens here: the core's VDDK writer (ext/core/writer_vddk.c)
+calls WriteAsync itself, with the disk handle and function addresses this
+module hands it (:meth:`Disk.writer_args`). ``read``/``write`` below are for
+control-plane use and tests (a few sectors), not the data path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmrestore.errors import UsageError, VddkError
+
+LIBDIR_ENV = "VMRESTORE_VDDK_LIBDIR"
+LIBNAME = "libvixDiskLib.so"
+SECTOR = 512
+# The VixDiskLib API version vmrestore asks InitEx for (async I/O needs 6.x).
+API_MAJOR, API_MINOR = 6, 0
+
+VIX_OK = 0
+VIX_ASYNC = 25000
+
+FLAG_UNBUFFERED = 1
+FLAG_SINGLE_LINK = 2
+FLAG_READ_ONLY = 4
+
+CRED_UID = 1
+ADAPTERS = {1: "ide", 2: "buslogic", 3: "lsilogic", 256: "unknown"}
+TRANSPORT_MODES = ("file", "san", "hotadd", "nbd", "nbdssl")
+
+
+def _decl() -> Any:
+    try:
+        from vmrestore import _vixdisklib
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        raise VddkError(
+            f"vmrestore's VixDiskLib declarations are missing ({e}); rebuild with "
+            "'python setup.py build_ext --inplace' or scripts/bootstrap.sh"
+        ) from e
+    return _vixdisklib
+
+
+def find_library(libdir: str | os.PathLike[str] | None = None) -> Path:
+    """The libvixDiskLib.so to load: from libdir, else $VMRESTORE_VDDK_LIBDIR.
+
+    Accepts the VDDK directory (with lib64/), the lib64 directory itself, or
+    the .so file. Prefers ``libvixDiskLib.so``, else the highest ``.so.N``.
+    """
+    where = libdir if libdir not in (None, "") else os.environ.get(LIBDIR_ENV)
+    if not where:
+        raise UsageError(
+            "no VixDiskLib given: pass --vddk-libdir DIR (the VDDK directory with "
+            f"lib64/{LIBNAME}) or set {LIBDIR_ENV}"
+        )
+    base = Path(where)
+    if base.is_file():
+        return base
+    for d in (base / "lib64", base):
+        exact = d / LIBNAME
+        if exact.exists():
+            return exact
+        versions = sorted(
+            d.glob(f"{LIBNAME}.*"),
+            key=lambda p: [int(x) for x in re.findall(r"\d+", p.name[len(LIBNAME):])],
+        )
+        if versions:
+            return versions[-1]
+    raise VddkError(f"no {LIBNAME} in {base / 'lib64'} (is {base} a VDDK directory?)")
+
+
+@dataclass(frozen=True)
+class FunctionStatus:
+    name: str
+    required: bool
+    since: str
+    present: bool
+    purpose: str
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    capacity_sectors: int
+    bios_geometry: tuple[int, int, int]  # cylinders, heads, sectors
+    phys_geometry: tuple[int, int, int]
+    adapter: str
+    num_links: int
+    parent_hint: str | None
+    uuid: str | None
+
+    @property
+    def size(self) -> int:
+        return self.capacity_sectors * SECTOR
+
+
+@dataclass
+class ConnectSpec:
+    """What ConnectEx needs; ``server=None`` means local files (transport "file")."""
+
+    server: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    thumbprint: str | None = None
+    vmx_spec: str | None = None  # "moref=vm-123" or a vmx path spec
+    port: int = 0
+    nfc_host_port: int = 0
+    transports: tuple[str, ...] = ()  # tried in order; () = library default
+    snapshot: str | None = None  # snapshot moref (read access to a snapshot)
+
+
+class Library:
+    """A loaded and initialized VixDiskLib (one per path per process)."""
+
+    _cache: dict[Path, Library] = {}  # noqa: RUF012 - process-wide on purpose
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        import cffi
+
+        decl = _decl()
+        self.path = path
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(decl.CDEF)
+        self.functions = decl.FUNCTIONS
+        self.needs: dict[str, tuple[str, ...]] = decl.NEEDS
+        try:
+            self.lib = self.ffi.dlopen(str(path))
+        except OSError as e:
+            raise VddkError(f"cannot load VixDiskLib {path}: {e}") from None
+        self.present = {f.name: hasattr(self.lib, f.name) for f in self.functions}
+        missing = [f for f in self.functions if f.required and not self.present[f.name]]
+        if missing:
+            names = ", ".join(f"{f.name} (VDDK {f.since})" for f in missing)
+            raise VddkError(f"{path} is not a usable VixDiskLib: it lacks {names}")
+        self._initialized = False
+
+    @classmethod
+    def load(cls, libdir: str | os.PathLike[str] | None = None, init: bool = True) -> Library:
+        """Find, dlopen, check and (once per process) InitEx the library."""
+        path = find_library(libdir).resolve()
+        with cls._lock:
+            lib = cls._cache.get(path)
+            if lib is None:
+                lib = cls(path)
+                cls._cache[path] = lib
+            if init and not lib._initialized:
+                lib._init()
+        return lib
+
+    def _init(self) -> None:
+        config = os.environ.get("VMRESTORE_VDDK_CONFIG")
+        err = self.lib.VixDiskLib_InitEx(
+            API_MAJOR, API_MINOR, self.ffi.NULL, self.ffi.NULL, self.ffi.NULL,
+            str(self.path.parent.parent).encode(),
+            config.encode() if config else self.ffi.NULL,
+        )
+        self.check(err, f"VixDiskLib_InitEx ({self.path})")
+        self._initialized = True
+        atexit.register(self._exit)
+
+    def _exit(self) -> None:
+        if self._initialized:
+            self._initialized = False
+            self.lib.VixDiskLib_Exit()
+
+    # -- the one place where VixErrors become exceptions ---------------------
+
+    def error(self, err: int, what: str) -> VddkError:
+        """VddkError for err, with the library's text (GetErrorText, then FreeErrorText)."""
+        code = int(err) & 0xFFFF
+        ptr = self.lib.VixDiskLib_GetErrorText(err, self.ffi.NULL)
+        try:
+            text = self.ffi.string(ptr).decode(errors="replace") if ptr else "unknown error"
+        finally:
+            if ptr:
+                self.lib.VixDiskLib_FreeErrorText(ptr)
+        return VddkError(f"{what}: {text} (VixError {code})", code=code, text=text)
+
+    def check(self, err: int, what: str) -> None:
+        if int(err) != VIX_OK:
+            raise self.error(err, what)
+
+    # -- what the library offers ---------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return self.present.get(name, False)
+
+    def require(self, feature: str) -> None:
+        """Raise VddkError naming the calls the library lacks for feature (see NEEDS)."""
+        by_name = {f.name: f for f in self.functions}
+        missing = [n for n in self.needs[feature] if not self.present[n]]
+        if missing:
+            names = ", ".join(f"{n} (VDDK {by_name[n].since})" for n in missing)
+            raise VddkError(f"VixDiskLib {self.path} is too old for {feature}: it lacks {names}")
+
+    def function_status(self) -> list[FunctionStatus]:
+        return [
+            FunctionStatus(f.name, f.required, f.since, self.present[f.name], f.purpose)
+            for f in self.functions
+        ]
+
+    def transport_modes(self) -> list[str]:
+        ptr = self.lib.VixDiskLib_ListTransportModes()
+        return self.ffi.string(ptr).decode().split(":") if ptr else []
+
+    def report(self) -> dict[str, Any]:
+        """What the loaded library offers, for `vmrestore vddk info`."""
+        return {
+            "path": str(self.path),
+            "transport_modes": self.transport_modes(),
+            "features": {k: all(self.present[n] for n in v) for k, v in self.needs.items()},
+            "functions": [f.__dict__ for f in self.function_status()],
+        }
+
+    # -- connections -------------------------------------------------------------
+
+    def _params(self, spec: ConnectSpec, keep: list[Any]) -> Any:
+        """A VixDiskLibConnectParams for spec; keep holds the C strings alive."""
+        ffi = self.ffi
+
+        def s(v: str | None) -> Any:
+            if v is None:
+                return ffi.NULL
+            buf = ffi.new("char[]", v.encode())
+            keep.append(buf)
+            return buf
+
+        if self.has("VixDiskLib_AllocateConnectParams"):
+            p = self.lib.VixDiskLib_AllocateConnectParams()
+            if p == ffi.NULL:
+                raise VddkError("VixDiskLib_AllocateConnectParams: out of memory")
+            p = ffi.gc(p, self.lib.VixDiskLib_FreeConnectParams)
+        else:
+            p = ffi.new("VixDiskLibConnectParams *")
+        keep.append(p)
+        p.vmxSpec = s(spec.vmx_spec)
+        p.serverName = s(spec.server)
+        p.thumbPrint = s(spec.thumbprint)
+        if spec.server is not None:
+            p.credType = CRED_UID
+            p.creds.uid.userName = s(spec.user)
+            p.creds.uid.password = s(spec.password)
+        p.port = spec.port
+        p.nfcHostPort = spec.nfc_host_port
+        return p
+
+    def connect(self, spec: ConnectSpec, read_only: bool = False) -> Connection:
+        return Connection(self, spec, read_only)
+
+    def prepare_for_access(self, spec: ConnectSpec, identity: str = "vmrestore") -> None:
+        keep: list[Any] = []
+        err = self.lib.VixDiskLib_PrepareForAccess(self._params(spec, keep), identity.encode())
+        self.check(err, f"VixDiskLib_PrepareForAccess {spec.vmx_spec} on {spec.server}")
+
+    def end_access(self, spec: ConnectSpec, identity: str = "vmrestore") -> None:
+        keep: list[Any] = []
+        err = self.lib.VixDiskLib_EndAccess(self._params(spec, keep), identity.encode())
+        self.check(err, f"VixDiskLib_EndAccess {spec.vmx_spec} on {spec.server}")
+
+    def cleanup(self, spec: ConnectSpec) -> tuple[int, int]:
+        """Undo state an unclean end left on the host; returns (cleaned, remaining)."""
+        keep: list[Any] = []
+        params = self._params(ConnectSpec(**{**spec.__dict__, "vmx_spec": None}), keep)
+        cleaned = self.ffi.new("uint32_t *")
+        remaining = self.ffi.new("uint32_t *")
+        err = self.lib.VixDiskLib_Cleanup(params, cleaned, remaining)
+        self.check(err, f"VixDiskLib_Cleanup on {spec.server}")
+        return int(cleaned[0]), int(remaining[0])
+
+    def access(self, spec: ConnectSpec, identity: str = "vmrestore") -> _Access:
+        """Context manager: PrepareForAccess ... EndAccess (remote VMs only)."""
+        return _Access(self, spec, identity)
+
+
+class _Access:
+    def __init__(self, lib: Library, spec: ConnectSpec, identity: str) -> None:
+        self.lib, self.spec, self.identity = lib, spec, identity
+        self.active = spec.server is not None and spec.vmx_spec is not None
+
+    def __enter__(self) -> _Access:
+        if self.active:
+            self.lib.prepare_for_access(self.spec, self.identity)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self.lib.end_access(self.spec, self.identity)
+
+
+class Connection:
+    """A VixDiskLib connection (ConnectEx ... Disconnect); a context manager."""
+
+    def __init__(self, lib: Library, spec: ConnectSpec, read_only: bool) -> None:
+        self.lib = lib
+        self.spec = spec
+        ffi = lib.ffi
+        self._keep: list[Any] = []
+        params = lib._params(spec, self._keep) if spec.server is not None else ffi.NULL
+        modes = ":".join(spec.transports)
+        for m in spec.transports:
+            if m not in TRANSPORT_MODES:
+                raise UsageError(f"unknown VDDK transport mode {m!r} (one of "
+                                 f"{', '.join(TRANSPORT_MODES)})")
+        out = ffi.new("VixDiskLibConnection *")
+        err = lib.lib.VixDiskLib_ConnectEx(
+            params, b"\x01" if read_only else b"\x00",
+            spec.snapshot.encode() if spec.snapshot else ffi.NULL,
+            modes.encode() if modes else ffi.NULL, out,
+        )
+        where = spec.server or "local files"
+        lib.check(err, f"VixDiskLib_ConnectEx to {where}"
+                       + (f" ({spec.vmx_spec})" if spec.vmx_spec else ""))
+        self.handle = out[0]
+
+    def open(self, path: str, flags: int = 0) -> Disk:
+        return Disk(self, path, flags)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            h, self.handle = self.handle, None
+            self.lib.check(self.lib.lib.VixDiskLib_Disconnect(h),
+                           f"VixDiskLib_Disconnect from {self.spec.server or 'local files'}")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Disk:
+    """An open virtual disk (Open ... Close); a context manager."""
+
+    def __init__(self, conn: Connection, path: str, flags: int) -> None:
+        self.conn = conn
+        self.lib = conn.lib
+        self.path = path
+        self.flags = flags
+        out = self.lib.ffi.new("VixDiskLibHandle *")
+        err = self.lib.lib.VixDiskLib_Open(conn.handle, path.encode(), flags, out)
+        self.lib.check(err, f"VixDiskLib_Open {path}")
+        self.handle = out[0]
+
+    @property
+    def transport_mode(self) -> str:
+        ptr = self.lib.lib.VixDiskLib_GetTransportMode(self.handle)
+        return self.lib.ffi.string(ptr).decode() if ptr else ""
+
+    def info(self) -> DiskInfo:
+        ffi, lib = self.lib.ffi, self.lib.lib
+        out = ffi.new("VixDiskLibInfo **")
+        self.lib.check(lib.VixDiskLib_GetInfo(self.handle, out), f"VixDiskLib_GetInfo {self.path}")
+        i = out[0]
+        try:
+            return DiskInfo(
+                capacity_sectors=int(i.capacity),
+                bios_geometry=(i.biosGeo.cylinders, i.biosGeo.heads, i.biosGeo.sectors),
+                phys_geometry=(i.physGeo.cylinders, i.physGeo.heads, i.physGeo.sectors),
+                adapter=ADAPTERS.get(int(i.adapterType), str(int(i.adapterType))),
+                num_links=int(i.numLinks),
+                parent_hint=ffi.string(i.parentFileNameHint).decode()
+                if i.parentFileNameHint else None,
+                uuid=ffi.string(i.uuid).decode() if i.uuid else None,
+            )
+        finally:
+            lib.VixDiskLib_FreeInfo(i)
+
+    def read(self, sector: int, count: int) -> bytes:
+        """Read count sectors (control plane and tests; not the data path)."""
+        buf = self.lib.ffi.new("uint8_t[]", count * SECTOR)
+        err = self.lib.lib.VixDiskLib_Read(self.handle, sector, count, buf)
+        self.lib.check(err, f"VixDiskLib_Read {self.path} at offset {sector * SECTOR}")
+        return bytes(self.lib.ffi.buffer(buf))
+
+    def write(self, sector: int, data: bytes) -> None:
+        """Write whole sectors (control plane and tests; not the data path)."""
+        if len(data) % SECTOR:
+            raise UsageError(f"VDDK writes are whole sectors; got {len(data)} bytes")
+        err = self.lib.lib.VixDiskLib_Write(self.handle, sector, len(data) // SECTOR, data)
+        self.lib.check(err, f"VixDiskLib_Write {self.path} at offset {sector * SECTOR}")
+
+    def wait(self) -> None:
+        self.lib.require("async-write")
+        self.lib.check(self.lib.lib.VixDiskLib_Wait(self.handle), f"VixDiskLib_Wait {self.path}")
+
+    def flush(self) -> None:
+        self.lib.require("flush")
+        self.lib.check(self.lib.lib.VixDiskLib_Flush(self.handle), f"VixDiskLib_Flush {self.path}")
+
+    def allocated_blocks(self, chunk_sectors: int = 2048) -> Iterator[tuple[int, int]]:
+        """(start sector, sector count) of allocated chunks, the whole disk, merged."""
+        self.lib.require("allocated-blocks")
+        ffi, lib = self.lib.ffi, self.lib.lib
+        capacity = self.info().capacity_sectors
+        usable = capacity - capacity % chunk_sectors
+        step = chunk_sectors * (512 * 1024)  # VIXDISKLIB_MAX_CHUNK_NUMBER chunks per call
+        pending: tuple[int, int] | None = None
+        for start in range(0, usable, step):
+            count = min(step, usable - start)
+            out = ffi.new("VixDiskLibBlockList **")
+            err = lib.VixDiskLib_QueryAllocatedBlocks(self.handle, start, count, chunk_sectors, out)
+            self.lib.check(err, f"VixDiskLib_QueryAllocatedBlocks {self.path} at sector {start}")
+            bl = out[0]
+            try:
+                blocks = [(int(bl.blocks[i].offset), int(bl.blocks[i].length))
+                          for i in range(bl.numBlocks)]
+            finally:
+                lib.VixDiskLib_FreeBlockList(bl)
+            for off, n in blocks:
+                if pending and pending[0] + pending[1] == off:
+                    pending = (pending[0], pending[1] + n)
+                    continue
+                if pending:
+                    yield pending
+                pending = (off, n)
+        if pending:
+            yield pending
+        if usable < capacity:  # the tail smaller than a chunk: report it as allocated
+            yield (usable, capacity - usable)
+
+    def writer_args(self) -> dict[str, int]:
+        """Addresses the core's VDDK writer needs: the handle and the calls it makes."""
+        self.lib.require("async-write")
+        ffi, lib = self.lib.ffi, self.lib.lib
+        return {
+            "handle": int(ffi.cast("uintptr_t", self.handle)),
+            **{name: int(ffi.cast("uintptr_t", getattr(lib, f"VixDiskLib_{name}")))
+               for name in ("WriteAsync", "Write", "Wait", "Flush",
+                            "GetErrorText", "FreeErrorText")},
+        }
+
+    def close(self) -> None:
+        if self.handle is not None:
+            h, self.handle = self.handle, None
+            self.lib.check(self.lib.lib.VixDiskLib_Close(h), f"VixDiskLib_Close {self.path}")
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- vddk_sim ----------------------------------------------------------------------
+
+
+def sim_library() -> Path:
+    """The built vddk_sim shared library (ext/vddk_sim), or VddkError if not built."""
+    here = Path(__file__).resolve().parent
+    found = sorted(here.glob("_vddk_sim*.so"))
+    if not found:
+        raise VddkError(
+            "vddk_sim is not built: run 'python setup.py build_ext --inplace' "
+            "(or scripts/bootstrap.sh)"
+        )
+    return found[0]
+
+
+def sim_libdir(base: str | os.PathLike[str] | None = None) -> Path:
+    """A VDDK-shaped directory for vddk_sim: ``DIR/lib64/libvixDiskLib.so`` -> the sim.
+
+    Made under base, else the user cache dir; pass the result as --vddk-libdir.
+    """
+    so = sim_library()
+    root = Path(base) if base else Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmrestore" / "vddk-sim"
+    lib64 = root / "lib64"
+    lib64.mkdir(parents=True, exist_ok=True)
+    link = lib64 / LIBNAME
+    if not (link.is_symlink() and Path(os.readlink(link)) == so):
+        tmp = lib64 / f".{LIBNAME}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(so)
+        tmp.replace(link)
+    return root
+
+
+def create_sim_disk(directory: str | os.PathLike[str], name: str, size: int,
+                    thick: bool = False, adapter: str = "lsilogic") -> Path:
+    """Create a disk as vSphere lays it out: NAME.vmdk (descriptor) + NAME-flat.vmdk (data).
+
+    For tests and the lab; ``thick`` allocates every block (what SAN mode needs).
+    """
+    if size % SECTOR:
+        raise UsageError(f"disk size must be a multiple of {SECTOR}: {size}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    flat = d / f"{name}-flat.vmdk"
+    with open(flat, "wb") as f:
+        f.truncate(size)
+        if thick:
+            os.posix_fallocate(f.fileno(), 0, size)
+    desc = d / f"{name}.vmdk"
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        'createType="vmfs"\n\n# Extent description\n'
+        f'RW {size // SECTOR} VMFS "{flat.name}"\n\n# The Disk Data Base\n'
+        f'ddb.adapterType = "{adapter}"\n'
+        f'ddb.thinProvisioned = "{0 if thick else 1}"\n'
+    )
+    return desc
