@@ -32,17 +32,27 @@ def destroy_vm(session: Any, vm: Any) -> None:
     log.info("destroyed VM %s", name)
 
 
-def delete_datastore_dir(session: Any, dc: Any, ds_path: str) -> None:
-    """Delete a directory this restore created ('[ds] name'); missing is fine."""
-    from pyVmomi import vim
+def datastore_dir_exists(session: Any, dc: Any, datastore: str, name: str) -> bool:
+    """Whether '[datastore] name' exists (the datastore browser says FileNotFound if not)."""
+    ds = session.datastore(dc, datastore)
+    try:
+        session.wait(ds.browser.SearchDatastore_Task(datastorePath=f"[{datastore}] {name}"),
+                     f"look for [{datastore}] {name}")
+    except VSphereError as e:
+        if "FileNotFound" in str(e):
+            return False
+        raise
+    return True
 
+
+def delete_datastore_dir(session: Any, dc: Any, ds_path: str) -> bool:
+    """Delete a directory this restore created ('[ds] name'); False when it was not there."""
     fm = session.content.fileManager
     try:
         session.wait(fm.DeleteDatastoreFile_Task(name=ds_path, datacenter=dc),
                      f"delete {ds_path}")
     except VSphereError as e:
-        if "not found" in str(e).lower() or "FileNotFound" in str(e):
-            return
+        if "FileNotFound" in str(e):
+            return False
         raise
-    except vim.fault.FileNotFound:
-        return
+    return True

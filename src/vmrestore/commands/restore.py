@@ -1,0 +1,85 @@
+"""`vmrestore restore`: full VM restore into vSphere, in the five phases of docs/restore.md."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "restore a whole VM from a backup into vCenter/ESXi (or the lab)"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "restore", help=HELP, description=HELP + ". Either options, or a job file "
+        "(YAML/JSON, same field names) as the only argument.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("job_file", nargs="?", metavar="JOB.yaml",
+                   help="job file with the same fields as the options (see docs/restore.md)")
+    src = p.add_argument_group("backup")
+    src.add_argument("--backup", metavar="BACKUP", help="backup file (.vmrb); its chain is used")
+    src.add_argument("--point", metavar="ID", help="restore point: id prefix or file name")
+    vc = p.add_argument_group("target vCenter/ESXi (default: the lab's, when it is up)")
+    vc.add_argument("--vcenter", metavar="URL", help="http(s)://host[:port][/sdk]")
+    vc.add_argument("--user", metavar="U")
+    vc.add_argument("--password-file", metavar="F", help="file holding the password")
+    vc.add_argument("--thumbprint", metavar="HEX", help="pin the server certificate (SHA-1/256)")
+    vc.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify the server certificate")
+    vc.add_argument("--insecure", action="store_true", default=None,
+                    help="https without certificate checks")
+    vc.add_argument("--datacenter", metavar="DC", help="datacenter (default: the only one)")
+    am = p.add_argument_group("placement and amendments")
+    am.add_argument("--name", metavar="N", help="name of the restored VM (default: original)")
+    am.add_argument("--folder", metavar="F", help="VM folder path under the datacenter")
+    am.add_argument("--host", metavar="H",
+                    help="ESXi host (default: first that sees the datastore)")
+    am.add_argument("--resource-pool", metavar="RP")
+    am.add_argument("--datastore", metavar="DS", help="datastore for the VM and its disks")
+    am.add_argument("--disk-datastore", metavar="N=DS", action="append",
+                    help="datastore of disk N (repeatable)")
+    am.add_argument("--disk-format", choices=("same", "thin", "thick-lazy", "thick-eager"),
+                    default=None, help="provisioning of the restored disks [same]")
+    am.add_argument("--network-map", metavar="SRC=DST", action="append",
+                    help="connect NICs on network SRC to DST (repeatable)")
+    am.add_argument("--power-on", action="store_true", default=None,
+                    help="power the VM on at the end")
+    tr = p.add_argument_group("data movement")
+    tr.add_argument("--transport", choices=("auto", "san", "hotadd", "nbd", "nbdssl"),
+                    default=None, help="transport mode [auto]")
+    tr.add_argument("--proxy", metavar="NAME", help="proxy to use (default: one with a free slot)")
+    tr.add_argument("--infra", metavar="FILE", help="infrastructure file (proxies, slots, storage)")
+    tr.add_argument("--threads", type=int, metavar="T", help="core worker threads per disk")
+    tr.add_argument("--queue-depth", type=int, metavar="Q", help="requests in flight per disk")
+    fl = p.add_argument_group("failure handling")
+    fl.add_argument("--resume", action="store_true", default=None,
+                    help="continue an interrupted restore from its checkpoint")
+    fl.add_argument("--keep-on-failure", action="store_true", default=None,
+                    help="leave what was created when a phase fails")
+    fl.add_argument("--state-dir", metavar="DIR",
+                    help="where job state and checkpoints live (default: BACKUP_DIR/.vmrestore)")
+    p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from vmrestore import job as jobmod
+    from vmrestore import ui
+    from vmrestore.orchestrator import Orchestrator
+    from vmrestore.report import format_table
+
+    job = jobmod.from_args(args)
+    with ui.Display(quiet=args.quiet or False) as display:
+        orch = Orchestrator(job, display=display)
+        report = orch.run()
+    if job.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_table(report))
+    if report.error is not None:
+        # The report is printed; the CLI edge prints the one-line error and maps the exit code.
+        sys.stdout.flush()
+        raise report.error
+    return 0

@@ -1,0 +1,185 @@
+"""Durable state of one restore job: what it created, how far each disk got.
+
+Two kinds of small files under the state directory (default
+``BACKUP_DIR/.vmrestore/``, or ``--state-dir``, or ``$VMRESTORE_STATE_DIR``):
+
+- ``restore-<vm>-<id>.json`` (the job state, version 1): the job's identity,
+  the phase reached, the ledger of what this restore created (VM by managed
+  object id, snapshot, host attachments such as NBD exports and hot-added
+  disks) and each disk's status. Rollback and ``--resume`` read only this.
+- ``restore-<vm>-<id>.disk<N>.ckpt`` (checkpoint, version 1): the number of
+  leading plan entries of disk N that are written *and flushed*, plus the
+  plan's length and digest so a checkpoint is never applied to another plan.
+
+Every write is write-temp, fsync, rename, fsync-directory: after a kill -9
+or a power loss a file is either the old or the new version, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmrestore.errors import UsageError
+
+STATE_VERSION = 1
+CHECKPOINT_VERSION = 1
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace path with data durably (temp + fsync + rename + fsync dir)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def state_dir_for(job: Any) -> Path:
+    if job.state_dir:
+        return Path(job.state_dir)
+    env = os.environ.get("VMRESTORE_STATE_DIR")
+    if env:
+        return Path(env)
+    return Path(job.backup).resolve().parent / ".vmrestore"
+
+
+def job_id(job: Any, vm_name: str) -> str:
+    ident = job.identity()
+    ident["backup"] = str(Path(job.backup).resolve())
+    ident["vm_name"] = vm_name
+    blob = json.dumps(ident, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass
+class Checkpoint:
+    disk: int
+    prefix: int  # leading plan entries durable on the target
+    entries: int  # plan length
+    digest: str  # of the plan array
+    bytes_done: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": CHECKPOINT_VERSION, "disk": self.disk, "prefix": self.prefix,
+                "entries": self.entries, "digest": self.digest, "bytes_done": self.bytes_done,
+                "time": time.time()}
+
+
+def plan_digest(plan: Any) -> str:
+    return hashlib.sha256(memoryview(plan).cast("B")).hexdigest()[:32]
+
+
+def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    atomic_write(path, json.dumps(ckpt.as_dict()).encode())
+
+
+def read_checkpoint(path: Path) -> Checkpoint | None:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {path} unreadable ({e}); remove it to restart the disk") \
+            from None
+    if d.get("version") != CHECKPOINT_VERSION:
+        raise UsageError(f"checkpoint {path} has version {d.get('version')!r}")
+    return Checkpoint(int(d["disk"]), int(d["prefix"]), int(d["entries"]), str(d["digest"]),
+                      int(d.get("bytes_done", 0)))
+
+
+class JobState:
+    """The job-state file plus its lock (one run of a job at a time)."""
+
+    def __init__(self, directory: Path, job: Any, vm_name: str) -> None:
+        self.dir = directory
+        self.id = job_id(job, vm_name)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in vm_name)[:40]
+        self.stem = f"restore-{safe}-{self.id}"
+        self.path = directory / f"{self.stem}.json"
+        self.data: dict[str, Any] = {}
+        self._lock_fd: int | None = None
+        self._identity = job.identity()
+
+    def lock(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / f"{self.stem}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another run of this restore job is active (lock "
+                             f"{self.dir / (self.stem + '.lock')})") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.dir / f"{self.stem}.lock")
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> dict[str, Any]:
+        try:
+            d = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--resume: no interrupted restore of this job in {self.dir} "
+                             f"(looked for {self.path.name})") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"job state {self.path} unreadable: {e}") from None
+        if d.get("version") != STATE_VERSION:
+            raise UsageError(f"job state {self.path} has version {d.get('version')!r}")
+        if d.get("identity") != json.loads(json.dumps(self._identity)):
+            raise UsageError(f"--resume: job state {self.path} belongs to a different job")
+        self.data = d
+        return d
+
+    def start(self) -> None:
+        self.data = {"version": STATE_VERSION, "identity": self._identity, "status": "running",
+                     "phase": "initialize", "created": {}, "attachments": [], "disks": {},
+                     "started": time.time(), "pid": os.getpid()}
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = time.time()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True).encode())
+
+    def checkpoint_path(self, disk: int) -> Path:
+        return self.dir / f"{self.stem}.disk{disk}.ckpt"
+
+    def remove(self) -> None:
+        """The job ended (done or fully rolled back): nothing to resume."""
+        for p in self.dir.glob(f"{self.stem}.disk*.ckpt"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    # -- ledger helpers ----------------------------------------------------------------
+    def attach(self, kind: str, ident: str, disk: int) -> None:
+        self.data.setdefault("attachments", []).append({"kind": kind, "id": ident, "disk": disk})
+        self.save()
+
+    def detach(self, kind: str, ident: str) -> None:
+        self.data["attachments"] = [a for a in self.data.get("attachments", [])
+                                    if not (a["kind"] == kind and a["id"] == ident)]
+        self.save()

@@ -1,0 +1,649 @@
+"""The five restore phases, rollback, checkpoint/resume, and the report. No block I/O here.
+
+1. initialize  open the backup chain; take a proxy with a free task slot; connect to
+               vCenter/ESXi; start and connect the data movers; check every named
+               object exists; choose each disk's transport (refusals happen here,
+               before anything is created)
+2. config      build the VM from the backup's configuration plus the amendments and
+               register it (its disks are created empty with the requested provisioning)
+3. snapshot    snapshot the VM, unless one of its datastores is VVOL
+4. data        per disk: give the disk its size on the datastore, find its base file
+               (the snapshot's parent), attach it by the chosen transport, have the
+               proxy-side mover write the plan, detach; fall back to nbd when allowed
+5. commit      remove (commit) the snapshot, power on if asked
+
+Any failure: what this run created is removed (unless --keep-on-failure), host
+attachments are released, and the report names the phase and the cause. A kill -9
+leaves the job-state file (jobstate.py): ``--resume`` reuses the VM and continues
+each disk from its checkpoint.
+
+Test-only fault hook, ``VMRESTORE_FAULT`` (comma-separated):
+``phase:NAME`` fail at the start of phase NAME; ``transport:MODE`` make attaching a
+disk by MODE fail (exercises the nbd fallback); ``stall:data:SECONDS`` run each
+disk in slices with a checkpoint and a pause after each (lets a test kill -9 mid-data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vmrestore import infra as infra_mod
+from vmrestore.errors import (
+    HostServiceError,
+    Interrupted,
+    LabError,
+    TransportError,
+    UsageError,
+    VmrError,
+    VSphereError,
+)
+from vmrestore.job import RestoreJob
+from vmrestore.report import PHASES, Report
+
+log = logging.getLogger("vmrestore.restore")
+
+
+class InjectedFault(VmrError):
+    """A failure asked for by VMRESTORE_FAULT (tests only)."""
+
+
+def parse_faults(text: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"phases": set(), "transports": set(), "stall": 0.0}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        parts = item.split(":")
+        if parts[0] == "phase" and len(parts) == 2 and parts[1] in PHASES:
+            out["phases"].add(parts[1])
+        elif parts[0] == "transport" and len(parts) == 2:
+            out["transports"].add(parts[1])
+        elif parts[0] == "stall" and len(parts) == 3 and parts[1] == "data":
+            out["stall"] = float(parts[2])
+        else:
+            raise UsageError(f"VMRESTORE_FAULT: unknown item {item!r} (phase:NAME, "
+                             "transport:MODE, stall:data:SECONDS)")
+    return out
+
+
+class _Attachment:
+    """A disk made reachable for the proxy by one transport; release() undoes it."""
+
+    def __init__(self, uri: str, release: Callable[[], None], note: str = "") -> None:
+        self.uri = uri
+        self.release = release
+        self.note = note
+
+
+class Orchestrator:
+    def __init__(self, job: RestoreJob, display: Any = None, movers: Any = None,
+                 lab_dir: str | os.PathLike[str] | None = None) -> None:
+        self.job = job
+        self.display = display
+        self.report = Report(backup=job.backup, point=job.point or "")
+        self.faults = parse_faults(os.environ.get("VMRESTORE_FAULT"))
+        self.lab_dir = lab_dir
+        self._movers = movers
+        self.session: Any = None
+        self.state: Any = None
+        self.slot: Any = None
+        self.chain: Any = None
+        self.layout: Any = None
+        self.decisions: dict[int, infra_mod.Decision] = {}
+        self.vm: Any = None
+        self.dc: Any = None
+        self.hostd: Any = None
+        self.lab: Any = None
+        self.ds_types: dict[str, str] = {}
+        self.luns: dict[str, str] = {}
+        self.proxy: infra_mod.Proxy | None = None
+        self._created_vm = False
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def say(self, msg: str) -> None:
+        self.report.events.append(msg)
+        log.info("%s", msg)
+        if self.display is not None:
+            self.display.log(msg)
+
+    def _save_phase(self, name: str) -> None:
+        if self.state is not None and self.state.data:
+            self.state.data["phase"] = name
+            self.state.save()
+
+    def _phase(self, name: str, fn: Callable[[], str | None]) -> None:
+        pr = self.report.phases[name]
+        t0 = time.monotonic()
+        pr.status = "running"
+        try:
+            if name in self.faults["phases"]:
+                raise InjectedFault(f"fault injected at the start of phase {name} "
+                                    "(VMRESTORE_FAULT, test only)")
+            self._save_phase(name)
+            detail = fn()
+            if pr.status == "running":
+                pr.status = "ok"
+            if detail:
+                pr.detail = detail
+        except BaseException:
+            pr.status = "failed"
+            raise
+        finally:
+            pr.seconds = time.monotonic() - t0
+
+    # --- the run ----------------------------------------------------------------------
+
+    def run(self) -> Report:
+        t0 = time.monotonic()
+        phase = "initialize"
+        try:
+            for phase, fn in (("initialize", self.initialize), ("config", self.restore_config),
+                              ("snapshot", self.create_snapshot), ("data", self.transport_data),
+                              ("commit", self.commit)):
+                self._phase(phase, fn)
+            self.report.status = "ok"
+            if self.state is not None:
+                self.state.remove()
+        except KeyboardInterrupt:
+            self._failed(phase, Interrupted(f"interrupted in phase {phase}"))
+        except VmrError as e:
+            self._failed(phase, e)
+        except Exception as e:  # a bug, but the target must still be left clean
+            log.exception("unexpected error in phase %s", phase)
+            self._failed(phase, VmrError(f"unexpected error in phase {phase}: {e!r}"))
+        finally:
+            self._release_everything()
+            self.report.seconds = time.monotonic() - t0
+        return self.report
+
+    def _failed(self, phase: str, err: VmrError) -> None:
+        self.report.status = "failed"
+        self.report.failed_phase = phase
+        self.report.error = err
+        self.say(f"phase {phase} failed: {err}")
+        if self.job.keep_on_failure:
+            self._release_attachments()
+            if self.vm is not None:
+                self.report.kept.append(f"VM {self.layout.name} ({self.vm._moId})")
+            if self.state is not None and self.state.data:
+                self.state.data["status"] = "failed-kept"
+                self.state.save()
+                self.report.kept.append(f"job state {self.state.path} (use --resume)")
+            return
+        try:
+            self.rollback()
+            if self.state is not None and self.state.data:
+                self.state.remove()
+        except VmrError as e2:
+            self.report.rollback.append(f"rollback incomplete: {e2}")
+            self.say(f"rollback incomplete: {e2}")
+            if self.state is not None and self.state.data:
+                self.state.data["status"] = "rollback-failed"
+                self.state.save()
+
+    def rollback(self) -> None:
+        """Remove what this job created (from the ledger), newest first."""
+        self._release_attachments()
+        vm = self.vm
+        if vm is None and self.state is not None and self.state.data.get("created", {}).get("vm"):
+            vm = self.session.vm_by_moref(self.state.data["created"]["vm"]["moref"])
+        if vm is not None and self.session is not None:
+            from vmrestore.vsphere import cleanup
+
+            name = self.layout.name if self.layout else vm._moId
+            cleanup.destroy_vm(self.session, vm)
+            self.report.rollback.append(f"destroyed VM {name} ({vm._moId}) with its disks "
+                                        "and snapshot")
+            self.vm = None
+            if self.state is not None and self.state.data:
+                self.state.data["created"].pop("vm", None)
+                self.state.save()
+        elif self.state is not None and self.state.data.get("created", {}).get("vm"):
+            vm_info = self.state.data["created"]["vm"]
+            raise VSphereError(f"VM {vm_info['name']} ({vm_info['moref']}) left in place: "
+                               "no vCenter connection to remove it")
+        dirs = self.state.data.get("created", {}).get("dirs", []) if self.state else []
+        if dirs and self.session is not None:
+            from vmrestore.vsphere import cleanup
+
+            for ds_path in dirs:
+                if cleanup.delete_datastore_dir(self.session, self.dc, ds_path):
+                    self.report.rollback.append(f"deleted {ds_path}")
+            self.state.data["created"]["dirs"] = []
+            self.state.save()
+
+    def _release_attachments(self) -> None:
+        if self.state is None or not self.state.data or self.hostd is None:
+            return
+        for a in list(self.state.data.get("attachments", [])):
+            try:
+                if a["kind"] == "export":
+                    self.hostd.unexport_nbd(a["id"])
+                elif a["kind"] == "hotadd":
+                    self.hostd.hot_remove(a["id"])
+                self.report.rollback.append(f"released {a['kind']} {a['id']} (disk {a['disk']})")
+            except HostServiceError as e:
+                if e.kind != "not-found":
+                    self.report.rollback.append(f"could not release {a['kind']} {a['id']}: {e}")
+                    continue
+            self.state.detach(a["kind"], a["id"])
+
+    def _release_everything(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.state is not None and self.state.data and self.report.status == "ok":
+                self._release_attachments()
+        if self._movers is not None:
+            with contextlib.suppress(Exception):
+                self._movers.close()
+        if self.slot is not None:
+            self.slot.release()
+        if self.chain is not None:
+            with contextlib.suppress(Exception):
+                self.chain.close()
+        if self.session is not None:
+            self.session.close()
+        if self.state is not None:
+            self.state.unlock()
+
+    # --- phase 1 ----------------------------------------------------------------------
+
+    def _target(self) -> Any:
+        """The vCenter connection target: the job's, else the running lab's."""
+        from vmrestore.vsphere.connect import Target
+
+        job = self.job
+        if job.vcenter:
+            try:
+                password = Path(job.password_file or "").read_text().strip()
+            except OSError as e:
+                raise UsageError(f"--password-file {job.password_file}: {e.strerror}") from None
+            return Target(job.vcenter, job.user or "", password, job.thumbprint, job.ca_file,
+                          job.insecure)
+        if self.lab is None:
+            raise UsageError("restore: no --vcenter given and no lab is up (run 'vmrestore lab "
+                             "up', or give --vcenter URL --user U --password-file F)")
+        return Target(self.lab.vcenter_url, self.lab.user, self.lab.password)
+
+    def _load_lab(self) -> None:
+        from vmrestore.lab.client import lab_is_up, load_lab
+
+        if lab_is_up(self.lab_dir):
+            try:
+                self.lab = load_lab(self.lab_dir)
+            except LabError as e:
+                log.info("lab not usable: %s", e)
+
+    def _host_services(self) -> Any:
+        from vmrestore.transport.host import HostServices
+
+        url = os.environ.get("VMRESTORE_HOSTD_URL")
+        if url:
+            tok = Path(os.environ.get("VMRESTORE_HOSTD_TOKEN_FILE", "")).read_text().strip()
+            return HostServices(url, tok)
+        if self.lab is not None and (not self.job.vcenter or
+                                     self.job.vcenter.rstrip("/") ==
+                                     self.lab.vcenter_url.rstrip("/")):
+            return HostServices.from_lab(self.lab)
+        raise UsageError(f"no host data services known for {self.job.vcenter} (set "
+                         "VMRESTORE_HOSTD_URL and VMRESTORE_HOSTD_TOKEN_FILE, see docs/restore.md)")
+
+    def initialize(self) -> str:
+        from vmrestore.jobstate import JobState, state_dir_for
+        from vmrestore.repository.reader import open_chain
+        from vmrestore.vsphere.connect import connect
+        from vmrestore.vsphere.vmconfig import target_layout
+
+        job = self.job
+        # The backup: the chain up to the requested point.
+        chain = open_chain(job.backup)
+        self.chain = chain.at(job.point) if job.point else chain
+        self.report.point = self.chain.point.name
+        self.layout = target_layout(self.chain.vm_config, self.chain.manifest, job)
+        self.report.vm_name = self.layout.name
+        for t in self.layout.disks:
+            d = self.report.disk(t.index)
+            d.label, d.capacity, d.provisioning, d.datastore = (t.label, t.capacity,
+                                                                t.provisioning, t.datastore)
+            d.file = t.file_name
+
+        # Job state: one run at a time; --resume picks up the ledger.
+        self.state = JobState(state_dir_for(job), job, self.layout.name)
+        self.state.lock()
+        if job.resume:
+            self.state.load()
+            self.report.resumed = True
+            self.say(f"resuming job {self.state.id} from phase {self.state.data.get('phase')}")
+        elif self.state.exists():
+            old = json.loads(self.state.path.read_text())
+            if old.get("created", {}).get("vm"):
+                raise UsageError(
+                    f"an interrupted restore of VM {self.layout.name!r} exists (state "
+                    f"{self.state.path}, status {old.get('status')}): rerun with --resume, or "
+                    "remove the VM and that file")
+            self.state.start()
+        else:
+            self.state.start()
+
+        # Infrastructure: a proxy with a free task slot.
+        self._load_lab()
+        infra = (infra_mod.load_infra(job.infra) if job.infra else
+                 infra_mod.default_infra(self.lab.proxy_vm if self.lab else None))
+        self.slot = infra_mod.acquire_slot(infra, self.state.dir / "slots", job.proxy,
+                                           job.transport)
+        self.proxy = self.slot.proxy
+        self.report.proxy = f"{self.proxy.name} (slot {self.slot.index + 1}/{self.proxy.slots})"
+
+        # vCenter/ESXi.
+        target = self._target()
+        self.report.vcenter = target.url
+        self.session = connect(target)
+        self.hostd = self._host_services()
+        if job.resume:
+            self._release_attachments()  # stale exports / hot-adds of the killed run
+
+        # Data movers (repository side + proxy side), connected.
+        if self._movers is None:
+            from vmrestore.mover.session import default_session
+
+            self._movers = default_session()
+        self._movers.open()
+
+        # Every named object must exist before anything is created.
+        s = self.session
+        self.dc = s.datacenter(job.datacenter or (self.lab.datacenter if self.lab and
+                                                  not job.vcenter else None))
+        self.report.datacenter = self.dc.name
+        dss = {name: s.datastore(self.dc, name) for name in self.layout.datastores}
+        self.ds_types = {name: ds.summary.type for name, ds in dss.items()}
+        for n in self.layout.nics:
+            s.network(self.dc, n.network)
+        self._folder = s.folder(self.dc, job.folder)
+        self._host = s.host(self.dc, job.host, dss[self.layout.datastore])
+        for name, ds in dss.items():
+            if ds not in self._host.datastore:
+                raise VSphereError(f"host {self._host.name} does not mount datastore {name}")
+        self._pool = s.resource_pool(self.dc, self._host, job.resource_pool)
+        self.report.host = self._host.name
+        if not job.resume and s.find_vm(self.dc, self.layout.name) is not None:
+            raise VSphereError(f"a VM named {self.layout.name!r} already exists in datacenter "
+                               f"{self.dc.name} (choose another with --name)")
+
+        # Transport per disk (an impossible explicit choice is refused here).
+        self.luns = self._luns()
+        facts = [infra_mod.DiskFacts(t.index, t.datastore, t.provisioning,
+                                     self.ds_types.get(t.datastore, "OTHER"),
+                                     self.luns.get(t.datastore))
+                 for t in self.layout.disks]
+        for dec in infra_mod.select_transports(job.transport, self.proxy, facts):
+            self.decisions[dec.disk] = dec
+            rd = self.report.disk(dec.disk)
+            rd.transport, rd.reason = dec.mode, dec.reason
+        modes = ", ".join(f"disk {d}: {x.mode}" for d, x in sorted(self.decisions.items()))
+        self.say(f"phase 1 initialize: proxy {self.report.proxy}, {s.about} at {target.url}, "
+                 f"movers {self._movers.name}; {modes}")
+        return f"proxy {self.proxy.name}; {modes}"
+
+    def _luns(self) -> dict[str, str]:
+        """Datastore -> the LUN behind it, as the host reports (SAN candidates)."""
+        try:
+            info = self.hostd.info()
+        except HostServiceError as e:
+            log.info("host info unavailable: %s", e)
+            return {}
+        out = {}
+        for d in info.get("datastores", []):
+            if isinstance(d, dict) and d.get("lun"):
+                out[d["name"]] = d["lun"]
+        for name, lun in (info.get("luns") or info.get("san_luns") or {}).items() \
+                if isinstance(info.get("luns") or info.get("san_luns"), dict) else []:
+            out.setdefault(name, lun)
+        return out
+
+    # --- phase 2 ----------------------------------------------------------------------
+
+    def restore_config(self) -> str:
+        from vmrestore.vsphere.vmconfig import create_vm
+
+        created = self.state.data.setdefault("created", {})
+        if self.job.resume and created.get("vm"):
+            self.vm = self.session.vm_by_moref(created["vm"]["moref"])
+            try:
+                name = self.vm.name
+            except Exception:
+                raise VSphereError(f"--resume: VM {created['vm']['name']} "
+                                   f"({created['vm']['moref']}) no longer exists") from None
+            self.report.vm_moref = self.vm._moId
+            self.report.phases["config"].status = "resumed"
+            return f"VM {name} ({self.vm._moId}) from the interrupted run"
+        L = self.layout
+        self._make_dirs(created)
+        try:
+            self.vm = create_vm(self.session, self.dc, L, self._folder, self._pool, self._host)
+        except VSphereError:
+            # A create that failed half-way may still have registered the VM: find it.
+            vm = self.session.find_vm(self.dc, L.name)
+            if vm is not None:
+                self.vm = vm
+                created["vm"] = {"moref": vm._moId, "name": L.name}
+                self.state.save()
+            raise
+        created["vm"] = {"moref": self.vm._moId, "name": L.name}
+        self.state.save()
+        self.report.vm_moref = self.vm._moId
+        nets = ", ".join(f"{n.source_network}->{n.network}" if n.source_network != n.network
+                         else n.network for n in L.nics) or "no NIC"
+        fmts = ", ".join(f"disk {t.index} {t.provisioning} on {t.datastore}" for t in L.disks)
+        self.say(f"phase 2 config: registered VM {L.name} ({self.vm._moId}) on "
+                 f"{self._host.name}: {L.num_cpus} vCPU, {L.memory_mb} MB, {fmts}; {nets}")
+        return f"VM {L.name} ({self.vm._moId}); {fmts}; networks {nets}"
+
+    def _make_dirs(self, created: dict[str, Any]) -> None:
+        """Create the VM's directory on each disk datastore; the ones that did not exist
+        before are recorded as ours (rollback deletes them, and only them)."""
+        from vmrestore.vsphere.cleanup import datastore_dir_exists
+
+        fm = self.session.content.fileManager
+        ours = created.setdefault("dirs", [])
+        for ds in self.layout.datastores:
+            path = f"[{ds}] {self.layout.name}"
+            if datastore_dir_exists(self.session, self.dc, ds, self.layout.name):
+                continue
+            ours.append(path)
+            self.state.save()
+            if ds != self.layout.datastore:  # CreateVM makes the home directory itself
+                fm.MakeDirectory(name=path, datacenter=self.dc, createParentDirectories=True)
+
+    # --- phase 3 ----------------------------------------------------------------------
+
+    def create_snapshot(self) -> str:
+        from vmrestore.vsphere import snapshots
+
+        vvol = sorted(ds for ds in self.layout.datastores if self.ds_types.get(ds) == "VVOL")
+        if vvol:
+            self.report.phases["snapshot"].status = "skipped"
+            self.report.snapshot = f"not taken: datastore {', '.join(vvol)} is VVOL"
+            self.say(f"phase 3 snapshot: not taken, datastore {', '.join(vvol)} is VVOL "
+                     "(VDDK limitation)")
+            return self.report.snapshot
+        if snapshots.has_snapshot(self.vm):
+            self.report.phases["snapshot"].status = "resumed"
+            self.report.snapshot = "taken (earlier run)"
+            return "snapshot exists from the interrupted run"
+        snapshots.create(self.session, self.vm, "vmrestore: keeps the VM off its base disks "
+                         "while they are written")
+        self.state.data["created"]["snapshot"] = True
+        self.state.save()
+        self.report.snapshot = "taken"
+        self.say(f"phase 3 snapshot: created {snapshots.SNAPSHOT_NAME} on {self.layout.name}")
+        return f"snapshot {snapshots.SNAPSHOT_NAME} created"
+
+    # --- phase 4 ----------------------------------------------------------------------
+
+    def transport_data(self) -> str:
+        from vmrestore.vsphere import disks as vdisks
+
+        total = 0
+        for t in self.layout.disks:
+            rd = self.report.disk(t.index)
+            st = self.state.data["disks"].setdefault(str(t.index), {"status": "pending"})
+            if st.get("status") == "done":
+                rd.status = "skipped"
+                rd.history.append("written by the interrupted run")
+                rd.transport = st.get("transport", rd.transport)
+                continue
+            vd = vdisks.disk_for_file(self.vm, t.file_name)
+            base = vd.base_file
+            if base != vd.file_name:
+                self.say(f"disk {t.index}: VM runs on delta {vd.file_name}; writing base {base}")
+            rd.file = base
+            # What a real host did when it created the disk; a no-op against real ESXi.
+            self.hostd.prepare_disk(base, t.capacity, t.provisioning)
+            self._restore_one(t, base, rd, st)
+            total += rd.bytes_written + rd.bytes_zeroed
+        return f"{len(self.layout.disks)} disk(s), {total / (1 << 20):.1f} MiB moved"
+
+    def _restore_one(self, t: Any, base: str, rd: Any, st: dict[str, Any]) -> None:
+        from vmrestore.jobstate import read_checkpoint
+        from vmrestore.mover.session import DiskJob
+
+        dec = self.decisions[t.index]
+        modes = [dec.mode, *dec.fallback]
+        ckpt_path = self.state.checkpoint_path(t.index)
+        last_err: VmrError | None = None
+        for attempt, mode in enumerate(modes):
+            start = 0
+            ck = read_checkpoint(ckpt_path)
+            if ck is not None and attempt == 0 and self.job.resume and \
+                    st.get("transport", mode) == mode:
+                start = ck.prefix
+            elif ck is not None:
+                ckpt_path.unlink()
+            st.update(status="running", transport=mode)
+            self.state.save()
+            task = None
+            if self.display is not None:
+                task = self.display.task(f"disk {t.index} ({mode})", total=t.capacity)
+            try:
+                att = self._attach(t, base, mode)
+                try:
+                    job = DiskJob(disk=t.index, backup=self.chain.point.path, target=att.uri,
+                                  transport=mode, start_entry=start, checkpoint=str(ckpt_path),
+                                  threads=self.job.threads, queue_depth=self.job.queue_depth,
+                                  stall=self.faults["stall"])
+                    if start:
+                        self.say(f"disk {t.index}: resuming at plan entry {start} "
+                                 f"({ck.bytes_done / (1 << 20):.1f} MiB already durable)")
+                    out = self._movers.restore_disk(
+                        job, (lambda p, _t=task: _t.update(completed=p.done)) if task else None)
+                finally:
+                    att.release()
+            except (TransportError, HostServiceError, VSphereError) as e:
+                if task is not None:
+                    task.done()
+                last_err = e
+                if attempt + 1 < len(modes):
+                    note = f"{mode} failed ({e}); fell back to {modes[attempt + 1]}"
+                    rd.history.append(note)
+                    self.say(f"disk {t.index}: {note}")
+                    continue
+                raise
+            if task is not None:
+                task.done()
+            rd.transport = mode
+            rd.status = "ok"
+            rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (
+                out.bytes_written, out.bytes_zeroed, out.bytes_skipped)
+            rd.resumed_from = out.resumed_bytes
+            rd.seconds = out.seconds
+            rd.busy = self._busy(mode, out.busy)
+            st.update(status="done", transport=mode)
+            self.state.save()
+            self.say(f"disk {t.index}: {mode}, {rd.bytes_written / (1 << 20):.1f} MiB written, "
+                     f"{rd.bytes_zeroed / (1 << 20):.1f} MiB zeroed, "
+                     f"{rd.bytes_skipped / (1 << 20):.1f} MiB skipped, {rd.mbps:.1f} MB/s")
+            return
+        raise last_err or TransportError(f"disk {t.index}: no transport left")
+
+    @staticmethod
+    def _busy(mode: str, stage: dict[str, float]) -> dict[str, float]:
+        """Stage busy fractions -> where the time went (source/proxy/network/target).
+
+        The writer stage is network time for nbd/nbdssl (the host's own disk
+        write is behind the socket) and target time for san/hotadd (local I/O).
+        """
+        write = stage.get("write", 0.0)
+        return {"source": stage.get("read", 0.0), "proxy": stage.get("decompress", 0.0),
+                "network": write if mode in ("nbd", "nbdssl") else 0.0,
+                "target": write if mode in ("san", "hotadd") else 0.0}
+
+    def _attach(self, t: Any, base: str, mode: str) -> _Attachment:
+        """Make the base disk writable from the proxy by `mode`; recorded for rollback."""
+        if mode in self.faults["transports"]:
+            raise TransportError(f"disk {t.index}: transport {mode} failed "
+                                 "(fault injected by VMRESTORE_FAULT, test only)")
+        h = self.hostd
+        if mode in ("nbd", "nbdssl"):
+            ex = h.export_nbd(base, tls=mode == "nbdssl")
+            self.state.attach("export", ex.id, t.index)
+
+            def rel_export() -> None:
+                h.unexport_nbd(ex.id)
+                self.state.detach("export", ex.id)
+
+            return _Attachment(self._nbd_uri(ex), rel_export, f"export {ex.id}")
+        if mode == "hotadd":
+            ha = h.hot_add(base, self.proxy.vm if self.proxy else None)
+            self.state.attach("hotadd", ha.id, t.index)
+
+            def rel_hotadd() -> None:
+                h.hot_remove(ha.id)
+                self.state.detach("hotadd", ha.id)
+
+            return _Attachment(ha.device, rel_hotadd, f"hot-added as {ha.device}")
+        if mode == "san":
+            em = h.extent_map(base)
+            path = self.state.dir / f"{self.state.stem}.disk{t.index}.extents.json"
+            path.write_text(json.dumps({"version": 1, "lun": em.lun, "size": em.size,
+                                        "extents": [list(e) for e in em.extents]}))
+
+            def rel_map() -> None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+            return _Attachment(self._san_uri(em, path), rel_map, f"LUN {em.lun}")
+        raise UsageError(f"unknown transport {mode!r}")
+
+    @staticmethod
+    def _nbd_uri(ex: Any) -> str:
+        return ex.uri
+
+    @staticmethod
+    def _san_uri(em: Any, map_path: Path) -> str:
+        return f"san:{em.lun}?map={map_path}"
+
+    # --- phase 5 ----------------------------------------------------------------------
+
+    def commit(self) -> str:
+        from vmrestore.vsphere import power, snapshots
+
+        parts = []
+        if snapshots.has_snapshot(self.vm):
+            snapshots.remove_all(self.session, self.vm)
+            if snapshots.has_snapshot(self.vm):
+                raise VSphereError(f"VM {self.layout.name}: snapshot still present after commit")
+            self.report.snapshot = "committed (removed)"
+            parts.append("snapshot committed")
+            self.say(f"phase 5 commit: snapshot of {self.layout.name} committed")
+        if self.job.power_on:
+            power.power_on(self.session, self.vm)
+            self.report.powered_on = True
+            parts.append("powered on")
+            self.say(f"phase 5 commit: {self.layout.name} powered on")
+        self.state.data["status"] = "done"
+        self.state.save()
+        return ", ".join(parts) or "nothing to commit"

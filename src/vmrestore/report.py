@@ -1,0 +1,152 @@
+"""The restore report: what happened, phase by phase and disk by disk.
+
+One dataclass tree, filled by the orchestrator as it goes, so a failed run
+reports as much as a good one (the phase that failed, the cause, what was
+rolled back). ``as_dict`` is the ``--json`` document (versioned, described in
+docs/restore.md); ``format_table`` is the short human summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+REPORT_VERSION = 1
+PHASES = ("initialize", "config", "snapshot", "data", "commit")
+PHASE_TITLES = {
+    "initialize": "1 initialize",
+    "config": "2 restore configuration",
+    "snapshot": "3 create snapshot",
+    "data": "4 transport data",
+    "commit": "5 commit snapshot",
+}
+
+
+@dataclass
+class PhaseReport:
+    name: str
+    status: str = "pending"  # pending / ok / skipped / failed / resumed
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class DiskReport:
+    disk: int
+    label: str = ""
+    capacity: int = 0
+    provisioning: str = ""
+    datastore: str = ""
+    file: str = ""
+    transport: str = ""
+    reason: str = ""
+    history: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending / ok / failed / skipped (already done on resume)
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    bytes_skipped: int = 0
+    resumed_from: int = 0  # bytes of the disk already done by an earlier run
+    seconds: float = 0.0
+    busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target, 0..1
+
+    @property
+    def mbps(self) -> float:
+        moved = self.bytes_written + self.bytes_zeroed
+        return moved / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Report:
+    vm_name: str = ""
+    vm_moref: str = ""
+    backup: str = ""
+    point: str = ""
+    vcenter: str = ""
+    proxy: str = ""
+    datacenter: str = ""
+    host: str = ""
+    snapshot: str = ""  # taken / skipped: reason / removed
+    powered_on: bool = False
+    resumed: bool = False
+    phases: dict[str, PhaseReport] = field(
+        default_factory=lambda: {p: PhaseReport(p) for p in PHASES})
+    disks: list[DiskReport] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    status: str = "running"  # ok / failed
+    failed_phase: str | None = None
+    error: Any = None  # the VmrError that failed the run (not serialized as an object)
+    rollback: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def disk(self, index: int) -> DiskReport:
+        for d in self.disks:
+            if d.disk == index:
+                return d
+        d = DiskReport(index)
+        self.disks.append(d)
+        return d
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_VERSION,
+            "status": self.status,
+            "failed_phase": self.failed_phase,
+            "error": str(self.error) if self.error is not None else None,
+            "error_type": type(self.error).__name__ if self.error is not None else None,
+            "vm": {"name": self.vm_name, "moref": self.vm_moref, "datacenter": self.datacenter,
+                   "host": self.host, "powered_on": self.powered_on},
+            "backup": self.backup, "point": self.point, "vcenter": self.vcenter,
+            "proxy": self.proxy, "snapshot": self.snapshot, "resumed": self.resumed,
+            "seconds": round(self.seconds, 3),
+            "phases": [{"name": p.name, "status": p.status, "seconds": round(p.seconds, 3),
+                        "detail": p.detail} for p in self.phases.values()],
+            "disks": [{
+                "disk": d.disk, "label": d.label, "capacity": d.capacity,
+                "provisioning": d.provisioning, "datastore": d.datastore, "file": d.file,
+                "transport": d.transport, "reason": d.reason, "history": d.history,
+                "status": d.status, "bytes_written": d.bytes_written,
+                "bytes_zeroed": d.bytes_zeroed, "bytes_skipped": d.bytes_skipped,
+                "resumed_from": d.resumed_from, "seconds": round(d.seconds, 3),
+                "mb_per_s": round(d.mbps, 1),
+                "busy": {k: round(v, 3) for k, v in d.busy.items()},
+            } for d in sorted(self.disks, key=lambda d: d.disk)],
+            "rollback": self.rollback, "kept": self.kept, "events": self.events,
+        }
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def format_table(r: Report) -> str:
+    """A short plain-text summary: phases, then one line per disk, then the outcome."""
+    lines = [f"restore of {r.backup}{' @ ' + r.point if r.point else ''} -> VM {r.vm_name!r}"
+             f"{' (' + r.vm_moref + ')' if r.vm_moref else ''} via proxy {r.proxy or '?'}"]
+    lines.append("")
+    lines.append(f"{'phase':<26}{'status':<10}{'seconds':>9}  detail")
+    for p in r.phases.values():
+        lines.append(f"{PHASE_TITLES[p.name]:<26}{p.status:<10}{p.seconds:>9.2f}  {p.detail}")
+    if r.disks:
+        lines.append("")
+        lines.append(f"{'disk':<5}{'transport':<10}{'written':>9}{'zeroed':>9}{'skipped':>9}"
+                     f"{'MB/s':>8}  busy src/proxy/net/target  reason")
+        for d in sorted(r.disks, key=lambda d: d.disk):
+            busy = "/".join(f"{100 * d.busy.get(k, 0):.0f}%"
+                            for k in ("source", "proxy", "network", "target"))
+            reason = d.reason + ("; " + "; ".join(d.history) if d.history else "")
+            lines.append(f"{d.disk:<5}{d.transport or '-':<10}{_mib(d.bytes_written):>9}"
+                         f"{_mib(d.bytes_zeroed):>9}{_mib(d.bytes_skipped):>9}{d.mbps:>8.1f}"
+                         f"  {busy:<24}  {reason}")
+        lines.append("(sizes in MiB)")
+    lines.append("")
+    if r.status == "ok":
+        lines.append(f"OK in {r.seconds:.1f} s: VM {r.vm_name!r} restored"
+                     f"{', powered on' if r.powered_on else ''}; snapshot {r.snapshot}")
+    else:
+        lines.append(f"FAILED in phase {r.failed_phase}: {r.error}")
+        if r.rollback:
+            lines.append("rolled back: " + "; ".join(r.rollback))
+        if r.kept:
+            lines.append("kept (--keep-on-failure): " + "; ".join(r.kept))
+    return "\n".join(lines)
