@@ -282,8 +282,10 @@ class Agent:
         try:
             fr3 = P.read_frame(sock)
         except ConnectionError:
-            raise _Refused(f"client {auth.client!r} hung up after the challenge "
-                           "(it did not accept the agent's proof: wrong token?)") from None
+            if not known:
+                raise _Refused(f"unknown client {auth.client!r}: nothing served") from None
+            raise _Refused(f"client {auth.client!r} hung up after the challenge (it did not "
+                           "accept the agent's proof: wrong token?): nothing served") from None
         if fr3.type != T.PROOF:
             raise ProtocolError(f"expected PROOF, got {fr3.type.name}")
         mac = P.decode_proof(fr3.payload)

@@ -34,6 +34,8 @@ Emit = Callable[[dict[str, Any]], None]
 class DiskJob:
     disk: int
     target: str
+    start_entry: int = 0
+    target_zeroed: bool | None = None
 
 
 @dataclass
@@ -76,7 +78,11 @@ class Job:
             if (not isinstance(x, dict) or not isinstance(x.get("disk"), int)
                     or x["disk"] < 0 or not isinstance(x.get("target"), str) or not x["target"]):
                 raise UsageError(f"job.disks[{i}]: needs 'disk' (index >= 0) and 'target' (URI)")
-            disks.append(DiskJob(x["disk"], x["target"]))
+            se = x.get("start_entry", 0)
+            tz = x.get("target_zeroed")
+            if not isinstance(se, int) or se < 0 or not (tz is None or isinstance(tz, bool)):
+                raise UsageError(f"job.disks[{i}]: start_entry >= 0, target_zeroed true/false")
+            disks.append(DiskJob(x["disk"], x["target"], se, tz))
         if len({x.disk for x in disks}) != len(disks):
             raise UsageError("job.disks: a disk index appears twice")
         s = d.get("settings", {}) or {}
@@ -152,15 +158,17 @@ def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
                          "build writes local files and block devices only")
     last = [0.0]
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int, prefix: int) -> None:
         now = time.monotonic()
         if now - last[0] >= job.progress_interval:
             last[0] = now
-            emit({"event": "progress", "disk": dj.disk, "done": done, "total": total})
+            emit({"event": "progress", "disk": dj.disk, "done": done, "total": total,
+                  "completed_prefix": prefix})
 
     res = restore_remote_disk(url, token, dj.disk, target, point=job.point,
                               connections=job.connections, force=job.force,
-                              retries=job.retries, client=job.client, progress=progress)
+                              retries=job.retries, client=job.client, progress=progress,
+                              start_entry=dj.start_entry, target_zeroed=dj.target_zeroed)
     if res.reconnects or res.refetches:
         emit({"event": "warning", "disk": dj.disk,
               "message": f"{res.reconnects} reconnects, {res.refetches} re-fetched batches"})

@@ -65,6 +65,8 @@ class RemoteResult:
     wire_bytes: int = 0  # every byte received from the agent (frames + bulk)
     metadata_bytes: int = 0  # of which for planning
     seconds: float = 0.0
+    resumed_bytes: int = 0  # covered by entries before start_entry
+    entries: int = 0
     reconnects: int = 0
     refetches: int = 0
     connections: int = 0
@@ -95,6 +97,8 @@ class _Shared:
     """State the fetcher threads share: the work queue, counters and the first error."""
 
     batches: list[np.ndarray]
+    first_index: list[int] = field(default_factory=list)  # plan index of each batch's first entry
+    done: list[bool] = field(default_factory=list)
     next: int = 0
     error: BaseException | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,6 +108,14 @@ class _Shared:
     reconnects: int = 0
     refetches: int = 0
     done_entries: int = 0
+
+    def prefix(self, total: int) -> int:
+        """Plan entries [0, prefix) are all written (data entries are taken in plan order)."""
+        with self.lock:
+            for i, d in enumerate(self.done):
+                if not d:
+                    return self.first_index[i]
+            return total
 
     def take(self) -> tuple[int, np.ndarray] | None:
         with self.lock:
@@ -297,6 +309,7 @@ def _fetcher(sh: _Shared, connector: Connector, sources: list[str], sums: dict[s
                 attempts = 0
                 pending.pop(0)
                 with sh.lock:
+                    sh.done[i] = True
                     sh.written += int(batch["length"].sum())
                     sh.done_entries += len(batch)
             except (ConnectionError, TimeoutError, OSError, ProtocolError) as e:
@@ -348,8 +361,16 @@ def open_remote_chain(conn: Connection, rel: str, point: str | None = None) -> A
 def restore_remote_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                         point: str | None = None, connections: int = 4, force: bool = False,
                         retries: int = RETRIES, client: str | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> RemoteResult:
-    """Restore disk `disk` of the backup at `url` into the local file/device `target`."""
+                        start_entry: int = 0, target_zeroed: bool | None = None,
+                        progress: Callable[[int, int, int], None] | None = None) -> RemoteResult:
+    """Restore disk `disk` of the backup at `url` into the local file/device `target`.
+
+    ``start_entry`` resumes: plan entries before it are taken as done.
+    ``target_zeroed`` (default: only for a file this call creates) skips zero
+    runs. ``progress(done_bytes, total_bytes, completed_prefix)`` is called
+    about 5 times a second; the prefix counts plan entries all written, for
+    the caller's checkpoints (flushed to the target only at the end).
+    """
     from vmrestore.repository.plan import build_plan
 
     if connections < 1:
@@ -367,17 +388,28 @@ def restore_remote_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
         conn.close()
     res = RemoteResult(disk, target, plan.capacity, metadata_bytes=meta, tls=tls,
                        connections=connections)
-    tgt = _Target(target, plan.capacity, force)
+    tgt = _Target(target, plan.capacity, force or start_entry > 0)
+    if target_zeroed is not None:
+        tgt.known_zero = target_zeroed
     try:
         entries = plan.plan
-        for e in entries[entries["kind"] == KIND_ZERO]:
+        res.resumed_bytes = int(entries["length"][:start_entry].sum())
+        idx = np.arange(len(entries))
+        keep = idx >= start_entry
+        for e in entries[keep & (entries["kind"] == KIND_ZERO)]:
             if tgt.known_zero:
                 res.bytes_skipped += int(e["length"])
             else:
                 tgt.zero(int(e["dst_off"]), int(e["length"]))
                 res.bytes_zeroed += int(e["length"])
-        data = entries[entries["kind"] == KIND_DATA]
+        sel = keep & (entries["kind"] == KIND_DATA)
+        data, data_idx = entries[sel], idx[sel]
         sh = _Shared(batches_of(data, BATCH_BYTES, 1024))
+        pos = 0
+        for b in sh.batches:
+            sh.first_index.append(int(data_idx[pos]))
+            sh.done.append(False)
+            pos += len(b)
         threads = [threading.Thread(target=_fetcher, name=f"fetch-{i}", daemon=True,
                                     args=(sh, connector, plan.sources, sums, tgt, disk, retries))
                    for i in range(min(connections, max(1, len(sh.batches))))]
@@ -387,11 +419,13 @@ def restore_remote_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
             for t in threads:
                 t.join(0.2)
             if progress:
-                progress(sh.written + res.bytes_zeroed + res.bytes_skipped, plan.capacity)
+                progress(res.resumed_bytes + sh.written + res.bytes_zeroed + res.bytes_skipped,
+                         plan.capacity, sh.prefix(len(entries)))
         if sh.error is not None:
             raise sh.error
     finally:
         tgt.close()
+    res.entries = len(entries)
     res.bytes_written = sh.written
     res.stored_bytes = sh.stored
     res.wire_bytes = meta + sh.wire
