@@ -85,3 +85,53 @@ def host_services(lab: Any) -> Any:
     from vmrestore.transport.host import HostServices
 
     return HostServices.from_lab(lab)
+
+
+def create_vm(si: Any, lab: Any, name: str, datastore: str,
+              disks: list[tuple[int, str]]) -> tuple[Any, list[str]]:
+    """Create a powered-off VM with disks through the API, as a restore would; provision them.
+
+    disks: (capacity in bytes, provisioning thin|thick-lazy|thick-eager). Returns
+    the VM and its disks' datastore paths. The disk files are given their
+    capacity through the host data services' prepare_disk.
+    """
+    import time
+
+    from pyVmomi import vim
+
+    from vmrestore.transport.host import HostServices
+
+    content = si.content
+    pool = content.searchIndex.FindByInventoryPath(lab.resource_pool)
+    folder = content.searchIndex.FindByInventoryPath(lab.vm_folder)
+    ctrl = vim.vm.device.ParaVirtualSCSIController(key=1000, busNumber=0,
+                                                   sharedBus="noSharing")
+    changes = [vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl)]
+    for i, (capacity, prov) in enumerate(disks):
+        disk = vim.vm.device.VirtualDisk(
+            key=-(i + 1), controllerKey=1000, unitNumber=i, capacityInKB=capacity // 1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=f"[{datastore}]", diskMode="persistent",
+                thinProvisioned=prov == "thin", eagerlyScrub=prov == "thick-eager"))
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create",
+                                                       device=disk))
+    spec = vim.vm.ConfigSpec(name=name, guestId="otherGuest", deviceChange=changes,
+                             files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"))
+    task = folder.CreateVM_Task(spec, pool)
+    while task.info.state in ("queued", "running"):
+        time.sleep(0.02)
+    assert task.info.state == "success", task.info.error
+    vm = task.info.result
+    paths = [d.backing.fileName for d in vm.config.hardware.device
+             if isinstance(d, vim.vm.device.VirtualDisk)]
+    hs = HostServices.from_lab(lab)
+    for path, (capacity, prov) in zip(paths, disks, strict=True):
+        hs.prepare_disk(path, capacity, prov)
+    return vm, paths
+
+
+def flat_file(lab: Any, datastore_path: str) -> Path:
+    """The local flat file behind a datastore path in the lab (for checking results)."""
+    ds, _, rel = datastore_path.partition("] ")
+    p = lab.datastores[ds.lstrip("[")].dir / rel
+    return p.with_name(p.name.removesuffix(".vmdk") + "-flat.vmdk")

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class Hostd:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.hotadds: dict[str, dict[str, Any]] = {}
         self._si: Any = None
+        self.spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hostd-spawner")
         self._save()
 
     # -- state -------------------------------------------------------------------------
@@ -229,7 +231,10 @@ class Hostd:
         cmd += ["file", f"file={path}"]
         logf = open(self.run_dir / f"nbd-{eid}.log", "wb")
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+            # --exit-with-parent ties nbdkit to the *thread* that forks it: fork from
+            # the long-lived spawner thread, not from this request's thread.
+            proc = self.spawner.submit(subprocess.Popen, cmd, stdin=subprocess.DEVNULL,
+                                       stdout=logf, stderr=logf).result()
         finally:
             logf.close()
         deadline = time.monotonic() + 30
