@@ -1,0 +1,139 @@
+"""Chains: a full and incrementals, resolved at every point; parents found and checked."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmrestore.errors import ChainError
+from vmrestore.repository import format as fmt
+from vmrestore.repository.reader import open_chain
+
+from h1_helpers import MIB, backup, make_disk, restored
+
+BS = 64 * 1024
+
+
+def _mutate(path: Path, seed: int, nblocks: int) -> bytes:
+    """Change a few blocks: new random data, a zeroed block, a copy of another block."""
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    n = -(-len(data) // BS)
+    for b in rng.choice(n, nblocks, replace=False):
+        start = int(b) * BS
+        end = min(len(data), start + BS)
+        data[start:end] = rng.bytes(end - start)
+    z = int(rng.integers(0, n)) * BS
+    data[z:z + BS] = bytes(min(BS, len(data) - z))
+    data[2 * BS:3 * BS] = data[5 * BS:6 * BS]
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+@pytest.fixture
+def chain4(tmp_path: Path) -> tuple[Path, list[Path], list[list[bytes]]]:
+    """A 2-disk full + 3 incrementals; returns (dir, points, disk contents at each point)."""
+    disks = [tmp_path / "d0.img", tmp_path / "d1.img"]
+    states = [[make_disk(disks[0], 20 * BS + 512, seed=1, block_size=BS),
+               make_disk(disks[1], 9 * BS, seed=2, block_size=BS)]]
+    points = [tmp_path / "p0.vmrb"]
+    backup(disks, points[0], block_size=BS, codec="lz4")
+    for i in range(1, 4):
+        states.append([_mutate(disks[0], 10 + i, 3), _mutate(disks[1], 20 + i, 2)])
+        points.append(tmp_path / f"p{i}.vmrb")
+        summary = backup(disks, points[i], parent=str(points[i - 1]))
+        assert summary["depth"] == i
+        assert summary["blocks"]["unchanged"] > 0
+    return tmp_path, points, states
+
+
+def test_every_point_restores_exactly(chain4, tmp_path: Path) -> None:
+    _d, points, states = chain4
+    for i, p in enumerate(points):
+        chain = open_chain(p)
+        assert [q.depth for q in chain.points] == list(range(i + 1))
+        chain.close()
+        for disk in (0, 1):
+            got = restored(p, disk, tmp_path / f"r{i}-{disk}.img")
+            assert got == states[i][disk], f"point {i} disk {disk} differs"
+
+
+def test_incremental_stores_only_changes(chain4) -> None:
+    _d, points, _s = chain4
+    full = open_chain(points[0]).point
+    inc = open_chain(points[1]).point
+    assert len(inc.extents) < len(full.extents)
+    assert inc.footer.parent_id == full.id
+    assert inc.footer.parent_checksum == full.footer.checksum
+    m = inc.block_map(0)
+    assert set(np.unique(m["kind"]).tolist()) <= {0, 1, 2}
+    assert (m["kind"] == fmt.BLOCK_UNCHANGED).sum() >= 20 - 5
+
+
+def test_parent_found_by_id_after_rename(chain4) -> None:
+    d, points, _s = chain4
+    shutil.move(points[0], d / "renamed-full.vmrb")
+    chain = open_chain(points[2])
+    assert chain.points[0].name == "renamed-full.vmrb"
+
+
+def test_missing_parent_names_both(chain4) -> None:
+    d, points, _s = chain4
+    points[1].unlink()
+    with pytest.raises(ChainError, match=r"p2\.vmrb: parent p1\.vmrb .* not found"):
+        open_chain(points[2])
+
+
+def test_parent_rewritten_under_the_same_id(chain4, monkeypatch) -> None:
+    """Same id, different content: the recorded footer checksum catches it."""
+    d, points, _s = chain4
+    full = open_chain(points[0]).point
+    fixed = uuid.UUID(bytes=full.id)
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+    backup([d / "d0.img", d / "d1.img"], d / "p0.vmrb", force=True)
+    with pytest.raises(ChainError, match="different footer checksum"):
+        open_chain(points[1])
+
+
+def test_parent_of_another_chain_is_rejected(chain4, tmp_path: Path) -> None:
+    d, points, _s = chain4
+    backup([d / "d0.img", d / "d1.img"], d / "other.vmrb")
+    points[0].unlink()
+    shutil.copy(d / "other.vmrb", points[0])
+    with pytest.raises(ChainError, match="not found"):
+        open_chain(points[1])
+
+
+def test_chain_at_selects_a_point(chain4) -> None:
+    _d, points, _s = chain4
+    chain = open_chain(points[3])
+    assert chain.at("p1.vmrb").point.name == "p1.vmrb"
+    assert chain.at(chain.points[2].point_id[:8]).point.depth == 2
+    with pytest.raises(ChainError):
+        chain.at("nope")
+
+
+def test_disk_grows_in_an_incremental(tmp_path: Path) -> None:
+    d = tmp_path / "g.img"
+    make_disk(d, 4 * BS, seed=7, block_size=BS)
+    backup([d], tmp_path / "a.vmrb", block_size=BS)
+    grown = d.read_bytes() + np.random.default_rng(1).bytes(3 * BS + 1024)
+    d.write_bytes(grown)
+    backup([d], tmp_path / "b.vmrb", parent=str(tmp_path / "a.vmrb"))
+    assert restored(tmp_path / "b.vmrb", 0, tmp_path / "r.img") == grown
+
+
+def test_dedup_against_the_chain(tmp_path: Path) -> None:
+    a = tmp_path / "a.img"
+    make_disk(a, 8 * MIB, seed=3)
+    backup([a], tmp_path / "full.vmrb")
+    data = bytearray(a.read_bytes())
+    data[7 * MIB:8 * MIB] = data[1 * MIB:2 * MIB]  # new content here, but known to the chain
+    a.write_bytes(bytes(data))
+    s = backup([a], tmp_path / "inc.vmrb", parent=str(tmp_path / "full.vmrb"))
+    assert s["blocks"]["dedup"] == 1 and s["blocks"]["data"] == 0 and s["stored_bytes"] == 0
+    assert restored(tmp_path / "inc.vmrb", 0, tmp_path / "r.img") == bytes(data)
