@@ -15,10 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from h1_helpers import MIB, backup, make_disk, restored
 from vmrestore.errors import IncompleteBackupError
 from vmrestore.repository.reader import open_chain, open_point
-
-from h1_helpers import MIB, backup, make_disk, restored
 
 BLOCK_SIZES = [64 * 1024, 128 * 1024, 256 * 1024, 1 * MIB, 2 * MIB, 4 * MIB, 8 * MIB]
 

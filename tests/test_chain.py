@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from h1_helpers import MIB, backup, make_disk, restored
 from vmrestore.errors import ChainError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import open_chain
-
-from h1_helpers import MIB, backup, make_disk, restored
 
 BS = 64 * 1024
 
@@ -82,7 +81,7 @@ def test_parent_found_by_id_after_rename(chain4) -> None:
 
 
 def test_missing_parent_names_both(chain4) -> None:
-    d, points, _s = chain4
+    _d, points, _s = chain4
     points[1].unlink()
     with pytest.raises(ChainError, match=r"p2\.vmrb: parent p1\.vmrb .* not found"):
         open_chain(points[2])

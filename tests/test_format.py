@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from h1_helpers import MIB, backup, make_disk
 from vmrestore.errors import FormatError, IncompleteBackupError, UnsupportedVersionError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import open_point
-
-from h1_helpers import MIB, backup, make_disk
 
 
 def test_record_layouts_match_the_spec() -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from h1_helpers import MIB, backup, flip_byte, make_disk
 from vmrestore.repository.reader import open_chain, open_point
 from vmrestore.repository.verify import verify_chain
-
-from h1_helpers import MIB, backup, flip_byte, make_disk
 
 LINE = re.compile(r"^(?P<file>\S+), disk (?P<disk>\d+), block (?P<block>\d+), offset "
                   r"(?P<offset>\d+), extent (?P<ext>\d+) at file offset (?P<foff>\d+): .+$")
