@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, mover_job
-
+from mover_helpers import TOKEN, mover_job
 from tests.conftest import need_tool, run_cli
+
 from vmrestore.errors import AuthenticationError, MoverError, RemoteError
 from vmrestore.mover import protocol as P
 from vmrestore.mover.client import Connection, RemoteSource, RepoURL
@@ -89,7 +89,7 @@ def test_agent_never_serves_before_auth(sample, agent_factory) -> None:
 
 def test_named_clients(sample, tmp_path) -> None:
     bk, _ = sample
-    from conftest import AgentProc
+    from mover_helpers import AgentProc
 
     tf = tmp_path / "clients"
     tf.write_text(f"proxy1 {TOKEN}\nproxy2 other-token-000000000000\n")

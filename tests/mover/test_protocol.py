@@ -42,7 +42,7 @@ def test_corrupted_frames_are_refused() -> None:
         bad = bytearray(good)
         bad[i] ^= 0x40
         with pytest.raises(ProtocolError):
-            frames, rest = P.split_frames(bytes(bad))
+            frames, _ = P.split_frames(bytes(bad))
             if not frames:  # a longer announced length: the frame is incomplete, not accepted
                 raise ProtocolError("incomplete")
 
