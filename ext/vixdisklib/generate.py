@@ -63,6 +63,7 @@ def py_module() -> str:
     )
     needs = "\n".join(f"    {k!r}: {v!r}," for k, v in d.NEEDS.items())
     return f'''# {BANNER}; do not edit.
+# ruff: noqa: E501
 """VixDiskLib declarations for cffi ABI mode and the table of functions (data only)."""
 
 from typing import NamedTuple

@@ -1,0 +1,146 @@
+"""The ``vddk://`` target URI: which disk to write through VixDiskLib, and how to connect.
+
+Form (documented in ``restore-disk --help`` and docs/vddk.md)::
+
+    vddk://[USER@]SERVER[:PORT]/DATASTORE/DIR/DISK.vmdk?vm=MOREF[&transports=MODES]
+           [&thumbprint=SHA1][&password_file=PATH][&snapshot=MOREF][&nfc_port=N]
+           [&new=1][&unbuffered=1][&libdir=DIR]
+    vddk:///ABS/PATH/DISK.vmdk        a local disk file through VixDiskLib ("file" mode)
+
+* The first path segment is the datastore: ``/ds1/vm/vm.vmdk`` is the disk
+  vSphere names ``[ds1] vm/vm.vmdk``. A percent-encoded ``[ds1] vm/vm.vmdk``
+  is accepted too.
+* ``vm`` is the VM's managed object id (``vm-123`` or ``moref=vm-123``; VDDK's
+  vmxSpec); ``vmx`` passes any other vmxSpec form verbatim.
+* ``transports`` is a colon- (or comma-) separated list tried in order, of
+  san, hotadd, nbd, nbdssl (default: the library's own order).
+* The password comes from ``password_file``, else ``$VMRESTORE_VDDK_PASSWORD``,
+  else the URI's ``USER:PASSWORD@`` (discouraged: visible in process lists).
+* ``new=1``: the disk was just created (reads as zeros): zero runs are skipped.
+* ``libdir`` overrides ``--vddk-libdir`` / ``$VMRESTORE_VDDK_LIBDIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from vmrestore.errors import UsageError
+from vmrestore.vddk import TRANSPORT_MODES, ConnectSpec
+
+SCHEME = "vddk"
+PASSWORD_ENV = "VMRESTORE_VDDK_PASSWORD"
+_KNOWN = {"vm", "vmx", "transports", "thumbprint", "password_file", "snapshot", "nfc_port",
+          "new", "unbuffered", "libdir"}
+
+HELP = (
+    "vddk://[USER@]SERVER[:PORT]/DATASTORE/DIR/DISK.vmdk?vm=MOREF"
+    "[&transports=san:hotadd:nbdssl:nbd][&thumbprint=SHA1][&password_file=PATH]"
+    "[&new=1][&libdir=DIR] (password also from $VMRESTORE_VDDK_PASSWORD); "
+    "vddk:///PATH/DISK.vmdk for a local disk file"
+)
+
+
+@dataclass(frozen=True)
+class VddkTarget:
+    """A parsed vddk:// URI: the connection, the disk path, and open/write options."""
+
+    spec: ConnectSpec
+    disk_path: str        # "[ds1] vm/vm.vmdk", or a local path
+    new_disk: bool = False
+    unbuffered: bool = False
+    libdir: str | None = None
+
+    @property
+    def label(self) -> str:
+        where = self.spec.server or "local"
+        return f"vddk://{where}/{self.disk_path}"
+
+
+def is_vddk_uri(uri: str) -> bool:
+    return uri.startswith(f"{SCHEME}://")
+
+
+def _flag(q: dict[str, str], name: str, uri: str) -> bool:
+    v = q.get(name, "0").lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no", ""):
+        return False
+    raise UsageError(f"{uri}: {name}={v!r} is not 0 or 1")
+
+
+def parse(uri: str) -> VddkTarget:
+    """Parse a vddk:// URI; UsageError naming the part that is wrong."""
+    u = urlsplit(uri)
+    if u.scheme != SCHEME:
+        raise UsageError(f"not a vddk:// URI: {uri}")
+    raw = parse_qs(u.query, keep_blank_values=True)
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise UsageError(f"{uri}: unknown parameter(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(_KNOWN))})")
+    q = {k: v[-1] for k, v in raw.items()}
+    path = unquote(u.path)
+
+    transports: tuple[str, ...] = ()
+    if q.get("transports"):
+        transports = tuple(m for m in q["transports"].replace(",", ":").split(":") if m)
+        bad = [m for m in transports if m not in TRANSPORT_MODES or m == "file"]
+        if bad:
+            raise UsageError(f"{uri}: unknown transport mode(s) {', '.join(bad)} "
+                             "(san, hotadd, nbd, nbdssl)")
+
+    if not u.hostname:  # local file through VixDiskLib
+        if not path or path == "/":
+            raise UsageError(f"{uri}: no disk path")
+        return VddkTarget(ConnectSpec(), path, _flag(q, "new", uri), _flag(q, "unbuffered", uri),
+                          q.get("libdir") or None)
+
+    path = path.lstrip("/")
+    if path.startswith("["):
+        disk_path = path
+    else:
+        ds, _, rest = path.partition("/")
+        if not ds or not rest:
+            raise UsageError(f"{uri}: the path must be /DATASTORE/DIR/DISK.vmdk")
+        disk_path = f"[{ds}] {rest}"
+    if not disk_path.endswith(".vmdk"):
+        raise UsageError(f"{uri}: the disk path must name a .vmdk ({disk_path})")
+
+    vmx = q.get("vmx") or None
+    if q.get("vm"):
+        vm = q["vm"]
+        vmx = vm if vm.startswith("moref=") else f"moref={vm}"
+    if vmx is None:
+        raise UsageError(f"{uri}: vm=MOREF is required (the VM whose disk this is)")
+
+    password = None
+    if q.get("password_file"):
+        try:
+            password = Path(q["password_file"]).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise UsageError(f"{uri}: cannot read password_file: {e}") from None
+    elif os.environ.get(PASSWORD_ENV):
+        password = os.environ[PASSWORD_ENV]
+    elif u.password is not None:
+        password = unquote(u.password)
+    user = unquote(u.username) if u.username else None
+    if user is None or password is None:
+        raise UsageError(f"{uri}: a user (USER@SERVER) and a password (password_file=, "
+                         f"${PASSWORD_ENV}) are required")
+    try:
+        port = u.port or 0
+        nfc_port = int(q.get("nfc_port") or 0)
+    except ValueError as e:
+        raise UsageError(f"{uri}: bad port: {e}") from None
+
+    spec = ConnectSpec(
+        server=u.hostname, user=user, password=password, thumbprint=q.get("thumbprint") or None,
+        vmx_spec=vmx, port=port, nfc_host_port=nfc_port, transports=transports,
+        snapshot=q.get("snapshot") or None,
+    )
+    return VddkTarget(spec, disk_path, _flag(q, "new", uri), _flag(q, "unbuffered", uri),
+                      q.get("libdir") or None)
