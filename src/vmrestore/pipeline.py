@@ -1,0 +1,272 @@
+"""The face of the compiled block pipeline (ext/core/pipeline.c): typed, and errors typed.
+
+A :class:`Job` restores one plan (``vmrestore.plan.PLAN_DTYPE`` entries) from
+chain files into one open :class:`Writer` (see ``vmrestore.transport.uri``).
+The C threads run with the GIL released; Python only starts the job, polls
+counters between waits, and turns the core's (code, message, plan index,
+disk offset) error into the matching class of ``vmrestore.errors``.
+
+Ctrl-C: :meth:`Job.run` waits in short slices, so a KeyboardInterrupt lands
+between them; it then cancels the job, waits for the workers to finish or
+abort their in-flight requests, and raises :class:`~vmrestore.errors.Interrupted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NoReturn
+
+import numpy as np
+
+from vmrestore.errors import (
+    ChecksumError,
+    Interrupted,
+    SourceError,
+    TargetError,
+    TransportError,
+    VmrError,
+)
+from vmrestore.plan import PLAN_DTYPE, PLAN_VERSION
+
+try:
+    from vmrestore import _pipeline
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise VmrError(
+        f"vmrestore's compiled pipeline is missing ({e}); run scripts/bootstrap.sh "
+        "or 'python setup.py build_ext --inplace' to build it"
+    ) from e
+
+log = logging.getLogger("vmrestore.pipeline")
+
+assert _pipeline.PLAN_VERSION == PLAN_VERSION, "ext/core/pipeline.h and plan.py disagree"
+
+Writer = _pipeline.Writer
+CoreError = _pipeline.CoreError
+
+F_TARGET_ZEROED: int = _pipeline.F_TARGET_ZEROED
+F_NO_DIRECT: int = _pipeline.F_NO_DIRECT
+F_CREATE: int = _pipeline.F_CREATE
+F_FORCE: int = _pipeline.F_FORCE
+
+# Measured defaults (docs/core.md, "Measured defaults"): on 2 cores, 2 decompress
+# threads keep up with one NVMe-class writer; 16 requests in flight hide NBD latency.
+DEFAULT_READERS = 1
+DEFAULT_THREADS = 2
+DEFAULT_QUEUE_DEPTH = 16
+DEFAULT_FILE_LANES = 2
+DEFAULT_NBD_CONNECTIONS = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs of one job; 0 means 'the measured default'."""
+
+    readers: int = 0
+    threads: int = 0
+    lanes: int = 0
+    queue_depth: int = 0
+    buffers: int = 0
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A snapshot of the job's counters (all monotonic while it runs)."""
+
+    bytes_read: int
+    bytes_decompressed: int
+    bytes_written: int
+    bytes_zeroed: int
+    bytes_skipped: int
+    read_ns: int
+    decompress_ns: int
+    write_ns: int
+    entries_done: int
+    completed_prefix: int
+    entries_total: int
+    elapsed_ns: int
+    readers: int
+    threads: int
+    lanes: int
+    queue_depth: int
+    buffers: int
+    running: bool
+
+    @property
+    def bytes_done(self) -> int:
+        """Logical disk bytes finished: written + zeroed + skipped (known zero)."""
+        return self.bytes_written + self.bytes_zeroed + self.bytes_skipped
+
+    @property
+    def busy_ns(self) -> dict[str, float]:
+        """Busy time per stage, normalised by its thread count (comparable to elapsed)."""
+        return {
+            "read": self.read_ns / max(1, self.readers),
+            "decompress": self.decompress_ns / max(1, self.threads),
+            "write": self.write_ns / max(1, self.lanes),
+        }
+
+    @property
+    def busy(self) -> dict[str, float]:
+        """Busy fraction (0..1) of each stage over the elapsed time."""
+        el = max(1, self.elapsed_ns)
+        return {k: min(1.0, v / el) for k, v in self.busy_ns.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FIELDS = {f.name for f in fields(Counters)}
+
+
+def _counters(raw: dict[str, Any]) -> Counters:
+    return Counters(**{k: raw[k] for k in _FIELDS})
+
+
+def core_error(e: CoreError, disk: int, sources: Sequence[str] = ()) -> VmrError:
+    """The vmrestore.errors exception for a core error; messages name disk and file."""
+    msg = str(e.message)
+    msg = re.sub(r"chain file (\d+)",
+                 lambda m: sources[int(m.group(1))] if int(m.group(1)) < len(sources)
+                 else m.group(0), msg)
+    if not msg.startswith("disk "):
+        where = f" (disk offset {e.offset})" if e.offset is not None and \
+            str(e.offset) not in msg else ""
+        msg = f"disk {disk}: {msg}{where}"
+    cls: type[VmrError] = {
+        _pipeline.E_CHECKSUM: ChecksumError,
+        _pipeline.E_SOURCE: SourceError,
+        _pipeline.E_TARGET: TargetError,
+        _pipeline.E_TRANSPORT: TransportError,
+        _pipeline.E_INTERRUPTED: Interrupted,
+    }.get(e.code, VmrError)
+    err = cls(msg)
+    err.plan_index = e.plan_index  # type: ignore[attr-defined]
+    err.offset = e.offset  # type: ignore[attr-defined]
+    return err
+
+
+def raise_core_error(e: CoreError, disk: int, sources: Sequence[str] = ()) -> NoReturn:
+    raise core_error(e, disk, sources) from None
+
+
+def as_plan(plan: np.ndarray) -> np.ndarray:
+    """The plan as a contiguous PLAN_DTYPE array (no copy when it already is one)."""
+    if plan.dtype != PLAN_DTYPE:
+        raise ValueError(f"plan dtype {plan.dtype} is not PLAN_DTYPE")
+    return np.ascontiguousarray(plan)
+
+
+class Job:
+    """One pipeline run: plan + chain files + writer. Use as a context manager.
+
+    ``completed_prefix()`` and ``flush()`` may be called from another thread
+    while ``run()`` is waiting: that is how checkpoints are taken (read the
+    prefix, flush, then record it durably; a resume runs ``plan[prefix:]``).
+    """
+
+    def __init__(self, plan: np.ndarray, sources: Sequence[str], writer: Any, *,
+                 disk: int = 0, settings: Settings | None = None) -> None:
+        s = settings or Settings()
+        self.disk = disk
+        self.sources = list(sources)
+        self.plan = as_plan(plan)
+        self._fds: list[int] = []
+        try:
+            for path in self.sources:
+                try:
+                    self._fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as e:
+                    raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+            caps = writer.capabilities()
+            lanes = s.lanes or (DEFAULT_NBD_CONNECTIONS if caps["async"] else DEFAULT_FILE_LANES)
+            if not caps["multi_conn"]:
+                lanes = 1
+            try:
+                self._p = _pipeline.Pipeline(
+                    self.plan.view(np.uint8), self._fds, writer,
+                    readers=s.readers or DEFAULT_READERS, threads=s.threads or DEFAULT_THREADS,
+                    lanes=lanes, queue_depth=s.queue_depth or DEFAULT_QUEUE_DEPTH,
+                    buffers=s.buffers, disk=disk)
+            except CoreError as e:
+                raise_core_error(e, disk, self.sources)
+        except BaseException:
+            self._close_fds()
+            raise
+        self.writer = writer
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def start(self) -> None:
+        try:
+            self._p.start()
+        except CoreError as e:
+            raise_core_error(e, self.disk, self.sources)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._p.wait(timeout))
+
+    def cancel(self) -> None:
+        self._p.cancel()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Make every completed write durable (safe from another thread while running)."""
+        try:
+            self._p.flush(timeout)
+        except CoreError as e:
+            raise_core_error(e, self.disk, self.sources)
+
+    def counters(self) -> Counters:
+        return _counters(self._p.counters())
+
+    def completed_prefix(self) -> int:
+        """Leading plan entries fully written (durable after the next flush())."""
+        return int(self._p.counters()["completed_prefix"])
+
+    def check(self) -> None:
+        """Raise the job's first error, if any."""
+        e = self._p.error()
+        if e is not None:
+            raise_core_error(e, self.disk, self.sources)
+
+    def run(self, on_counters: Callable[[Counters], None] | None = None,
+            interval: float = 0.25, on_start: Callable[[Job], None] | None = None) -> Counters:
+        """Start, wait (calling on_counters every interval), raise the job's error if any.
+
+        on_start(job) runs right after the threads started (e.g. to start a
+        checkpoint thread that calls completed_prefix() and flush()).
+        """
+        self.start()
+        try:
+            if on_start is not None:
+                on_start(self)
+            while not self.wait(interval):
+                if on_counters is not None:
+                    on_counters(self.counters())
+        except KeyboardInterrupt:
+            self.cancel()
+            self.wait()
+            raise Interrupted(f"disk {self.disk}: interrupted") from None
+        self.check()
+        c = self.counters()
+        if on_counters is not None:
+            on_counters(c)
+        return c
+
+    def close(self) -> None:
+        p = getattr(self, "_p", None)
+        if p is not None:
+            p.close()
+        self._close_fds()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
