@@ -67,6 +67,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield load_lab(d)
     finally:
         labmod.down(d)
+    left = labmod.lab_processes(d) + labmod.lab_loops(d) + labmod.lab_mounts(d)
+    assert not left, f"lab down left {left}"
 
 
 @pytest.fixture(scope="session")
