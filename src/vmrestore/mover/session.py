@@ -103,7 +103,7 @@ class InProcessMovers:
     def open(self) -> None:
         # Nothing to start: the repository side is a local file, the proxy side our core.
         # Import the core now so a broken build fails in the initialize phase, not later.
-        import vmrestore.restore_disk  # noqa: F401
+        import vmrestore.pipeline  # noqa: F401
 
         self._open = True
 
@@ -112,10 +112,11 @@ class InProcessMovers:
 
     def restore_disk(self, job: DiskJob,
                      progress: Callable[[DiskProgress], None] | None = None) -> DiskOutcome:
+        from vmrestore import pipeline as pl
         from vmrestore.jobstate import Checkpoint, plan_digest, write_checkpoint
         from vmrestore.repository.plan import build_plan
         from vmrestore.repository.reader import open_chain
-        from vmrestore.restore_disk import run_plan
+        from vmrestore.transport.uri import OpenOptions, open_target
 
         chain = open_chain(job.backup)
         try:
@@ -125,60 +126,74 @@ class InProcessMovers:
         plan = dp.plan
         total = len(plan)
         digest = plan_digest(plan)
-        lengths = plan["length"]
-        done_before = int(lengths[:job.start_entry].sum())
+        ends = plan["length"].cumsum()
+        done_before = int(ends[job.start_entry - 1]) if job.start_entry > 0 else 0
         ckpt_path = Path(job.checkpoint) if job.checkpoint else None
         out = DiskOutcome(job.disk, resumed_bytes=done_before)
+        settings = pl.Settings(threads=job.threads or 0, queue_depth=job.queue_depth or 0)
         t0 = time.monotonic()
 
         def record(prefix_abs: int) -> None:
             if ckpt_path is not None:
-                write_checkpoint(ckpt_path, Checkpoint(job.disk, prefix_abs, total, digest,
-                                                       int(lengths[:prefix_abs].sum())))
+                done = int(ends[prefix_abs - 1]) if prefix_abs > 0 else 0
+                write_checkpoint(ckpt_path, Checkpoint(job.disk, prefix_abs, total, digest, done))
 
         slices = [(job.start_entry, total)]
         if job.stall > 0:
-            step = max(1, (total - job.start_entry) // 8 or 1)
+            step = max(1, (total - job.start_entry) // 8)
             slices = [(a, min(a + step, total)) for a in range(job.start_entry, total, step)]
         busy_ns: dict[str, float] = {}
         elapsed_ns = 0.0
         for a, b in slices:
-            if a >= b:
-                continue
-            stop = threading.Event()
+            writer = open_target(job.target, dp.capacity,
+                                 OpenOptions(target_zeroed=job.target_zeroed))
+            try:
+                with pl.Job(plan[a:b], dp.sources, writer, disk=job.disk,
+                            settings=settings) as pj:
+                    stop = threading.Event()
 
-            def on_counters(c: Any, _a: int = a) -> None:
-                if progress is not None:
-                    done = done_before + int(c.bytes_written + c.bytes_zeroed + c.bytes_skipped)
-                    progress(DiskProgress(job.disk, done, dp.capacity))
+                    def checkpointer(pj: pl.Job = pj, a: int = a,
+                                     stop: threading.Event = stop) -> None:
+                        # Beside the pipeline: prefix, then flush, then the durable record.
+                        last = 0
+                        while not stop.wait(job.checkpoint_interval):
+                            prefix = pj.completed_prefix()
+                            if prefix <= last:
+                                continue
+                            try:
+                                pj.flush()
+                            except Exception:  # the run itself reports the error
+                                return
+                            record(a + prefix)
+                            last = prefix
 
-            def checkpointer(handle: Any, _a: int = a, stop: threading.Event = stop) -> None:
-                # Runs beside the pipeline: prefix -> flush -> durable record.
-                while not stop.wait(job.checkpoint_interval):
-                    prefix = handle.completed_prefix()
-                    if prefix <= 0:
-                        continue
-                    handle.flush()
-                    record(_a + prefix)
+                    def on_counters(c: pl.Counters, a: int = a) -> None:
+                        if progress is not None:
+                            base = int(ends[a - 1]) if a > 0 else 0
+                            progress(DiskProgress(job.disk, base + c.bytes_done, dp.capacity))
 
-            res = run_plan(plan[a:b], dp.sources, job.target, disk=job.disk,
-                           capacity=dp.capacity, target_zeroed=job.target_zeroed,
-                           threads=job.threads, queue_depth=job.queue_depth,
-                           on_counters=on_counters, on_start=lambda h: threading.Thread(
-                               target=checkpointer, args=(h,), daemon=True,
-                               name=f"ckpt-disk{job.disk}").start())
-            stop.set()
-            record(b)  # run_plan flushed at its end: all of [a, b) is durable
-            out.bytes_written += res.bytes_written
-            out.bytes_zeroed += res.bytes_zeroed
-            out.bytes_skipped += res.bytes_skipped
+                    th = threading.Thread(target=checkpointer, daemon=True,
+                                          name=f"ckpt-disk{job.disk}")
+                    th.start()
+                    try:
+                        c = pj.run(on_counters)
+                    finally:
+                        stop.set()
+                        th.join()
+            finally:
+                writer.close()
+            record(b)  # the run ended with a final flush: all of [a, b) is durable
+            out.bytes_written += c.bytes_written
+            out.bytes_zeroed += c.bytes_zeroed
+            out.bytes_skipped += c.bytes_skipped
             out.entries += b - a
-            elapsed_ns += res.elapsed_ns
-            for k, v in res.busy_ns.items():
+            elapsed_ns += c.elapsed_ns
+            for k, v in c.busy_ns.items():
                 busy_ns[k] = busy_ns.get(k, 0.0) + v
-            if job.stall > 0:
+            if job.stall > 0 and b < total:
+                log.info("disk %d: stalling %.1fs after entry %d (test hook)", job.disk,
+                         job.stall, b)
                 time.sleep(job.stall)
-        out.bytes_skipped += 0
         out.seconds = time.monotonic() - t0
         if elapsed_ns > 0:
             out.busy = {k: min(1.0, v / elapsed_ns) for k, v in busy_ns.items()}
