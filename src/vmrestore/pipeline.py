@@ -94,6 +94,7 @@ class Counters:
     queue_depth: int
     buffers: int
     running: bool
+    bytes_total: int = 0          # logical bytes the plan covers (computed once, in Python)
 
     @property
     def bytes_done(self) -> int:
@@ -119,11 +120,11 @@ class Counters:
         return asdict(self)
 
 
-_FIELDS = {f.name for f in fields(Counters)}
+_FIELDS = {f.name for f in fields(Counters)} - {"bytes_total"}
 
 
-def _counters(raw: dict[str, Any]) -> Counters:
-    return Counters(**{k: raw[k] for k in _FIELDS})
+def _counters(raw: dict[str, Any], total: int) -> Counters:
+    return Counters(**{k: raw[k] for k in _FIELDS}, bytes_total=total)
 
 
 def core_error(e: CoreError, disk: int, sources: Sequence[str] = ()) -> VmrError:
@@ -174,6 +175,7 @@ class Job:
         self.disk = disk
         self.sources = list(sources)
         self.plan = as_plan(plan)
+        self.bytes_total = int(self.plan["length"].sum()) if len(self.plan) else 0
         self._fds: list[int] = []
         try:
             for path in self.sources:
@@ -223,7 +225,7 @@ class Job:
             raise_core_error(e, self.disk, self.sources)
 
     def counters(self) -> Counters:
-        return _counters(self._p.counters())
+        return _counters(self._p.counters(), self.bytes_total)
 
     def completed_prefix(self) -> int:
         """Leading plan entries fully written (durable after the next flush())."""
