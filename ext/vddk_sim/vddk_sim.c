@@ -845,6 +845,7 @@ VixError VixDiskLib_Write(VixDiskLibHandle h, VixDiskLibSectorType startSector,
     return do_io(h, 1, startSector, numSectors, NULL, writeBuffer);
 }
 
+#ifndef VDDK_SIM_LEGACY /* -DVDDK_SIM_LEGACY: only the calls VDDK 5.5 had */
 VixError VixDiskLib_ReadAsync(VixDiskLibHandle h, VixDiskLibSectorType startSector,
                               VixDiskLibSectorType numSectors, uint8_t *readBuffer,
                               VixDiskLibCompletionCB callback, void *cbData)
@@ -963,6 +964,8 @@ VixDiskLibConnectParams *VixDiskLib_AllocateConnectParams(void)
 {
     return calloc(1, sizeof(VixDiskLibConnectParams));
 }
+
+#endif /* VDDK_SIM_LEGACY */
 
 void VixDiskLib_FreeConnectParams(VixDiskLibConnectParams *p)
 {

@@ -422,8 +422,8 @@ class Disk:
             self.lib.check(err, f"VixDiskLib_QueryAllocatedBlocks {self.path} at sector {start}")
             bl = out[0]
             try:
-                blocks = [(int(bl.blocks[i].offset), int(bl.blocks[i].length))
-                          for i in range(bl.numBlocks)]
+                arr = ffi.cast("VixDiskLibBlock *", bl.blocks)  # blocks[1] is really [numBlocks]
+                blocks = [(int(arr[i].offset), int(arr[i].length)) for i in range(bl.numBlocks)]
             finally:
                 lib.VixDiskLib_FreeBlockList(bl)
             for off, n in blocks:
