@@ -157,6 +157,25 @@ def test_san_extent_map_eager_write_through_lun(lab, lab_si, host_services):
     vm.Destroy_Task()
 
 
+def test_san_write_seen_after_sync_disk(lab, lab_si, host_services):
+    """Without a global drop_caches: the host's sync_disk makes the file show the LUN writes."""
+    vm, (path,) = create_vm(lab_si, lab, _name("sansync"), "ds-san", [(4 * MiB, "thick-eager")])
+    flat = flat_file(lab, path)
+    m = host_services.extent_map(path)
+    assert flat.read_bytes() == bytes(4 * MiB)   # now in the page cache
+    data = _pattern(4 * MiB, 12)
+    fd = os.open(m.lun, os.O_RDWR)
+    try:
+        for file_off, lun_off, length in m.extents:
+            os.pwrite(fd, data[file_off:file_off + length], lun_off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    host_services.sync_disk(path)
+    assert flat.read_bytes() == data
+    vm.Destroy_Task()
+
+
 @pytest.mark.parametrize("prov", ["thin", "thick-lazy"])
 def test_san_extent_map_refused_unless_eager(lab, lab_si, host_services, prov):
     vm, (path,) = create_vm(lab_si, lab, _name("sanno"), "ds-san", [(4 * MiB, prov)])

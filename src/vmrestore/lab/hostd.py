@@ -155,6 +155,7 @@ class Hostd:
         finally:
             os.close(fd)
         self._write_descriptor(path, capacity, provisioning)
+        _forget_cached(path)
         return self.disk_info(datastore_path)
 
     @staticmethod
@@ -193,6 +194,12 @@ class Hostd:
         if provisioning == "thin":
             lines.append('ddb.thinProvisioned = "1"')
         desc.write_text("\n".join(lines) + "\n")
+
+    def sync_disk(self, datastore_path: Any) -> dict[str, Any]:
+        """Make the host see what was written under the filesystem (after SAN writes)."""
+        _ds, path = self.resolve(datastore_path)
+        _forget_cached(path)
+        return self.disk_info(datastore_path)
 
     def disk_info(self, datastore_path: Any) -> dict[str, Any]:
         _ds, path = self.resolve(datastore_path)
@@ -307,6 +314,7 @@ class Hostd:
             raise refused(f"{datastore_path}: disk file is empty (not provisioned)")
         try:
             ext = written_map(path)
+            _forget_cached(path)
         except ExtentMapError as e:
             raise refused(f"{datastore_path}: no SAN extent map: {e}") from e
         except OSError as e:
@@ -470,6 +478,21 @@ class Hostd:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
+def _forget_cached(path: Path) -> None:
+    """Flush the file and drop its page cache, so reads go to the device again.
+
+    A SAN writer changes the file's blocks under the filesystem (through the
+    LUN); pages the host cached before would hide that. Real VMFS hosts do not
+    cache guest disk data; this makes the lab behave the same.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _detach(dev: str) -> None:
     for _ in range(50):
         proc = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
@@ -535,6 +558,8 @@ class Handler(BaseHTTPRequestHandler):
             if route == ("POST", "disks/prepare"):
                 return h.prepare_disk(body.get("datastore_path"), body.get("capacity"),
                                       body.get("provisioning"))
+            if route == ("POST", "disks/sync"):
+                return h.sync_disk(body.get("datastore_path"))
             if route == ("POST", "disks/info"):
                 return h.disk_info(body.get("datastore_path"))
             if route == ("POST", "exports") and not arg:

@@ -111,6 +111,14 @@ class HostServices:
                                                   "provisioning": provisioning})
         return DiskInfo(**r)
 
+    def sync_disk(self, datastore_path: str) -> DiskInfo:
+        """After writing a disk through its LUN (SAN), make the host's view of the file current.
+
+        Drops what the host cached of the file; a no-op against real ESXi
+        (VMFS does not cache guest disk data). Call it when a SAN write ends.
+        """
+        return DiskInfo(**self._call("POST", "disks/sync", {"datastore_path": datastore_path}))
+
     def disk_info(self, datastore_path: str) -> DiskInfo:
         return DiskInfo(**self._call("POST", "disks/info", {"datastore_path": datastore_path}))
 
