@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 TOKEN = "mover-test-token-0123456789abcdef"
@@ -57,8 +58,18 @@ class AgentProc:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"agent did not start: {line!r} {err}")
         self.port = int(m.group(2))
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
+        self._drainer.start()
         return self
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> bool:
+        """True once a log line containing `text` arrived (the agent logs asynchronously)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(text in line for line in self.log):
+                return True
+            time.sleep(0.05)
+        return False
 
     def _drain(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr is not None

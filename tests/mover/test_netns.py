@@ -67,6 +67,6 @@ def test_restore_across_namespaces(sample, token_file, tmp_path, two_hosts) -> N
         assert done["wire_bytes"] < done["bytes_written"]
         # The agent saw the proxy's namespace address (not loopback): two "hosts" really.
         peer = addr.rsplit(".", 1)[0] + ".2:"
-        assert any(f"from {peer}" in line and "authenticated" in line for line in agent.log)
+        assert agent.wait_log(f"from {peer}")
     finally:
         agent.stop()
