@@ -45,7 +45,7 @@ def _root_conftest() -> Any:
 
 
 _rc = _root_conftest()
-need, need_root, need_tool = _rc.need, _rc.need_root, _rc.need_tool
+need, need_root, need_tool, run_cli = _rc.need, _rc.need_root, _rc.need_tool, _rc.run_cli
 
 
 @pytest.fixture(scope="session")
