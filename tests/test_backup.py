@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import need, need_root, need_tool
 from h1_helpers import MIB, backup, make_disk, restored
 from vmrestore.errors import IncompleteBackupError
 from vmrestore.repository.reader import open_chain, open_point
@@ -255,3 +256,23 @@ def test_kill_9_leaves_no_valid_looking_file(tmp_path: Path) -> None:
         open_point(partial[0])
     with pytest.raises(IncompleteBackupError):
         open_chain(partial[0])
+
+
+def test_block_device_source(cli, tmp_path: Path) -> None:
+    """A loop device as the source: size via BLKGETSIZE64, restored byte-identical."""
+    need_root()
+    need_tool("losetup")
+    img = tmp_path / "lun.img"
+    data = make_disk(img, 5 * MIB + 4096, seed=12)
+    r = subprocess.run(["losetup", "--find", "--show", "--read-only", str(img)],
+                       capture_output=True, text=True)
+    need(r.returncode == 0, f"losetup failed: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        out = tmp_path / "dev.vmrb"
+        s = json.loads(cli("backup", "create", "--disk", dev, "--json", "-o", str(out),
+                           check=True).stdout)
+        assert s["disks"][0]["capacity"] == len(data)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    assert restored(out, 0, tmp_path / "r.img") == data

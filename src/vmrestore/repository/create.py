@@ -236,7 +236,8 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
         done = 0
         nthreads = threads or max(2, os.cpu_count() or 2)
         per_chunk = max(1, CHUNK_BYTES // bs)
-        with ThreadPoolExecutor(nthreads, thread_name_prefix="backup") as pool:
+        pool = ThreadPoolExecutor(nthreads, thread_name_prefix="backup")
+        try:  # on error or Ctrl-C: drop queued chunks instead of reading them
             for di, disk in enumerate(disks):
                 nblocks = fmt.block_count(disk.size, bs)
                 bmap = np.zeros(nblocks, fmt.BLOCK_DTYPE)
@@ -275,6 +276,8 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
                         progress(done + min(disk.size, (first + per_chunk) * bs))
                 done += disk.size
                 maps.append(bmap)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         stats["stored_bytes"] = writer.stored_bytes
         stats["raw_bytes"] = writer.raw_bytes
         created = datetime.fromtimestamp(writer.created_ns / 1e9, UTC)
