@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
@@ -172,6 +174,10 @@ class Job:
     def __init__(self, plan: np.ndarray, sources: Sequence[str], writer: Any, *,
                  disk: int = 0, settings: Settings | None = None) -> None:
         s = settings or Settings()
+        self._cv = threading.Condition()
+        self._users = 0
+        self._closed = False
+        self._final: Counters | None = None
         self.disk = disk
         self.sources = list(sources)
         self.plan = as_plan(plan)
@@ -217,19 +223,46 @@ class Job:
     def cancel(self) -> None:
         self._p.cancel()
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Make every completed write durable (safe from another thread while running)."""
+    @contextmanager
+    def _use(self) -> Iterator[bool]:
+        """Keep the C object alive while another thread calls into it (close waits)."""
+        with self._cv:
+            if self._closed:
+                yield False
+                return
+            self._users += 1
         try:
-            self._p.flush(timeout)
-        except CoreError as e:
-            raise_core_error(e, self.disk, self.sources)
+            yield True
+        finally:
+            with self._cv:
+                self._users -= 1
+                self._cv.notify_all()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Make every completed write durable (safe from another thread while running).
+
+        After the job ended (or was closed) this returns at once: a finished job
+        has flushed every lane already.
+        """
+        with self._use() as live:
+            if not live:
+                return
+            try:
+                self._p.flush(timeout)
+            except CoreError as e:
+                raise_core_error(e, self.disk, self.sources)
 
     def counters(self) -> Counters:
-        return _counters(self._p.counters(), self.bytes_total)
+        """A snapshot; after close(), the final counters."""
+        with self._use() as live:
+            if live:
+                return _counters(self._p.counters(), self.bytes_total)
+        assert self._final is not None
+        return self._final
 
     def completed_prefix(self) -> int:
         """Leading plan entries fully written (durable after the next flush())."""
-        return int(self._p.counters()["completed_prefix"])
+        return self.counters().completed_prefix
 
     def check(self) -> None:
         """Raise the job's first error, if any."""
@@ -262,8 +295,17 @@ class Job:
         return c
 
     def close(self) -> None:
+        """Join the threads (cancel first if running), free the pool; idempotent."""
         p = getattr(self, "_p", None)
         if p is not None:
+            with self._cv:
+                if self._closed:
+                    return
+                self._final = _counters(p.counters(), self.bytes_total)
+                self._closed = True
+                while self._users:
+                    self._cv.wait()
+            self._final = _counters(p.counters(), self.bytes_total)
             p.close()
         self._close_fds()
 

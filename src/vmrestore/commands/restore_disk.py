@@ -76,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
                            lanes=args.connections, buffers=args.buffers,
                            direct=not args.no_direct, on_counters=progress)
         task.done()
-    for note in res.notes:
-        log.info("%s", note)
     if args.json:
         json.dump(res.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -35,7 +35,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
 
@@ -97,8 +97,9 @@ def parse_target(uri: str) -> TargetSpec:
         for k in ("connections", "retries"):
             if k in own and not own[k].isdigit():
                 raise UsageError(f"{uri}: {k}= must be a number")
-        nbd_uri = urlunsplit((parts.scheme, parts.netloc, parts.path,
-                              urlencode(rest, safe="/:@"), parts.fragment))
+        # built by hand: urlunsplit drops the '//' of nbd+unix:///export
+        q = urlencode(rest, safe="/:@")
+        nbd_uri = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{q}" if q else "")
         return TargetSpec("nbd", uri, nbd_uri=nbd_uri, options=own)
     if scheme in OPENERS:
         return TargetSpec(scheme, uri)
