@@ -23,7 +23,7 @@
  * VMFS datastore and in the lab); the descriptor DSDIR/dir/name.vmdk, when it
  * has an "RW <sectors> ..." extent line, gives the capacity, else the flat
  * file's size does. Global state is only what the API itself makes global
- * (InitEx's loggers and the connect counter), reset by InitEx and Exit.
+ * (InitEx's loggers and config) plus the connect/prepare fault counters.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -55,7 +55,26 @@ VMR_VIXDISKLIB_FUNCTIONS(SIM_PROTO, SIM_PROTO)
 static int g_initialized;
 static VixDiskLibGenericLogFunc *g_log, *g_warn;
 static char *g_config_file;
-static unsigned long g_connects;
+
+/* Process-wide fault counters (ConnectEx and PrepareForAccess have no object to
+ * count on): reset by InitEx and whenever VMRESTORE_VDDK_SIM_FAIL changes. */
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
+static char g_fail_spec[1024];
+static unsigned long g_connects, g_prepares;
+
+static unsigned long global_count(unsigned long *counter)
+{
+    const char *spec = getenv("VMRESTORE_VDDK_SIM_FAIL");
+    unsigned long n;
+    pthread_mutex_lock(&g_mu);
+    if (strncmp(spec ? spec : "", g_fail_spec, sizeof g_fail_spec) != 0) {
+        snprintf(g_fail_spec, sizeof g_fail_spec, "%s", spec ? spec : "");
+        g_connects = g_prepares = 0;
+    }
+    n = ++*counter;
+    pthread_mutex_unlock(&g_mu);
+    return n;
+}
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -558,7 +577,9 @@ VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
     g_warn = warn;
     free(g_config_file);
     g_config_file = sdup(configFile);
-    g_connects = 0;
+    pthread_mutex_lock(&g_mu);
+    g_connects = g_prepares = 0;
+    pthread_mutex_unlock(&g_mu);
     g_initialized = 1;
     trace("VixDiskLib_InitEx %u.%u", majorVersion, minorVersion);
     sim_logf(g_log, "vddk_sim: initialized (API %u.%u)\n", majorVersion, minorVersion);
@@ -610,7 +631,7 @@ VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool readOnly,
     if (!g_initialized)
         return VIX_E_FAIL;
     faults_parse(&fs);
-    err = fault_check(&fs, "connect", ++g_connects);
+    err = fault_check(&fs, "connect", global_count(&g_connects));
     if (err != VIX_OK) {
         trace("VixDiskLib_ConnectEx fault code=%llu", (unsigned long long)err);
         return err;
@@ -682,7 +703,7 @@ VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *connectParam
     struct faults fs;
     VixError err;
     faults_parse(&fs);
-    if ((err = fault_check(&fs, "prepare", 1)) != VIX_OK) {
+    if ((err = fault_check(&fs, "prepare", global_count(&g_prepares))) != VIX_OK) {
         trace("VixDiskLib_PrepareForAccess fault code=%llu", (unsigned long long)err);
         return err;
     }

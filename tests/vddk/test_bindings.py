@@ -41,7 +41,7 @@ def test_connect_open_info_and_io(lib, sim):
 
 
 def test_local_connection_uses_file_mode(lib, sim):
-    path, flat = sim.disk(size=MIB)
+    _path, flat = sim.disk(size=MIB)
     with lib.connect(vddk.ConnectSpec()) as conn, conn.open(str(flat)) as disk:
         assert disk.transport_mode == "file"
         disk.write(0, b"\x42" * 512)
@@ -49,7 +49,7 @@ def test_local_connection_uses_file_mode(lib, sim):
 
 
 def test_allocated_blocks_follow_the_data(lib, sim):
-    path, flat = sim.disk(size=16 * MIB)
+    path, _flat = sim.disk(size=16 * MIB)
     with lib.connect(remote()) as conn, conn.open(path) as disk:
         assert list(disk.allocated_blocks(2048)) == []
         disk.write(2048 * 3, b"x" * 4096)           # inside chunk 3 (1 MiB chunks)
