@@ -237,3 +237,35 @@ def test_hot_add_and_remove(lab, lab_si, host_services):
     assert flat.exists() and flat.read_bytes() == new
     assert h.id not in {x.id for x in host_services.hot_adds()}
     vm.Destroy_Task()
+
+
+def test_export_whose_nbdkit_died_is_released(lab, lab_si, host_services):
+    import json
+    import signal
+
+    vm, (path,) = create_vm(lab_si, lab, _name("dead"), "ds-local", [(4 * MiB, "thin")])
+    exp = host_services.export_nbd(path)
+    state = json.loads((lab.dir / "hostd" / "state.json").read_text())
+    os.kill(state["exports"][exp.id]["pid"], signal.SIGKILL)
+    assert subprocess.run(["nbdinfo", exp.uri], capture_output=True).returncode != 0
+    host_services.unexport_nbd(exp.id)
+    assert exp.id not in {e.id for e in host_services.exports()}
+    vm.Destroy_Task()
+
+
+def test_unknown_ids_not_found(host_services):
+    for call in (host_services.unexport_nbd, host_services.hot_remove):
+        with pytest.raises(HostServiceError) as e:
+            call("nosuchid")
+        assert e.value.kind == "not-found" and "nosuchid" in str(e.value)
+
+
+def test_unreachable_service_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(HostServiceError) as e:
+        HostServices(f"http://127.0.0.1:{port}", "t", timeout=5).info()
+    assert e.value.kind == "unreachable" and str(port) in str(e.value)

@@ -218,41 +218,34 @@ class Hostd:
             raise refused(f"{datastore_path}: disk file is empty (not provisioned: "
                           "call prepare_disk first)")
         eid = secrets.token_hex(4)
-        pidfile = self.run_dir / f"nbd-{eid}.pid"
-        cmd = ["nbdkit", "-f", "--exit-with-parent", "-P", str(pidfile)]
         sock = host = port = psk = None
-        if transport == "unix":
-            sock = str(self.sock_dir / f"nbd-{eid}.sock")
-            cmd += ["-U", sock]
-        else:
-            host, port = "127.0.0.1", _free_port()
-            cmd += ["-i", host, "-p", str(port)]
+        opts: list[str] = []
         if tls:
             psk = str(self.run_dir / f"nbd-{eid}.psk")
             fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(f"{PSK_IDENTITY}:{secrets.token_hex(32)}\n")
-            cmd += ["--tls=require", f"--tls-psk={psk}"]
+            opts += ["--tls=require", f"--tls-psk={psk}"]
         if readonly:
-            cmd.append("-r")
-        cmd += ["file", f"file={path}"]
-        logf = open(self.run_dir / f"nbd-{eid}.log", "wb")
-        try:
-            # --exit-with-parent ties nbdkit to the *thread* that forks it: fork from
-            # the long-lived spawner thread, not from this request's thread.
-            proc = self.spawner.submit(subprocess.Popen, cmd, stdin=subprocess.DEVNULL,
-                                       stdout=logf, stderr=logf).result()
-        finally:
-            logf.close()
-        deadline = time.monotonic() + 30
-        while not pidfile.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-                err = (self.run_dir / f"nbd-{eid}.log").read_text(errors="replace").strip()
-                raise failed(f"nbdkit for {datastore_path} did not start: {err[-300:]}")
-            time.sleep(0.02)
+            opts.append("-r")
+        opts += ["file", f"file={path}"]
+        # A TCP port picked free may be taken before nbdkit binds it: try again.
+        for attempt in range(3 if transport == "tcp" else 1):
+            if transport == "unix":
+                sock = str(self.sock_dir / f"nbd-{eid}.sock")
+                listen = ["-U", sock]
+            else:
+                host, port = "127.0.0.1", _free_port()
+                listen = ["-i", host, "-p", str(port)]
+            try:
+                proc = self._start_nbdkit(eid, listen + opts, datastore_path)
+                break
+            except HostdError:
+                if attempt == (2 if transport == "tcp" else 0):
+                    if psk:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(psk)
+                    raise
         if transport == "unix":
             scheme = "nbds+unix" if tls else "nbd+unix"
             user = f"{PSK_IDENTITY}@" if tls else ""
@@ -273,6 +266,26 @@ class Hostd:
             self._save()
         log.info("export %s: %s → %s", eid, datastore_path, uri)
         return rec
+
+    def _start_nbdkit(self, eid: str, args: list[str], what: str) -> subprocess.Popen[bytes]:
+        pidfile = self.run_dir / f"nbd-{eid}.pid"
+        logpath = self.run_dir / f"nbd-{eid}.log"
+        cmd = ["nbdkit", "-f", "--exit-with-parent", "-P", str(pidfile), *args]
+        with open(logpath, "wb") as logf:
+            # --exit-with-parent ties nbdkit to the *thread* that forks it: fork from
+            # the long-lived spawner thread, not from this request's thread.
+            proc = self.spawner.submit(subprocess.Popen, cmd, stdin=subprocess.DEVNULL,
+                                       stdout=logf, stderr=logf).result()
+        deadline = time.monotonic() + 30
+        while not pidfile.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+                err = logpath.read_text(errors="replace").strip()
+                raise failed(f"nbdkit for {what} did not start: {err[-300:]}")
+            time.sleep(0.02)
+        return proc
 
     def unexport(self, eid: str) -> dict[str, Any]:
         with self.lock:
