@@ -1,0 +1,164 @@
+"""Faults against the real parts: nbdkit killed, injected write errors, latency, Ctrl-C,
+checksum mismatch through the CLI, and the pipeline's memory handling under ASan/valgrind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, need, need_tool
+from core_helpers import MiB, backup, make_image, nbdkit, restore_cli, synth_plan
+
+
+@pytest.fixture
+def backed_up(tmp_path: Path) -> tuple[bytes, Path]:
+    data = make_image(tmp_path / "disk.img", 24, block_size=MiB, seed=41)
+    return data, backup(tmp_path / "disk.img", tmp_path / "b.vmrb")
+
+
+def _popen_restore(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vmrestore", "restore-disk", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_nbdkit_killed_mid_restore(tmp_path: Path, backed_up: tuple[bytes, Path]) -> None:
+    data, bk = backed_up
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(len(data)))
+    with nbdkit(tmp_path, target, "--filter=delay", "delay-write=150ms",
+                "delay-zero=150ms") as srv:
+        proc = _popen_restore(str(bk), "--disk", "0", "--to", srv.uri + "&retries=2", "-q",
+                              "--queue-depth", "2", "--connections", "1")
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+        t0 = time.monotonic()
+        srv.kill()
+        _out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30  # bounded retries, not a hang
+    assert proc.returncode == 7, err  # TransportError
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("vmrestore: error: disk 0:") and "disk offset" in line
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["pwrite", "zero"])
+def test_injected_write_errors_are_never_silent(tmp_path: Path,
+                                                backed_up: tuple[bytes, Path],
+                                                what: str) -> None:
+    data, bk = backed_up
+    target = tmp_path / "t.img"
+    target.write_bytes(b"\x5a" * len(data))
+    with nbdkit(tmp_path, target, "--filter=error", "error=EIO",
+                f"error-{what}-rate=100%") as srv:
+        r = restore_cli(str(bk), "--disk", "0", "--to", srv.uri + "&retries=1", "-q")
+    assert r.returncode == 6, r.stderr  # TargetError: the server said EIO
+    assert "disk offset" in r.stderr and "Input/output error" in r.stderr
+
+
+def test_sporadic_write_errors_are_retried_or_reported(tmp_path: Path,
+                                                       backed_up: tuple[bytes, Path]) -> None:
+    data, bk = backed_up
+    target = tmp_path / "t.img"
+    target.write_bytes(b"\x5a" * len(data))
+    with nbdkit(tmp_path, target, "--filter=error", "error=EIO", "error-pwrite-rate=20%") as srv:
+        r = restore_cli(str(bk), "--disk", "0", "--to", srv.uri + "&retries=6", "-q")
+    if r.returncode == 0:
+        assert target.read_bytes() == data  # success only with the right bytes
+    else:
+        assert r.returncode in (6, 7) and "disk offset" in r.stderr
+
+
+def test_latency_is_tolerated(tmp_path: Path, backed_up: tuple[bytes, Path]) -> None:
+    data, bk = backed_up
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(len(data)))
+    with nbdkit(tmp_path, target, "--filter=delay", "delay-write=20ms", "delay-zero=20ms") as srv:
+        r = restore_cli(str(bk), "--disk", "0", "--to", srv.uri, "-q", "--queue-depth", "16")
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == data
+
+
+def test_sigint_stops_cleanly(tmp_path: Path, backed_up: tuple[bytes, Path]) -> None:
+    data, bk = backed_up
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(len(data)))
+    with nbdkit(tmp_path, target, "--filter=delay", "delay-write=200ms") as srv:
+        proc = _popen_restore(str(bk), "--disk", "0", "--to", srv.uri, "-q",
+                              "--connections", "1", "--queue-depth", "2")
+        time.sleep(1.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_checksum_mismatch_in_backup_names_block(tmp_path: Path,
+                                                 backed_up: tuple[bytes, Path]) -> None:
+    _data, bk = backed_up
+    raw = bytearray(bk.read_bytes())
+    raw[4096 + 300_000] ^= 0xFF  # inside the stored extents (data starts at 4 KiB)
+    bad = tmp_path / "bad.vmrb"
+    bad.write_bytes(bytes(raw))
+    r = restore_cli(str(bad), "--disk", "0", "--to", str(tmp_path / "o.img"), "-q")
+    assert r.returncode == 4, r.stderr  # ChecksumError
+    assert "block" in r.stderr and "disk offset" in r.stderr and str(bad) in r.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_under_asan(tmp_path: Path) -> None:
+    """The C pipeline and both writers under ASan+LSan (no Python in the process)."""
+    need_tool("gcc", "pkg-config")
+    data = make_image(tmp_path / "disk.img", 20, block_size=256 * 1024, seed=42, tail=512)
+    plan = synth_plan(data, tmp_path / "src.bin", block_size=256 * 1024)
+    (tmp_path / "plan.bin").write_bytes(plan.tobytes())
+    exe = tmp_path / "driver"
+    libs = subprocess.run(["pkg-config", "--cflags", "--libs", "libzstd", "liblz4",
+                           "libxxhash", "libnbd"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    core = ROOT / "ext" / "core"
+    subprocess.run(["gcc", "-g", "-O1", "-fsanitize=address", "-fno-omit-frame-pointer",
+                    "-std=gnu11", "-pthread", "-Wall", f"-I{core}",
+                    str(ROOT / "tests" / "core_asan_driver.c"), str(core / "pipeline.c"),
+                    str(core / "writer_file.c"), str(core / "writer_nbd.c"),
+                    str(core / "codec.c"), "-o", str(exe), *libs], check=True)
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99"}
+    common = [str(tmp_path / "plan.bin"), str(tmp_path / "src.bin")]
+    # full run to a file, a cancelled run, and a run through NBD
+    r = subprocess.run([str(exe), *common, str(tmp_path / "o.img"), str(len(data))],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "o.img").read_bytes() == data
+    r = subprocess.run([str(exe), *common, str(tmp_path / "o2.img"), str(len(data)), "0"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode in (0, 5), r.stdout + r.stderr  # 5 = interrupted
+    target = tmp_path / "n.img"
+    target.write_bytes(bytes(len(data)))
+    with nbdkit(tmp_path, target) as srv:
+        r = subprocess.run([str(exe), *common, "-", str(len(data)), "-1", srv.uri],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert target.read_bytes() == data
+    assert "ERROR: AddressSanitizer" not in r.stderr
+
+
+@pytest.mark.slow
+def test_restore_disk_under_valgrind(tmp_path: Path) -> None:
+    need_tool("valgrind")
+    data = make_image(tmp_path / "disk.img", 6, block_size=256 * 1024, seed=43)
+    bk = backup(tmp_path / "disk.img", tmp_path / "b.vmrb", "--block-size", "256K")
+    out = tmp_path / "o.img"
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
+    r = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=no", "-q",
+                        sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                        "0", "--to", str(out), "-q"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    need(r.returncode != 99 or "vmrestore" in r.stderr, "valgrind could not run python")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert out.read_bytes() == data
