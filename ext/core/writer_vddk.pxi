@@ -22,9 +22,14 @@ cdef extern from "writer_vddk.h" nogil:
 
 
 def open_vddk_writer(dict args not None, uint64_t size, str disk, uint32_t max_request=0,
-                     uint32_t flags=0):
-    """A Writer over an open VixDiskLib disk handle (args: Disk.writer_args())."""
-    cdef Writer w = Writer.__new__(Writer)
+                     uint32_t flags=0, cls=Writer):
+    """A Writer over an open VixDiskLib disk handle (args: Disk.writer_args()).
+
+    cls may be a Python subclass of Writer (vmrestore.vddk uses one whose
+    close() also closes the VDDK disk, connection and access bracket)."""
+    if not issubclass(cls, Writer):
+        raise TypeError("cls must be a subclass of Writer")
+    cdef Writer w = <Writer>cls.__new__(cls)
     cdef vmr_error e
     cdef vmr_vddk_options o
     cdef bytes bdisk = disk.encode()

@@ -21,9 +21,10 @@ import atexit
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,17 +507,44 @@ def _core_error(e: Exception, where: str) -> Exception:
     return cls(msg)
 
 
+def _writer_class() -> type:
+    """A core Writer subclass whose close() also ends the VDDK session behind it.
+
+    Used when the pipeline's caller only knows Writers (transport.uri.open_target
+    -> restore_disk.run_plan): closing the writer closes the disk, disconnects,
+    ends the access bracket -- and runs Cleanup when closed while an exception
+    propagates (run_plan closes it in a ``finally``).
+    """
+    global _WRITER_CLS
+    if _WRITER_CLS is None:
+        from vmrestore import _pipeline
+
+        class VddkCoreWriter(_pipeline.Writer):  # type: ignore[misc,name-defined]
+            def close(self) -> None:
+                _pipeline.Writer.close(self)
+                stack = self.__dict__.pop("_vddk_stack", None)
+                if stack is not None:
+                    stack.__exit__(*sys.exc_info())
+
+        _WRITER_CLS = VddkCoreWriter
+    return _WRITER_CLS
+
+
+_WRITER_CLS: type | None = None
+
+
 @contextmanager
 def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None = None,
                 max_request: int = DEFAULT_MAX_REQUEST, identity: str = "vmrestore",
-                ) -> Iterator[VddkWriter]:
+                target_zeroed: bool | None = None) -> Iterator[VddkWriter]:
     """A core writer onto a VDDK disk, for the pipeline (``.writer``: a _pipeline.Writer).
 
     target is a ``transport.vddk_uri.VddkTarget`` (or a vddk:// string). Brackets
     the data phase with PrepareForAccess/EndAccess, connects, opens the disk,
     refuses a disk smaller than ``size`` (TargetError), and closes everything in
     order afterwards. On any failure VixDiskLib_Cleanup runs before the error
-    propagates, so the host holds no leftover state.
+    propagates, so the host holds no leftover state. ``target_zeroed`` (None:
+    the URI's ``new=``) says whether zero runs may be skipped.
     """
     from vmrestore import _pipeline
     from vmrestore.errors import TargetError
@@ -524,6 +552,7 @@ def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None
 
     if isinstance(target, str):
         target = vddk_uri.parse(target)
+    zeroed = target.new_disk if target_zeroed is None else target_zeroed
     lib = Library.load(libdir if libdir not in (None, "") else target.libdir)
     lib.require("async-write")
     spec = target.spec
@@ -537,11 +566,12 @@ def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None
                                   f"the restore needs {size}")
             w = _pipeline.open_vddk_writer(
                 disk.writer_args(), info.size, target.disk_path, max_request,
-                _pipeline.F_TARGET_ZEROED if target.new_disk else 0)
+                _pipeline.F_TARGET_ZEROED if zeroed else 0, _writer_class())
+            log.info("%s: VixDiskLib transport %s", target.label, disk.transport_mode)
             try:
                 yield VddkWriter(w, disk.transport_mode, info, target)
             finally:
-                w.close()
+                _pipeline.Writer.close(w)
     except BaseException:
         if spec.server is not None:
             try:
@@ -549,6 +579,14 @@ def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None
             except VddkError as e:  # report the first error, not the cleanup's
                 log.warning("VixDiskLib_Cleanup after a failure also failed: %s", e)
         raise
+
+
+def open_session_writer(target: Any, size: int, **kw: Any) -> Any:
+    """open_writer() as a plain Writer whose close() ends the VDDK session (see _writer_class)."""
+    stack = ExitStack()
+    vw = stack.enter_context(open_writer(target, size, **kw))
+    vw.writer._vddk_stack = stack
+    return vw.writer
 
 
 def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,

@@ -143,3 +143,29 @@ def test_cli_fault_is_one_line_exit_10(sim, source):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "VixError 8" in lines[0] and "[ds1] vm1/disk.vmdk" in lines[0]
+
+
+def test_restore_disk_api_takes_vddk_uris(sim, source):
+    """transport.uri's OPENERS hook: the shared restore_disk() writes through the VDDK writer."""
+    from vmrestore.restore_disk import restore_disk
+
+    bk, data = source
+    _, flat = sim.disk(size=SIZE)
+    r = restore_disk(str(bk), 0, sim.uri(new="1", libdir=str(sim.libdir)))
+    assert r.writer == "vddk"
+    assert flat.read_bytes() == data
+    calls = sim.calls()
+    assert calls.index("VixDiskLib_Close") < calls.index("VixDiskLib_EndAccess")
+    assert "VixDiskLib_Cleanup" not in calls
+
+
+def test_restore_disk_api_failure_runs_cleanup(sim, source, monkeypatch):
+    from vmrestore.errors import VmrError
+    from vmrestore.restore_disk import restore_disk
+
+    bk, _ = source
+    sim.disk(size=SIZE)
+    monkeypatch.setenv("VMRESTORE_VDDK_SIM_FAIL", "write:2:8")
+    with pytest.raises(VmrError, match=r"VixError 8"):
+        restore_disk(str(bk), 0, sim.uri(libdir=str(sim.libdir)))
+    assert sim.calls()[-1] == "VixDiskLib_Cleanup"

@@ -21,6 +21,11 @@ target URIs:
                                    user name as nbds://USER@host/
      NBD extras: ?connections=N (multi-conn servers), ?retries=N (per request, default 3)
   san:LUN?map=MAP.json             raw LUN at the disk's extents (thick disks only)
+  vddk://USER@SERVER[:PORT]/DATASTORE/DIR/DISK.vmdk?vm=MOREF
+                                   via VixDiskLib (?libdir=DIR or $VMRESTORE_VDDK_LIBDIR)
+     VDDK extras: &transports=san:hotadd:nbdssl:nbd (tried in order), &thumbprint=SHA1,
+     &password_file=PATH (or $VMRESTORE_VDDK_PASSWORD), &new=1 (new disk: skip zeros),
+     &snapshot=MOREF, &nfc_port=N; vddk:///PATH/DISK.vmdk for a local file (docs/vddk.md)
 See docs/core.md for details.
 """
 

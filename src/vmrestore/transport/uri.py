@@ -210,3 +210,9 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
     if w.note:
         log.info("%s", w.note)
     return w
+
+
+# vddk:// (VixDiskLib; owner H5): the parser and opener live in transport/vddk_uri.py.
+from vmrestore.transport import vddk_uri as _vddk_uri  # noqa: E402
+
+OPENERS[_vddk_uri.SCHEME] = _vddk_uri.open_target

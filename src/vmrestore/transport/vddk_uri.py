@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vmrestore.errors import UsageError
@@ -144,3 +145,15 @@ def parse(uri: str) -> VddkTarget:
     )
     return VddkTarget(spec, disk_path, _flag(q, "new", uri), _flag(q, "unbuffered", uri),
                       q.get("libdir") or None)
+
+
+def open_target(spec: Any, size: int, opts: Any) -> Any:
+    """transport.uri's opener for vddk://: a core Writer owning its VDDK session.
+
+    ``spec`` is transport.uri.TargetSpec, ``opts`` its OpenOptions (only
+    ``target_zeroed`` applies). Closing the writer closes the disk, disconnects
+    and ends the access bracket; closed during an exception, it runs Cleanup.
+    """
+    from vmrestore import vddk
+
+    return vddk.open_session_writer(parse(spec.uri), size, target_zeroed=opts.target_zeroed)
