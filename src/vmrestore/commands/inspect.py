@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from typing import Any
 
@@ -110,5 +109,3 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(out))
     return 0
 
-
-_ = datetime  # created times are shown as stored (UTC, ISO 8601)
