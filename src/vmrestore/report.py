@@ -115,6 +115,27 @@ class Report:
         }
 
 
+def from_dict(d: dict[str, Any]) -> Report:
+    """A Report from its ``--json`` document (for tools that print a restore's table)."""
+    r = Report(vm_name=d["vm"]["name"], vm_moref=d["vm"]["moref"], backup=d["backup"],
+               point=d["point"], vcenter=d["vcenter"], proxy=d["proxy"],
+               datacenter=d["vm"]["datacenter"], host=d["vm"]["host"], snapshot=d["snapshot"],
+               powered_on=d["vm"]["powered_on"], resumed=d["resumed"], status=d["status"],
+               failed_phase=d["failed_phase"], error=d["error"], rollback=d["rollback"],
+               kept=d["kept"], events=d["events"], seconds=d["seconds"])
+    for p in d["phases"]:
+        r.phases[p["name"]] = PhaseReport(p["name"], p["status"], p["seconds"], p["detail"])
+    for x in d["disks"]:
+        r.disks.append(DiskReport(
+            disk=x["disk"], label=x["label"], capacity=x["capacity"],
+            provisioning=x["provisioning"], datastore=x["datastore"], file=x["file"],
+            transport=x["transport"], reason=x["reason"], history=x["history"],
+            status=x["status"], bytes_written=x["bytes_written"],
+            bytes_zeroed=x["bytes_zeroed"], bytes_skipped=x["bytes_skipped"],
+            resumed_from=x["resumed_from"], seconds=x["seconds"], busy=x["busy"]))
+    return r
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f}"
 
