@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from h1_helpers import MIB, backup, make_disk
 from vmrestore.errors import FormatError, IncompleteBackupError, UnsupportedVersionError
@@ -171,3 +173,47 @@ def test_block_size_validation() -> None:
     assert fmt.valid_block_size(64 * 1024) and fmt.valid_block_size(8 * MIB)
     assert not fmt.valid_block_size(32 * 1024) and not fmt.valid_block_size(16 * MIB)
     assert not fmt.valid_block_size(3 * MIB)
+
+
+def _resign_all(d: bytearray) -> None:
+    """Recompute every section checksum, the table checksum and the footer checksum."""
+    f = fmt.Footer.unpack(bytes(d[-128:]), "x")
+    secs = fmt.unpack_sections(bytes(d[f.section_offset:f.section_offset + f.section_length]),
+                               f.section_count)
+    secs = [fmt.Section(s.kind, s.disk, s.offset, s.length, s.records,
+                        fmt.checksum(bytes(d[s.offset:s.offset + s.length]))) for s in secs]
+    table = fmt.pack_sections(secs)
+    d[f.section_offset:f.section_offset + f.section_length] = table
+    d[-128:] = fmt.Footer(f.point_id, f.parent_id, f.parent_checksum, f.depth, f.section_count,
+                          f.section_offset, f.section_length, fmt.checksum(table)).pack()
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.floats(0, 1, exclude_max=True), value=st.integers(0, 255),
+       resign=st.booleans())
+def test_corrupt_index_never_crashes_the_reader(good: Path, tmp_path: Path, where: float,
+                                                value: int, resign: bool) -> None:
+    """Any byte of the index changed (checksums fixed up or not): a FormatError or a valid
+    point whose references all stay inside the file, never another exception."""
+    data = bytearray(good.read_bytes())
+    f = fmt.Footer.unpack(bytes(data[-128:]), "x")
+    first = min(s.offset for s in fmt.unpack_sections(
+        bytes(data[f.section_offset:f.section_offset + f.section_length]), f.section_count))
+    pos = first + int(where * (f.section_offset - first))  # inside the sections
+    data[pos] = value
+    if resign:
+        _resign_all(data)
+    p = tmp_path / "fuzz.vmrb"
+    p.write_bytes(bytes(data))
+    try:
+        point = open_point(p)
+    except FormatError:
+        return
+    from vmrestore.repository.plan import build_plan
+    from vmrestore.repository.reader import Chain
+
+    for d in range(len(point.disks)):
+        plan = build_plan(Chain([point]), d).plan
+        ends = plan["src_off"] + plan["stored_len"]
+        assert np.all(ends[plan["kind"] == 1] <= point.data_end)

@@ -93,7 +93,10 @@ class RestorePoint:
         self.manifest: dict[str, Any] = self._json(self._only(fmt.SEC_MANIFEST), "manifest")
         vm = [s for s in self.sections if s.kind == fmt.SEC_VM_CONFIG]
         self.vm_config: dict[str, Any] = self._json(vm[0], "VM configuration") if vm else {}
-        self._check_manifest()
+        try:
+            self._check_manifest()
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise FormatError(f"{name}: malformed manifest ({e})") from e
         ext_sec = self._only(fmt.SEC_EXTENTS)
         self.extents = self._records(ext_sec, fmt.EXTENT_DTYPE, "extent table")
         self._maps: dict[int, np.ndarray] = {}
