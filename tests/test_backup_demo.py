@@ -8,15 +8,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+import lab_helpers
 from vmrestore import sample
 
 
+@pytest.mark.lab
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    # The demo brings up its own lab (vcsim, loop LUN): root and the lab's tools needed.
+    lab_helpers.need_root()
+    lab_helpers.need_tool("go", "nbdkit", "losetup", "mkfs.ext4", "mount")
     r = subprocess.run([sys.executable, "-m", "vmrestore.demo", "--size", "16M", "--workdir",
-                        str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "w"), "--lab-dir", str(tmp_path / "lab"), "--lab-down"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all disks identical" in r.stdout
+    assert "4 transport data" in r.stdout and "OK in" in r.stdout  # the restore report
     assert (tmp_path / "w" / "vm-full.vmrb").exists() and (tmp_path / "w" / "vm-inc1.vmrb").exists()
 
 
