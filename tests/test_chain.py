@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from h1_helpers import MIB, backup, make_disk, restored
 from vmrestore.errors import ChainError
@@ -136,3 +139,49 @@ def test_dedup_against_the_chain(tmp_path: Path) -> None:
     s = backup([a], tmp_path / "inc.vmrb", parent=str(tmp_path / "full.vmrb"))
     assert s["blocks"]["dedup"] == 1 and s["blocks"]["data"] == 0 and s["stored_bytes"] == 0
     assert restored(tmp_path / "inc.vmrb", 0, tmp_path / "r.img") == bytes(data)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_chains_restore_at_every_point(tmp_path: Path, data: st.DataObject) -> None:
+    """Random disks changed at random between points (writes, zeroing, copies, resizes)."""
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    bs = data.draw(st.sampled_from([64 * 1024, 128 * 1024]), label="block size")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    ndisks = data.draw(st.integers(1, 2), label="disks")
+    contents = [bytearray(rng.bytes(data.draw(st.integers(1, 3000), label="sectors") * 512))
+                for _ in range(ndisks)]
+    for c in contents:  # some zero runs
+        z = int(rng.integers(0, len(c)))
+        c[z:z + 3 * bs] = bytes(len(c[z:z + 3 * bs]))
+    disks = [work / f"d{i}.img" for i in range(ndisks)]
+    states: list[list[bytes]] = []
+    points: list[Path] = []
+    for k in range(data.draw(st.integers(1, 4), label="points")):
+        if k:
+            for c in contents:
+                for _ in range(data.draw(st.integers(0, 4), label="changes")):
+                    what = data.draw(st.sampled_from(["random", "zero", "copy", "resize"]))
+                    at = int(rng.integers(0, len(c)))
+                    n = int(rng.integers(1, 2 * bs))
+                    if what == "random":
+                        c[at:at + n] = rng.bytes(len(c[at:at + n]))
+                    elif what == "zero":
+                        c[at:at + n] = bytes(len(c[at:at + n]))
+                    elif what == "copy" and len(c) > 2 * bs:
+                        c[bs:2 * bs] = c[0:bs]
+                    elif what == "resize":
+                        new = max(512, len(c) + int(rng.integers(-8, 9)) * 512 * 64)
+                        c[:] = c[:new].ljust(new, b"\1")
+        for p, c in zip(disks, contents, strict=True):
+            p.write_bytes(bytes(c))
+        states.append([bytes(c) for c in contents])
+        out = work / f"p{k}.vmrb"
+        backup(disks, out, block_size=bs if k == 0 else None,
+               parent=str(points[-1]) if points else None,
+               codec=data.draw(st.sampled_from(["zstd", "lz4", "none"]), label="codec"))
+        points.append(out)
+    for k, p in enumerate(points):
+        for i in range(ndisks):
+            assert restored(p, i, work / "r.img") == states[k][i], f"point {k} disk {i}"

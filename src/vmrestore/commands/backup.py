@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
                    help="block size, a power of two from 64K to 8M (default 1M, or the "
                    "parent's for an incremental)")
     c.add_argument("--parent", metavar="PREV", help="previous restore point: make an incremental")
-    c.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
+    c.add_argument("--threads", type=int, default=None, help="worker threads (default: cores + 1)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress display")

@@ -234,7 +234,8 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
         stats = {"data_blocks": 0, "zero_blocks": 0, "dedup_blocks": 0, "unchanged_blocks": 0}
         maps: list[np.ndarray] = []
         done = 0
-        nthreads = threads or max(2, os.cpu_count() or 2)
+        # One more worker than cores: a worker waiting in pread leaves no core idle.
+        nthreads = threads or (os.cpu_count() or 2) + 1
         per_chunk = max(1, CHUNK_BYTES // bs)
         pool = ThreadPoolExecutor(nthreads, thread_name_prefix="backup")
         try:  # on error or Ctrl-C: drop queued chunks instead of reading them
