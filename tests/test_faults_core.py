@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, need, need_tool
+from conftest import ROOT, need_tool
 from core_helpers import MiB, backup, make_image, nbdkit, restore_cli, synth_plan
 
 
@@ -150,15 +150,23 @@ def test_pipeline_under_asan(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_restore_disk_under_valgrind(tmp_path: Path) -> None:
+    """The real CLI under memcheck: no error report may point into the core's C files.
+
+    The interpreter's own finalisation draws memcheck reports on some builds
+    (pyenv's CPython), so errors are attributed by their stack, not counted.
+    """
     need_tool("valgrind")
     data = make_image(tmp_path / "disk.img", 6, block_size=256 * 1024, seed=43)
     bk = backup(tmp_path / "disk.img", tmp_path / "b.vmrb", "--block-size", "256K")
     out = tmp_path / "o.img"
     env = {**os.environ, "PYTHONMALLOC": "malloc"}
-    r = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=no", "-q",
-                        sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
-                        "0", "--to", str(out), "-q"],
+    r = subprocess.run(["valgrind", "-q", "--num-callers=40", sys.executable, "-m",
+                        "vmrestore", "restore-disk", str(bk), "--disk", "0", "--to", str(out),
+                        "-q", "--threads", "2", "--connections", "2"],
                        capture_output=True, text=True, env=env, timeout=900)
-    need(r.returncode != 99 or "vmrestore" in r.stderr, "valgrind could not run python")
     assert r.returncode == 0, r.stderr[-4000:]
     assert out.read_bytes() == data
+    ours = ("pipeline.c", "writer_file.c", "writer_nbd.c", "codec.c", "_pipeline.")
+    blocks = r.stderr.split("\n==")
+    bad = [b for b in blocks if any(o in b for o in ours)]
+    assert not bad, "\n".join(bad)[:4000]
