@@ -182,3 +182,15 @@ def test_name_clash(lab, lab_si, host_services, backup, tmp_path) -> None:
     same = find_vm(lab_si, name)
     assert same is not None and same._moId == vm._moId  # the existing VM is untouched
     assert not (lab.datastores["ds-san"].dir / name).exists()
+
+
+def test_proxy_mover_subprocess(lab, lab_si, backup, tmp_path) -> None:
+    """The same restore with the proxy side as a `vmrestore proxy-mover` subprocess."""
+    name = unique("r-subproc")
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
+                         "ds-local", "--transport", "nbd", "--network-map",
+                         "VM Network=Restore Network",
+                         env=lab_env(lab, VMRESTORE_MOVER="subprocess"), state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "movers proxy-mover subprocess" in " ".join(rep["events"])
+    assert_restored(lab, lab_si, name, backup.images, ["thick-eager", "thin"])

@@ -202,11 +202,78 @@ class InProcessMovers:
         return out
 
 
+class SubprocessMovers:
+    """The proxy side as a ``vmrestore proxy-mover`` subprocess (docs/proxy-mover.md).
+
+    One subprocess per disk; its progress events drive the display. Its
+    ``completed_prefix`` is only recorded as a checkpoint when the event says
+    it is durable (``"durable": true``); otherwise the checkpoint is written at
+    ``disk_done``, so a resume restarts an unfinished disk from its last
+    durable point, never from an unflushed one.
+    """
+
+    name = "proxy-mover subprocess"
+
+    def open(self) -> None:
+        from vmrestore.mover import launcher  # noqa: F401  (fails early when missing)
+
+    def close(self) -> None:
+        pass
+
+    def restore_disk(self, job: DiskJob,
+                     progress: Callable[[DiskProgress], None] | None = None) -> DiskOutcome:
+        from vmrestore import errors
+        from vmrestore.jobstate import Checkpoint, write_checkpoint
+        from vmrestore.mover.launcher import run_proxy_mover
+
+        spec = {
+            "version": 1, "job_id": f"disk{job.disk}", "source": {"backup": job.backup},
+            "transport": job.transport,
+            "disks": [{"disk": job.disk, "target": job.target, "start_entry": job.start_entry,
+                       "target_zeroed": job.target_zeroed}],
+            "settings": {"progress_interval": job.checkpoint_interval, "threads": job.threads,
+                         "queue_depth": job.queue_depth},
+        }
+        done: dict[str, Any] = {}
+        entries_total = [0]
+
+        def on_event(ev: dict[str, Any]) -> None:
+            kind = ev.get("event")
+            if kind == "progress" and progress is not None:
+                progress(DiskProgress(job.disk, int(ev.get("done", 0)), int(ev.get("total", 0))))
+            if kind == "progress" and ev.get("durable") and job.checkpoint:
+                write_checkpoint(Path(job.checkpoint), Checkpoint(
+                    job.disk, job.start_entry + int(ev["completed_prefix"]), 0, "", 0))
+            if kind == "disk_done":
+                done.update(ev)
+                entries_total[0] = int(ev.get("entries") or 0)
+
+        res = run_proxy_mover(spec, on_event=on_event)
+        if not res.ok:
+            err = (res.errors or [{}])[-1]
+            classes: dict[int, type[errors.VmrError]] = {
+                2: errors.UsageError, 3: errors.FormatError, 4: errors.ChecksumError,
+                5: errors.SourceError, 6: errors.TargetError, 7: errors.TransportError,
+                11: errors.MoverError, 130: errors.Interrupted}
+            msg = err.get("message") or f"proxy mover {res.status} (exit {res.exit_code}): " \
+                f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}"
+            raise classes.get(res.exit_code, errors.MoverError)(msg)
+        return DiskOutcome(
+            job.disk, bytes_written=int(done.get("bytes_written", 0)),
+            bytes_zeroed=int(done.get("bytes_zeroed", 0)),
+            bytes_skipped=int(done.get("bytes_skipped", 0)),
+            resumed_bytes=int(done.get("resumed_bytes", 0)),
+            seconds=float(done.get("seconds", 0.0)), entries=entries_total[0],
+            busy={k: float(v) for k, v in (done.get("busy") or {}).items()})
+
+
 def default_session() -> MoverSession:
-    """The movers the orchestrator uses unless told otherwise (env: VMRESTORE_MOVER)."""
+    """The movers the orchestrator uses (env VMRESTORE_MOVER: in-process | subprocess)."""
     kind = os.environ.get("VMRESTORE_MOVER", "in-process")
     if kind == "in-process":
         return InProcessMovers()
+    if kind == "subprocess":
+        return SubprocessMovers()
     from vmrestore.errors import UsageError
 
-    raise UsageError(f"VMRESTORE_MOVER={kind!r}: only 'in-process' is available in this build")
+    raise UsageError(f"VMRESTORE_MOVER={kind!r}: expected 'in-process' or 'subprocess'")
