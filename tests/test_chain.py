@@ -185,3 +185,33 @@ def test_random_chains_restore_at_every_point(tmp_path: Path, data: st.DataObjec
     for k, p in enumerate(points):
         for i in range(ndisks):
             assert restored(p, i, work / "r.img") == states[k][i], f"point {k} disk {i}"
+
+
+def test_inspect_counts_match_the_backup_summaries(chain4, cli) -> None:
+    import json
+
+    _d, points, _s = chain4
+    info = json.loads(cli("inspect", str(points[2]), "--json", check=True).stdout)
+    assert [p["depth"] for p in info["chain"]] == [0, 1, 2]
+    assert [p["file"] for p in info["chain"]] == [str(p) for p in points[:3]]
+    stats = info["chain"][2]["stats"]
+    disks = info["disks"]
+    assert sum(d["unchanged"] for d in disks) == stats["unchanged_blocks"]
+    assert sum(d["zero"] for d in disks) == stats["zero_blocks"]
+    assert sum(d["data"] + d["dedup"] for d in disks) == stats["data_blocks"] + \
+        stats["dedup_blocks"]
+    assert all(d["zero"] + d["data"] + d["dedup"] + d["unchanged"] == d["blocks"] for d in disks)
+    text = cli("inspect", str(points[2]), check=True).stdout
+    assert "p0.vmrb" in text and "unchanged" in text
+
+
+def test_inspect_dedup_across_disks(tmp_path: Path, cli) -> None:
+    import json
+
+    a = tmp_path / "a.img"
+    make_disk(a, 4 * MIB, seed=8)
+    s = backup([a, a], tmp_path / "two.vmrb")
+    info = json.loads(cli("inspect", str(tmp_path / "two.vmrb"), "--json", check=True).stdout)
+    d0, d1 = info["disks"]
+    assert d0["data"] == s["blocks"]["data"] and d1["data"] == 0
+    assert d0["dedup"] + d1["dedup"] == s["blocks"]["dedup"]

@@ -45,14 +45,19 @@ def describe(path: str) -> dict[str, Any]:
                 "stats": p.manifest.get("stats", {}),
             })
         disks = []
+        seen = np.zeros(0, np.uint64)
         for d, info in enumerate(last.disks):
             m = last.block_map(d)
             kind = m["kind"]
             data = kind == fmt.BLOCK_DATA
             own = data & (m["point"] == last.depth)
-            _pt, ext, rkind = chain.resolved_map(d)
-            own_ext = ext[own]
-            new = len(np.unique(own_ext))
+            _pt, _ext, rkind = chain.resolved_map(d)
+            # "data" = blocks that first store an extent (as the writer counts them);
+            # later blocks using the same extent, here or on an earlier disk, are dedup.
+            own_ext = np.unique(m["extent"][own])
+            fresh = own_ext[~np.isin(own_ext, seen)]
+            seen = np.concatenate([seen, fresh])
+            new = len(fresh)
             disks.append({
                 "index": d, "label": info.get("label"), "source": info.get("source"),
                 "capacity": int(info["capacity"]), "block_size": int(info["block_size"]),
