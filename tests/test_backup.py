@@ -276,3 +276,27 @@ def test_block_device_source(cli, tmp_path: Path) -> None:
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
     assert restored(out, 0, tmp_path / "r.img") == data
+
+
+def test_ctrl_c_removes_the_temp_file(tmp_path: Path) -> None:
+    d = tmp_path / "big.img"
+    d.write_bytes(np.random.default_rng(6).bytes(48 * MIB))
+    out = tmp_path / "b.vmrb"
+    proc = subprocess.Popen([sys.executable, "-m", "vmrestore", "backup", "create", "--disk",
+                             str(d), "--level", "19", "--threads", "1", "-q", "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                p.name.endswith(".partial") for p in tmp_path.iterdir()):
+            assert proc.poll() is None, "backup finished before it could be interrupted"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.img"]
