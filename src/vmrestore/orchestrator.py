@@ -329,17 +329,20 @@ class Orchestrator:
         else:
             self.state.start()
 
-        # Infrastructure: a proxy with a free task slot.
+        # Infrastructure: a proxy with a free task slot (the lab's proxy VM is the default
+        # proxy's VM only when the target is the lab).
         self._load_lab()
+        target = self._target()
+        on_lab = self.lab is not None and target.url.rstrip("/") == \
+            self.lab.vcenter_url.rstrip("/")
         infra = (infra_mod.load_infra(job.infra) if job.infra else
-                 infra_mod.default_infra(self.lab.proxy_vm if self.lab else None))
+                 infra_mod.default_infra(self.lab.proxy_vm if on_lab else None))
         self.slot = infra_mod.acquire_slot(infra, self.state.dir / "slots", job.proxy,
                                            job.transport)
         self.proxy = self.slot.proxy
         self.report.proxy = f"{self.proxy.name} (slot {self.slot.index + 1}/{self.proxy.slots})"
 
         # vCenter/ESXi.
-        target = self._target()
         self.report.vcenter = target.url
         self.session = connect(target)
         self.hostd = self._host_services()

@@ -127,3 +127,24 @@ def test_kill9_in_data_phase_then_resume(lab, lab_si, host_services, backup, tmp
     assert_restored(lab, lab_si, name, backup.images, ["thick-eager", "thin"])
     assert not [h for h in host_services.hot_adds() if f"] {name}/" in h.datastore_path]
     assert not list(state.glob("restore-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_in_data_phase_rolls_back(lab, lab_si, host_services, backup, tmp_path) -> None:
+    name = unique("k-term")
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmrestore", "restore", "--backup", str(backup.inc), "--name",
+         name, "--datastore", "ds-local", "--transport", "hotadd", "--state-dir", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=lab_env(lab, VMRESTORE_FAULT="stall:data:0.5"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None \
+            and not list(state.glob("restore-*.disk0.ckpt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert "rolled back" in out
+    assert_nothing_left(lab, host_services, lab_si, name, state)

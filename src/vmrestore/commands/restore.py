@@ -63,6 +63,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import signal
     import sys
 
     from vmrestore import job as jobmod
@@ -71,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from vmrestore.report import format_table
 
     job = jobmod.from_args(args)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: clean rollback, exit 130
+
+    signal.signal(signal.SIGTERM, on_term)
     with ui.Display(quiet=args.quiet or False) as display:
         orch = Orchestrator(job, display=display)
         report = orch.run()
