@@ -680,6 +680,20 @@ def sim_libdir(base: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
+def sim_env_for_lab(lab: Any) -> dict[str, str]:
+    """Environment pointing vddk_sim at a lab's datastores (lab: vmrestore.lab.client.LabInfo).
+
+    With it, vddk:// URIs naming the lab's disks ("[ds-local] vm/vm.vmdk") reach
+    the same files the lab's hosts serve, with the lab's credentials enforced.
+    """
+    return {
+        "VMRESTORE_VDDK_SIM_DATASTORES": ",".join(
+            f"{name}={ds.dir}" for name, ds in lab.datastores.items()),
+        "VMRESTORE_VDDK_SIM_USER": lab.user,
+        "VMRESTORE_VDDK_SIM_PASSWORD": lab.password,
+    }
+
+
 def create_sim_disk(directory: str | os.PathLike[str], name: str, size: int,
                     thick: bool = False, adapter: str = "lsilogic") -> Path:
     """Create a disk as vSphere lays it out: NAME.vmdk (descriptor) + NAME-flat.vmdk (data).

@@ -163,3 +163,15 @@ def test_report_lists_every_function(lib):
     assert all(report["features"].values())
     assert {f["name"] for f in report["functions"]} == {f.name for f in lib.functions}
     assert all(f["present"] for f in report["functions"])
+
+
+def test_sim_env_for_lab_maps_datastores():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    lab = SimpleNamespace(user="administrator@vsphere.local", password="pw", datastores={
+        "ds-local": SimpleNamespace(dir=Path("/lab/ds-local")),
+        "ds-san": SimpleNamespace(dir=Path("/lab/ds-san"))})
+    env = vddk.sim_env_for_lab(lab)
+    assert env["VMRESTORE_VDDK_SIM_DATASTORES"] == "ds-local=/lab/ds-local,ds-san=/lab/ds-san"
+    assert env["VMRESTORE_VDDK_SIM_USER"] == "administrator@vsphere.local"
