@@ -452,6 +452,7 @@ class Ctx:
     uri: str = ""
     dev: str = ""
     src_uri: str = ""
+    warm_vmrb: Path | None = None  # a 1 MiB backup: restoring it warms vmrestore's code
 
 
 @dataclass
@@ -463,6 +464,18 @@ class Case:
     argv: Callable[[Ctx], list[str]]
     needs: tuple[str, ...]
     source_server: bool = False  # qemu-nbd serving the qcow2
+    warm: Callable[[Ctx], list[str]] | None = None  # untimed, after the cache drop
+
+
+def _warm_vmrestore(c: Ctx) -> list[str]:
+    if c.warm_vmrb is None:
+        return ["true"]
+    return [*_vmrestore(), "restore-disk", str(c.warm_vmrb), "--disk", "0", "--to",
+            str(c.warm_vmrb.with_suffix(".img")), "--force", "-q"]
+
+
+def _warm(tool: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: [tool, "--version"]
 
 
 @dataclass
@@ -490,35 +503,35 @@ def build_cases() -> list[Case]:
         Case("nbd/vmrestore", "nbd", "vmrestore restore-disk",
              "vmrestore restore-disk X.vmrb --disk 0 --to nbd+unix:///?socket=S --json",
              lambda c: [*v, "restore-disk", str(c.vmrb), "--disk", "0", "--to", c.uri, "--json"],
-             ()),
+             (), warm=_warm_vmrestore),
         Case("nbd/qemu-img", "nbd", "qemu-img convert (qcow2)",
              "qemu-img convert -n -W -m 8 -f qcow2 -O raw X.qcow2 nbd+unix:///?socket=S",
              lambda c: ["qemu-img", "convert", "-n", "-W", "-m", "8", "-f", "qcow2", "-O", "raw",
                         str(c.qcow2), c.uri],
-             ("qemu-img",)),
+             ("qemu-img",), warm=_warm("qemu-img")),
         Case("nbd/nbdcopy-qemu-nbd", "nbd", "nbdcopy <- qemu-nbd (qcow2)",
              "qemu-nbd -r -t -e 16 -f qcow2 -k S0 X.qcow2; nbdcopy --flush nbd+unix:///?socket=S0 "
              "nbd+unix:///?socket=S",
              lambda c: ["nbdcopy", "--flush", c.src_uri, c.uri],
-             ("nbdcopy", "qemu-nbd"), source_server=True),
+             ("nbdcopy", "qemu-nbd"), source_server=True, warm=_warm("nbdcopy")),
         Case("nbd/nbdcopy-raw", "nbd", "nbdcopy (raw)",
              "nbdcopy --flush X.raw nbd+unix:///?socket=S",
              lambda c: ["nbdcopy", "--flush", str(c.raw), c.uri],
-             ("nbdcopy",)),
+             ("nbdcopy",), warm=_warm("nbdcopy")),
         Case("loop/vmrestore", "loop", "vmrestore restore-disk",
              "vmrestore restore-disk X.vmrb --disk 0 --to /dev/loopN --json",
              lambda c: [*v, "restore-disk", str(c.vmrb), "--disk", "0", "--to", c.dev, "--json"],
-             ()),
+             (), warm=_warm_vmrestore),
         Case("loop/qemu-img", "loop", "qemu-img convert (qcow2)",
              "qemu-img convert -n -t none -W -m 8 -f qcow2 -O raw X.qcow2 /dev/loopN",
              lambda c: ["qemu-img", "convert", "-n", "-t", "none", "-W", "-m", "8", "-f", "qcow2",
                         "-O", "raw", str(c.qcow2), c.dev],
-             ("qemu-img",)),
+             ("qemu-img",), warm=_warm("qemu-img")),
         Case("loop/dd-raw", "loop", "dd (raw)",
              "dd if=X.raw of=/dev/loopN bs=1M oflag=direct conv=fsync",
              lambda c: ["dd", f"if={c.raw}", f"of={c.dev}", "bs=1M", "oflag=direct",
                         "conv=fsync", "status=none"],
-             ("dd",)),
+             ("dd",), warm=_warm("dd")),
     ]
 
 
@@ -606,6 +619,11 @@ def _prepare(opts: Options, wd: Path, log: Callable[[str], None]) -> dict[str, A
         info["vmrb_s"] = round(time.perf_counter() - t, 2)
         log(f"vmrestore backup (default codec): {fmt_size(info['vmrb_bytes'])} "
             f"in {info['vmrb_s']} s")
+        warm_raw, warm_vmrb = wd / "warm.raw", wd / "warm.vmrb"
+        warm_raw.write_bytes(os.urandom(BLOCK))
+        warm_vmrb.unlink(missing_ok=True)
+        subprocess.run([*_vmrestore(), "backup", "create", "--disk", str(warm_raw), "-o",
+                        str(warm_vmrb)], capture_output=True, check=False)
     if info["vmrestore"]:
         log(f"vmrestore rows skipped: {info['vmrestore']}")
     return info
@@ -632,7 +650,10 @@ def _run_one(case: Case, row: Row, ctx: Ctx, opts: Options, wd: Path,
             src = per_run.enter_context(
                 qemu_nbd_ro(ctx.qcow2, "qcow2", wd / "source.sock", logs / "qemu-nbd.log"))
             ctx.src_uri = f"nbd+unix:///?socket={src.sock}"
-        drop_caches(opts.drop)
+        if drop_caches(opts.drop) and case.warm is not None:
+            # Cold data, warm programs: a restore tool's code is normally in the page
+            # cache; the backup / image / qcow2 it reads is not.
+            subprocess.run(case.warm(ctx), capture_output=True, check=False)
         tag = f"{case.key.replace('/', '-')}-{run_no}"
         res = run_timed(case.argv(ctx), timeout, logs, tag)
         per_run.close()  # stop servers: the target file is final, server RSS known
@@ -668,7 +689,7 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         (wd / "logs").mkdir(exist_ok=True)
         if not opts.keep and opts.workdir:
             for name in ("disk.raw", "disk.vmrb", "disk.qcow2", "target-nbd.img",
-                         "target-loop.img"):
+                         "target-loop.img", "warm.raw", "warm.vmrb", "warm.img"):
                 stack.callback(lambda p=wd / name: p.unlink(missing_ok=True))
         _install_sigterm(stack)
         report: dict[str, Any] = {
@@ -681,6 +702,8 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         }
         report["image"] = info = _prepare(opts, wd, log)
         ctx = Ctx(wd / "disk.raw", wd / "disk.vmrb", wd / "disk.qcow2")
+        if (wd / "warm.vmrb").exists():
+            ctx.warm_vmrb = wd / "warm.vmrb"
         cases = [c for c in build_cases() if not opts.only or c.key in opts.only
                  or c.key.split("/")[0] in opts.only]
         rows = {c.key: Row(c.key, c.target, c.tool, c.how) for c in cases}
@@ -878,11 +901,27 @@ def render(report: dict[str, Any]) -> str:
         val = "-" if t["ratio"] is None else (
             f"{t['ratio']} MiB" if "RSS" in t["target"] else f"{t['ratio']:.2f}x")
         lines.append(f"| {t['target']} | {val} | {t['bound']} | {t['status']} |")
+    lines += [f"\n{w}" for w in where_time_goes(report)]
+    return "\n".join(lines)
+
+
+def where_time_goes(report: dict[str, Any]) -> list[str]:
+    """One line per vmrestore row: wall time split into pipeline and the rest, stage busy %."""
+    out = []
     for r in report["results"]:
         det = r.get("detail", {}).get("restore_disk_json_best")
-        if det:
-            lines.append(f"\n{r['key']} restore-disk --json (best run): {json.dumps(det)}")
-    return "\n".join(lines)
+        if not det or not r["best_s"]:
+            continue
+        pipe = float(det.get("seconds") or det.get("elapsed_ns", 0) / 1e9)
+        busy = det.get("busy_pct") or {}
+        settings = det.get("settings") or {}
+        out.append(
+            f"{r['key']}: wall {r['best_s']:.2f} s = pipeline {pipe:.2f} s "
+            f"({fmt_size(r['best_s'] and report['image']['size'] / pipe if pipe else 0)}/s) + "
+            f"start-up/plan/open/close {r['best_s'] - pipe:.2f} s; stage busy % "
+            + ", ".join(f"{k} {v}" for k, v in busy.items())
+            + (f"; settings {json.dumps(settings)}" if settings else ""))
+    return out
 
 
 def render_rss(report: dict[str, Any]) -> str:
