@@ -365,6 +365,17 @@ def _find_parent(child: RestorePoint) -> RestorePoint:
             src = child.source.sibling(cand)
         except (FileNotFoundError, FormatError):
             continue
+        if cand != name:  # scanning: look at the footer's id before reading the index
+            try:
+                peek = fmt.Footer.unpack(src.pread(fmt.FOOTER_SIZE, src.size - fmt.FOOTER_SIZE),
+                                         src.path)
+            except (FormatError, ValueError):
+                src.close()
+                continue
+            if peek.point_id != want:
+                tried.append(cand)
+                src.close()
+                continue
         try:
             p = RestorePoint(src)
         except FormatError as e:
