@@ -55,3 +55,19 @@ def test_bad_uris_name_the_problem(uri, what, monkeypatch):
     monkeypatch.setenv("VMRESTORE_VDDK_PASSWORD", "x")
     with pytest.raises(UsageError, match=what):
         vddk_uri.parse(uri)
+
+
+def test_build_round_trips(tmp_path, monkeypatch):
+    monkeypatch.delenv("VMRESTORE_VDDK_PASSWORD", raising=False)
+    pw = tmp_path / "pw file"
+    pw.write_text("x")
+    uri = vddk_uri.build("vc1", "[ds san] my vm/my vm.vmdk", "vm-9", "admin@vsphere.local",
+                         port=443, transports=("hotadd", "nbd"), thumbprint="AA:BB",
+                         password_file=str(pw), new=True, libdir="/opt/vddk")
+    t = vddk_uri.parse(uri)
+    assert t.disk_path == "[ds san] my vm/my vm.vmdk"
+    assert (t.spec.server, t.spec.port, t.spec.user) == ("vc1", 443, "admin@vsphere.local")
+    assert t.spec.vmx_spec == "moref=vm-9" and t.spec.transports == ("hotadd", "nbd")
+    assert t.spec.password == "x" and t.new_disk and t.libdir == "/opt/vddk"
+    with pytest.raises(UsageError):
+        vddk_uri.build("vc1", "vm/x.vmdk", "vm-9", "u")

@@ -23,10 +23,11 @@ Form (documented in ``restore-disk --help`` and docs/vddk.md)::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from vmrestore.errors import UsageError
 from vmrestore.vddk import TRANSPORT_MODES, ConnectSpec
@@ -145,6 +146,34 @@ def parse(uri: str) -> VddkTarget:
     )
     return VddkTarget(spec, disk_path, _flag(q, "new", uri), _flag(q, "unbuffered", uri),
                       q.get("libdir") or None)
+
+
+def build(server: str, disk_path: str, vm: str, user: str, *, port: int = 0,
+          transports: tuple[str, ...] = (), thumbprint: str | None = None,
+          password_file: str | None = None, new: bool = False,
+          libdir: str | None = None) -> str:
+    """The vddk:// URI for a disk vSphere names ``disk_path`` ("[ds] dir/x.vmdk").
+
+    For the orchestrator (``restore --disk-library vddk``): it knows these parts
+    and should not hand-escape them. Parses back to the same target.
+    """
+    m = re.fullmatch(r"\[([^\]]+)\] ?(.+)", disk_path)
+    if not m:
+        raise UsageError(f"not a datastore path: {disk_path!r} (want '[ds] dir/disk.vmdk')")
+    netloc = quote(user, safe="") + "@" + server + (f":{port}" if port else "")
+    path = quote(m.group(1), safe="") + "/" + quote(m.group(2), safe="/")
+    q: dict[str, str] = {"vm": vm}
+    if transports:
+        q["transports"] = ":".join(transports)
+    if thumbprint:
+        q["thumbprint"] = thumbprint
+    if password_file:
+        q["password_file"] = password_file
+    if new:
+        q["new"] = "1"
+    if libdir:
+        q["libdir"] = libdir
+    return f"{SCHEME}://{netloc}/{path}?{urlencode(q, safe=':/')}"
 
 
 def open_target(spec: Any, size: int, opts: Any) -> Any:
