@@ -21,6 +21,7 @@ from vmrestore.errors import UsageError
 
 DISK_FORMATS = ("same", "thin", "thick-lazy", "thick-eager")
 TRANSPORTS = ("auto", "san", "hotadd", "nbd", "nbdssl")
+DISK_LIBRARIES = ("native", "vddk")
 JOB_VERSION = 1
 
 # A VM name vSphere accepts: 1..80 characters, no path separators or control chars.
@@ -57,6 +58,9 @@ class RestoreJob:
     infra: str | None = None
     threads: int | None = None
     queue_depth: int | None = None
+    # Who writes the disks: vmrestore's own writers, or VMware's VixDiskLib (vddk).
+    disk_library: str = "native"
+    vddk_libdir: str | None = None  # None: $VMRESTORE_VDDK_LIBDIR, or vddk_sim on the lab
     # Failure handling.
     resume: bool = False
     keep_on_failure: bool = False
@@ -83,7 +87,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(RestoreJob)}
 _STR_FIELDS = {
     "backup", "point", "vcenter", "user", "password_file", "thumbprint", "ca_file",
     "datacenter", "name", "folder", "host", "resource_pool", "datastore", "proxy", "infra",
-    "state_dir",
+    "state_dir", "vddk_libdir",
 }
 _BOOL_FIELDS = {"power_on", "resume", "keep_on_failure", "json", "insecure"}
 _INT_FIELDS = {"threads", "queue_depth"}
@@ -162,7 +166,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "job") -> RestoreJob:
                 raise UsageError(f"{source}: field 'network_map' must map source network to "
                                  f"target network, got {value!r}")
             kw[key] = {str(k): str(v) for k, v in value.items()}
-        else:  # disk_format, transport: strings checked in validate()
+        else:  # disk_format, transport, disk_library: strings checked in validate()
             if not isinstance(value, str):
                 raise UsageError(f"{source}: field {key!r} must be a string, got {value!r}")
             kw[key] = value
@@ -187,7 +191,7 @@ def load_job_file(path: str | Path) -> RestoreJob:
     job = from_mapping(data or {}, f"job file {p}")
     # Relative paths in a job file are relative to the file, not to the caller's cwd.
     base = p.resolve().parent
-    for key in ("backup", "password_file", "infra", "ca_file", "state_dir"):
+    for key in ("backup", "password_file", "infra", "ca_file", "state_dir", "vddk_libdir"):
         v = getattr(job, key)
         if v and not Path(v).is_absolute():
             setattr(job, key, str(base / v))
@@ -231,6 +235,10 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
         raise bad("disk_format", f"{job.disk_format!r} is not one of {', '.join(DISK_FORMATS)}")
     if job.transport not in TRANSPORTS:
         raise bad("transport", f"{job.transport!r} is not one of {', '.join(TRANSPORTS)}")
+    if job.disk_library not in DISK_LIBRARIES:
+        raise bad("disk_library", f"{job.disk_library!r} is not one of {', '.join(DISK_LIBRARIES)}")
+    if job.vddk_libdir and job.disk_library != "vddk":
+        raise bad("vddk_libdir", "only with disk_library vddk")
     if job.name is not None and not _NAME_RE.match(job.name):
         raise bad("name", f"{job.name!r} is not a valid VM name (1-80 characters, no / \\ %)")
     if job.vcenter is not None:

@@ -349,6 +349,22 @@ class Orchestrator:
         if job.resume:
             self._release_attachments()  # stale exports / hot-adds of the killed run
 
+        # VixDiskLib, when it writes the disks: the user's, or vddk_sim mapped onto the lab.
+        self._vddk_libdir: str | None = None
+        self._vddk_password_file: str | None = None
+        if job.disk_library == "vddk":
+            from vmrestore import vddk
+
+            libdir = job.vddk_libdir or os.environ.get(vddk.LIBDIR_ENV)
+            if not libdir and on_lab:
+                libdir = str(vddk.sim_libdir())
+                os.environ.update(vddk.sim_env_for_lab(self.lab))
+                self.say(f"disk library: vddk_sim ({libdir}) over the lab's datastores")
+            vddk.find_library(libdir)  # a missing library is refused here, not in phase 4
+            self._vddk_libdir = libdir
+            self._vddk_password_file = job.password_file or (
+                str(self.lab.password_file) if on_lab else None)
+
         # Data movers (repository side + proxy side), connected.
         if self._movers is None:
             from vmrestore.mover.session import default_session
@@ -384,6 +400,8 @@ class Orchestrator:
                  for t in self.layout.disks]
         for dec in infra_mod.select_transports(job.transport, self.proxy, facts):
             self.decisions[dec.disk] = dec
+            if job.disk_library == "vddk":
+                dec.reason += "; written by VixDiskLib"
             rd = self.report.disk(dec.disk)
             rd.transport, rd.reason = dec.mode, dec.reason
         modes = ", ".join(f"disk {d}: {x.mode}" for d, x in sorted(self.decisions.items()))
@@ -589,6 +607,8 @@ class Orchestrator:
         if mode in self.faults["transports"]:
             raise TransportError(f"disk {t.index}: transport {mode} failed "
                                  "(fault injected by VMRESTORE_FAULT, test only)")
+        if self.job.disk_library == "vddk":
+            return self._vddk_target(base, mode)
         h = self.hostd
         if mode in ("nbd", "nbdssl"):
             ex = h.export_nbd(base, tls=mode == "nbdssl")
@@ -620,6 +640,18 @@ class Orchestrator:
 
             return _Attachment(self._san_uri(em, path), rel_map, f"LUN {em.lun}")
         raise UsageError(f"unknown transport {mode!r}")
+
+    def _vddk_target(self, base: str, mode: str) -> _Attachment:
+        """VixDiskLib does the transport itself: hand it the VM, the base disk and the mode."""
+        from vmrestore.job import parse_vcenter
+        from vmrestore.transport import vddk_uri
+
+        _, host, port, _ = parse_vcenter(self.report.vcenter)
+        uri = vddk_uri.build(host, base, self.vm._moId, self.session.target.user, port=port,
+                             transports=(mode,), thumbprint=self.job.thumbprint,
+                             password_file=self._vddk_password_file, new=True,
+                             libdir=self._vddk_libdir)
+        return _Attachment(uri, lambda: None, f"VixDiskLib {mode}")
 
     @staticmethod
     def _nbd_uri(ex: Any) -> str:

@@ -194,3 +194,31 @@ def test_proxy_mover_subprocess(lab, lab_si, backup, tmp_path) -> None:
     assert p.returncode == 0, p.stderr
     assert "movers proxy-mover subprocess" in " ".join(rep["events"])
     assert_restored(lab, lab_si, name, backup.images, ["thick-eager", "thin"])
+
+
+@pytest.mark.parametrize("transport, extra", [
+    ("nbd", ["--datastore", "ds-local"]),
+    ("san", ["--datastore", "ds-san", "--disk-format", "thick-eager"]),
+])
+def test_disk_library_vddk(lab, lab_si, backup, tmp_path, transport, extra) -> None:
+    """--disk-library vddk: VixDiskLib (vddk_sim on the lab) writes the base disks."""
+    name = unique(f"r-vddk-{transport}")
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--transport",
+                         transport, "--disk-library", "vddk", "--network-map",
+                         "VM Network=Restore Network", *extra, state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert all("VixDiskLib" in d["reason"] and d["transport"] == transport
+               for d in rep["disks"])
+    prov = ["thick-eager", "thick-eager"] if transport == "san" else ["thick-eager", "thin"]
+    assert_restored(lab, lab_si, name, backup.images, prov)
+
+
+def test_disk_library_vddk_missing_library(lab, lab_si, host_services, backup,
+                                           tmp_path) -> None:
+    name = unique("r-vddk-missing")
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
+                         "ds-local", "--disk-library", "vddk", "--vddk-libdir",
+                         str(tmp_path / "no-vddk"), state_dir=tmp_path / "s")
+    assert p.returncode == 10 and "libvixDiskLib" in p.stderr
+    assert rep["failed_phase"] == "initialize"
+    assert_nothing_left(lab, host_services, lab_si, name, tmp_path / "s")

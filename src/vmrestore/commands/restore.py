@@ -47,6 +47,11 @@ def register(sub: Any) -> None:
                     default=None, help="transport mode [auto]")
     tr.add_argument("--proxy", metavar="NAME", help="proxy to use (default: one with a free slot)")
     tr.add_argument("--infra", metavar="FILE", help="infrastructure file (proxies, slots, storage)")
+    tr.add_argument("--disk-library", choices=("native", "vddk"), default=None,
+                    help="who writes the disks: vmrestore's writers, or VMware's VixDiskLib "
+                    "[native]")
+    tr.add_argument("--vddk-libdir", metavar="DIR",
+                    help="VDDK install dir (default $VMRESTORE_VDDK_LIBDIR; on the lab: vddk_sim)")
     tr.add_argument("--threads", type=int, metavar="T", help="core worker threads per disk")
     tr.add_argument("--queue-depth", type=int, metavar="Q", help="requests in flight per disk")
     fl = p.add_argument_group("failure handling")
