@@ -737,6 +737,7 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         report["results"] = _summarize(rows, opts.size)
         report["targets"] = _targets(report["results"])
         report["failed"] = [r["key"] for r in report["results"] if r["error"]]
+        report["where_time_goes"] = where_time_goes(report)
         return report
 
 
@@ -901,7 +902,7 @@ def render(report: dict[str, Any]) -> str:
         val = "-" if t["ratio"] is None else (
             f"{t['ratio']} MiB" if "RSS" in t["target"] else f"{t['ratio']:.2f}x")
         lines.append(f"| {t['target']} | {val} | {t['bound']} | {t['status']} |")
-    lines += [f"\n{w}" for w in where_time_goes(report)]
+    lines += [f"\n{w}" for w in report.get("where_time_goes", [])]
     return "\n".join(lines)
 
 
@@ -917,7 +918,7 @@ def where_time_goes(report: dict[str, Any]) -> list[str]:
         settings = det.get("settings") or {}
         out.append(
             f"{r['key']}: wall {r['best_s']:.2f} s = pipeline {pipe:.2f} s "
-            f"({fmt_size(r['best_s'] and report['image']['size'] / pipe if pipe else 0)}/s) + "
+            f"({report['image']['size'] / pipe / 1e6 if pipe else 0:.0f} MB/s) + "
             f"start-up/plan/open/close {r['best_s'] - pipe:.2f} s; stage busy % "
             + ", ".join(f"{k} {v}" for k, v in busy.items())
             + (f"; settings {json.dumps(settings)}" if settings else ""))
