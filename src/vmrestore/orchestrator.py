@@ -436,6 +436,8 @@ class Orchestrator:
             try:
                 name = self.vm.name
             except Exception:
+                self.vm = None
+                created.pop("vm", None)
                 raise VSphereError(f"--resume: VM {created['vm']['name']} "
                                    f"({created['vm']['moref']}) no longer exists") from None
             self.report.vm_moref = self.vm._moId
