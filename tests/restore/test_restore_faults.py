@@ -148,3 +148,18 @@ def test_sigterm_in_data_phase_rolls_back(lab, lab_si, host_services, backup, tm
     assert "interrupted" in err and "Traceback" not in err
     assert "rolled back" in out
     assert_nothing_left(lab, host_services, lab_si, name, state)
+
+
+def test_san_refused_by_host_falls_back_to_nbd(lab, lab_si, backup, tmp_path) -> None:
+    """A real (not injected) failure: thick-lazy disks have unwritten extents, so the host
+    gives no SAN extent map; auto chose san (all thick, LUN visible) and falls back."""
+    name = unique("f-lazy")
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
+                         "ds-san", "--disk-format", "thick-lazy", "--network-map",
+                         "VM Network=Restore Network", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for d in rep["disks"]:
+        assert d["transport"] == "nbd"
+        assert "every disk is thick" in d["reason"]
+        assert any("san failed" in h and "extent map" in h for h in d["history"])
+    assert_restored(lab, lab_si, name, backup.images, ["thick-lazy", "thick-lazy"])
