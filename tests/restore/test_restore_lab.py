@@ -145,6 +145,7 @@ def test_unreachable_vcenter(lab, lab_si, host_services, backup, tmp_path) -> No
 
 @pytest.mark.parametrize("args, message", [
     (["--datastore", "nope"], "datastore 'nope' not found"),
+    (["--datastore", "ds-local", "--datacenter", "DC-nope"], "datacenter 'DC-nope' not found"),
     (["--datastore", "ds-local", "--network-map", "VM Network=Nope"], "network 'Nope' not found"),
     (["--datastore", "ds-local", "--folder", "no/such"], "folder 'no/such' not found"),
     (["--datastore", "ds-local", "--host", "esx-nope"], "host 'esx-nope' not found"),
