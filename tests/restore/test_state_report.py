@@ -166,3 +166,24 @@ def test_restore_help_is_instant_and_lists_options() -> None:
                 "--disk-format", "--network-map", "--power-on", "--transport", "--proxy",
                 "--infra", "--resume", "--keep-on-failure", "--json", "JOB.yaml"):
         assert opt in p.stdout
+
+
+def test_no_vcenter_and_no_lab_is_a_clear_error(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from vmrestore.sample import write_sample_vm
+
+    paths, cfg = write_sample_vm(str(tmp_path), 1 << 20, seed=3, disks=2, name="small")
+    bk = tmp_path / "b.vmrb"
+    run = [sys.executable, "-m", "vmrestore"]
+    subprocess.run([*run, "backup", "create", "--disk", paths[0], "--disk", paths[1],
+                    "--vm-config", cfg, "-o", str(bk), "-q"], check=True, timeout=120)
+    env = dict(os.environ, VMRESTORE_LAB_DIR=str(tmp_path / "no-lab"))
+    p = subprocess.run([*run, "restore", "--backup", str(bk), "--datastore", "ds",
+                        "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert "no --vcenter given and no lab is up" in p.stderr and "Traceback" not in p.stderr
+    assert "FAILED in phase initialize" in p.stdout
+    assert not list((tmp_path / "state").glob("restore-*"))
