@@ -154,7 +154,7 @@ def assert_nothing_left(labinfo: Any, hostd: Any, si: Any, name: str,
     assert not [h for h in hostd.hot_adds() if f"] {name}/" in h.datastore_path], \
         "hot-add left"
     if state_dir is not None and state_dir.exists():
-        left = [p.name for p in state_dir.iterdir() if p.name != "slots"]
+        left = [p.name for p in state_dir.iterdir()]
         assert not left, f"job state left: {left}"
 
 

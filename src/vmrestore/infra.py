@@ -21,7 +21,7 @@ Infrastructure file (YAML, version 1; documented in docs/restore.md)::
 Without a file there is one local proxy (``local``) with 4 slots, SAN 'auto',
 and when the lab is up, the lab's proxy VM as its VM.
 
-Task slots are lock files taken with ``flock`` under the state directory: a
+Task slots are lock files taken with ``flock`` in :func:`slot_dir`: a
 slot is free again the moment its holder exits, even by kill -9, so a crashed
 restore never leaks a slot and ``--resume`` can take one at once.
 """
@@ -148,6 +148,22 @@ def _proxy(item: Any, where: str) -> Proxy:
 
 
 # --- task slots -------------------------------------------------------------------------
+
+
+def slot_dir() -> Path:
+    """Where slot locks live: one place per orchestrator machine, whatever the backup.
+
+    ``$VMRESTORE_SLOT_DIR``, else ``$XDG_RUNTIME_DIR/vmrestore/slots``, else
+    ``~/.cache/vmrestore/slots``.
+    """
+    env = os.environ.get("VMRESTORE_SLOT_DIR")
+    if env:
+        return Path(env)
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run:
+        return Path(run) / "vmrestore" / "slots"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "vmrestore" / "slots"
 
 
 class SlotLease:

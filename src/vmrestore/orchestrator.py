@@ -337,7 +337,7 @@ class Orchestrator:
             self.lab.vcenter_url.rstrip("/")
         infra = (infra_mod.load_infra(job.infra) if job.infra else
                  infra_mod.default_infra(self.lab.proxy_vm if on_lab else None))
-        self.slot = infra_mod.acquire_slot(infra, self.state.dir / "slots", job.proxy,
+        self.slot = infra_mod.acquire_slot(infra, infra_mod.slot_dir(), job.proxy,
                                            job.transport)
         self.proxy = self.slot.proxy
         self.report.proxy = f"{self.proxy.name} (slot {self.slot.index + 1}/{self.proxy.slots})"

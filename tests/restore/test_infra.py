@@ -144,3 +144,11 @@ def test_explicit_transport_filters_proxies(tmp_path) -> None:
     lease = infra.acquire_slot(inf, tmp_path, None, "hotadd")
     assert lease.proxy.name == "vm"
     lease.release()
+
+
+def test_slot_dir_is_per_machine(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("VMRESTORE_SLOT_DIR", str(tmp_path / "s"))
+    assert infra.slot_dir() == tmp_path / "s"
+    monkeypatch.delenv("VMRESTORE_SLOT_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert infra.slot_dir() == tmp_path / "run" / "vmrestore" / "slots"
