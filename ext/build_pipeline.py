@@ -24,6 +24,7 @@ CORE_SOURCES = [
 # Appended by other areas (one line each, with the owner in a comment).
 EXTRA_SOURCES: list[str] = [
     "ext/core/writer_vddk.c",  # VixDiskLib writer (H5)
+    "ext/core/source_repo.c",  # repository-agent source (H8)
 ]
 
 

@@ -73,6 +73,23 @@ cdef extern from "writer.h" nogil:
     int vmr_san_writer_open(const char *lun_path, const vmr_extent *map, size_t n,
                             uint64_t size, uint32_t flags, vmr_writer *out, vmr_error *err)
     int vmr_fd_source_open(const int *fds, size_t n, vmr_source *out, vmr_error *err)
+    struct vmr_repo_options:
+        const int *fds
+        size_t nfds
+        uint32_t readers
+        const uint32_t *handles
+        size_t nfiles
+        uint32_t max_ranges
+        uint32_t max_bulk
+        uint32_t batch_bytes
+        uint32_t depth
+        uint32_t io_timeout_ms
+    struct vmr_repo_stats:
+        uint64_t wire_bytes
+        uint64_t bulk_bytes
+        uint64_t requests
+    int vmr_repo_source_open(const vmr_repo_options *o, vmr_source *out, vmr_error *err)
+    void vmr_repo_source_stats(const vmr_source *src, vmr_repo_stats *out)
 
 
 cdef extern from "pipeline.h" nogil:
@@ -274,41 +291,100 @@ cdef class Writer:
         }
 
 
+cdef int _open_repo_source(dict repo, vmr_source *out, vmr_error *e) except -2:
+    """vmr_repo_source_open from a dict (vmrestore.mover.repo_source builds it).
+
+    The sockets belong to the source from here on: closed by it, or here when
+    opening fails.
+    """
+    import os
+    fds = list(repo["fds"])
+    handles = list(repo["handles"])
+    cdef size_t nfd = len(fds)
+    cdef size_t nh = len(handles)
+    cdef int *cfds = <int *>malloc((nfd if nfd else 1) * sizeof(int))
+    cdef uint32_t *ch = <uint32_t *>malloc((nh if nh else 1) * sizeof(uint32_t))
+    cdef vmr_repo_options o
+    cdef size_t i
+    cdef int rc
+    if cfds == NULL or ch == NULL:
+        free(cfds)
+        free(ch)
+        for fd in fds:
+            os.close(fd)
+        raise MemoryError()
+    for i in range(nfd):
+        cfds[i] = int(fds[i])
+    for i in range(nh):
+        ch[i] = int(handles[i])
+    memset(&o, 0, sizeof(o))
+    o.fds = cfds
+    o.nfds = nfd
+    o.readers = int(repo["readers"])
+    o.handles = ch
+    o.nfiles = nh // nfd if nfd else 0
+    o.max_ranges = int(repo.get("max_ranges", 0))
+    o.max_bulk = int(repo.get("max_bulk", 0))
+    o.batch_bytes = int(repo.get("batch_bytes", 0))
+    o.depth = int(repo.get("depth", 0))
+    o.io_timeout_ms = int(repo.get("io_timeout_ms", 0))
+    if nfd == 0 or nh % nfd:
+        o.nfiles = 0   # refused below with a message
+    rc = vmr_repo_source_open(&o, out, e)
+    free(cfds)
+    free(ch)
+    if rc != 0:
+        for fd in fds:
+            os.close(fd)
+    return rc
+
+
 cdef class Pipeline:
-    """One job: a plan, chain file descriptors, a writer. start(), wait(), counters()."""
+    """One job: a plan, a source (chain file descriptors, or repository-agent sockets), a writer.
+
+    start(), wait(), counters(). ``repo`` (a dict: fds, handles, readers, ...)
+    selects the repository-agent source (ext/core/source_repo.c) instead of fds.
+    """
 
     cdef vmr_pipeline *p
     cdef vmr_source src
     cdef bint have_src
+    cdef bint is_repo
+    cdef object final_stats
     cdef object plan_bytes
     cdef Writer writer
 
     def __cinit__(self, plan, fds, Writer writer not None, uint32_t readers=0,
                   uint32_t threads=0, uint32_t lanes=0, uint32_t queue_depth=0,
-                  uint32_t buffers=0, uint32_t disk=0):
+                  uint32_t buffers=0, uint32_t disk=0, dict repo=None):
         cdef vmr_error e
         cdef vmr_pipeline_config cfg
         cdef size_t nf = len(fds)
-        cdef int *cfds = <int *>malloc((nf if nf else 1) * sizeof(int))
+        cdef int *cfds
         cdef size_t i
         cdef int rc
         cdef const unsigned char[::1] view
         cdef size_t n
         cdef const vmr_plan_entry *pp
-        if cfds == NULL:
-            raise MemoryError()
-        for i in range(nf):
-            cfds[i] = int(fds[i])
         writer._check()
         self.writer = writer
         self.plan_bytes = plan
         view = memoryview(plan).cast("B")
         if view.shape[0] % 56:
-            free(cfds)
             raise ValueError("plan is not an array of 56-byte entries")
         _error_init(&e)
-        rc = vmr_fd_source_open(cfds, nf, &self.src, &e)
-        free(cfds)
+        if repo is not None:
+            rc = _open_repo_source(repo, &self.src, &e)
+            self.is_repo = True
+            readers = int(repo["readers"])
+        else:
+            cfds = <int *>malloc((nf if nf else 1) * sizeof(int))
+            if cfds == NULL:
+                raise MemoryError()
+            for i in range(nf):
+                cfds[i] = int(fds[i])
+            rc = vmr_fd_source_open(cfds, nf, &self.src, &e)
+            free(cfds)
         if rc != 0:
             raise _core_error(&e)
         self.have_src = True
@@ -336,6 +412,8 @@ cdef class Pipeline:
             with nogil:
                 vmr_pipeline_destroy(p)
         if self.have_src:
+            if self.is_repo:
+                self.final_stats = self.source_stats()
             self.have_src = False
             self.src.ops.close(self.src.s)
 
@@ -406,6 +484,15 @@ cdef class Pipeline:
             "buffers": c.buffers,
             "running": bool(c.running),
         }
+
+    def source_stats(self):
+        """Repository source: bytes received (wire, stored extents) and requests sent."""
+        cdef vmr_repo_stats st
+        if not self.have_src or not self.is_repo:
+            return dict(self.final_stats or {"wire_bytes": 0, "bulk_bytes": 0, "requests": 0})
+        vmr_repo_source_stats(&self.src, &st)
+        return {"wire_bytes": st.wire_bytes, "bulk_bytes": st.bulk_bytes,
+                "requests": st.requests}
 
     def error(self):
         """The first error as a CoreError, or None."""

@@ -3,6 +3,7 @@
 #include "pipeline.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -273,7 +274,10 @@ static void mark_done(struct vmr_pipeline *p, size_t idx)
 
 static void do_stop(struct vmr_pipeline *p)
 {
-    __atomic_store_n(&p->stop, 1, __ATOMIC_RELAXED);
+    if (__atomic_exchange_n(&p->stop, 1, __ATOMIC_ACQ_REL) == 0 &&
+        p->src->ops->struct_size >= offsetof(struct vmr_source_ops, cancel) + sizeof(void *) &&
+        p->src->ops->cancel != NULL)
+        p->src->ops->cancel(p->src->s);   /* wake readers blocked on the network */
     /* wake everyone who might wait */
     pthread_mutex_lock(&p->slot_pool.mu);
     pthread_cond_broadcast(&p->slot_pool.cv);
@@ -333,6 +337,102 @@ static void thread_exit(struct vmr_pipeline *p)
 
 /* ------------------------------------------------------------------ reader */
 
+/* Read one plan entry into a slot and queue it. 0 = go on, -1 = stop reading. */
+static int read_entry(struct vmr_pipeline *p, void *rh, size_t i)
+{
+    const struct vmr_plan_entry *pe = &p->plan[i];
+    if (pe->kind == VMR_KIND_ZERO && p->wr->target_zeroed) {
+        ADD(p->c.bytes_skipped, pe->length);
+        mark_done(p, i);
+        return 0;
+    }
+    struct slot *s = pool_get(p, &p->slot_pool);
+    if (s == NULL)
+        return -1;
+    s->idx = i;
+    s->cbuf = NULL;
+    s->failed = 0;
+    if (pe->kind == VMR_KIND_ZERO) {
+        queue_push(&p->wq, s);
+        return 0;
+    }
+    unsigned char *dst = s->buf;
+    if (pe->codec != VMR_CODEC_NONE) {
+        s->cbuf = pool_get(p, &p->cbuf_pool);
+        if (s->cbuf == NULL) {
+            pool_put(&p->slot_pool, s);
+            return -1;
+        }
+        dst = s->cbuf;
+    }
+    struct vmr_error e;
+    error_init(&e);
+    uint64_t t0 = now_ns();
+    int rc = p->src->ops->pread(rh, dst, pe->stored_len, pe->src_off, pe->src, 0, &e);
+    ADD(p->c.read_ns, now_ns() - t0);
+    if (rc != 0) {
+        if (e.code == VMR_OK)
+            e.code = VMR_E_SOURCE;
+        fail(p, &e, (int64_t)i, pe->dst_off);
+        if (s->cbuf)
+            pool_put(&p->cbuf_pool, s->cbuf);
+        pool_put(&p->slot_pool, s);
+        return -1;
+    }
+    ADD(p->c.bytes_read, pe->stored_len);
+    queue_push(&p->dq, s);
+    return 0;
+}
+
+/* A source with lookahead (a network source) is told what comes next: the
+ * reader claims CLAIM entries at a time and hints the data entries of every
+ * claimed chunk while the hinted-but-unread bytes stay under lookahead, so
+ * the source can keep requests in flight. Chunks are claimed in plan order
+ * by all readers together; each reader reads its chunks in the order hinted. */
+#define CLAIM 32
+#define MAX_CHUNKS 256
+
+static void reader_hinted(struct vmr_pipeline *p, void *rh)
+{
+    size_t ring[MAX_CHUNKS];
+    size_t head = 0, count = 0, i = 0, end = 0;
+    uint64_t hinted = 0, consumed = 0;
+    int exhausted = 0;
+    while (!LOAD(p->stop)) {
+        /* keep `lookahead` bytes announced beyond what was read */
+        while (!exhausted && count < MAX_CHUNKS && hinted - consumed < p->src->lookahead) {
+            size_t a = __atomic_fetch_add(&p->next_entry, CLAIM, __ATOMIC_RELAXED);
+            if (a >= p->n) {
+                exhausted = 1;
+                break;
+            }
+            size_t b = a + CLAIM < p->n ? a + CLAIM : p->n;
+            for (size_t k = a; k < b; k++) {
+                const struct vmr_plan_entry *pe = &p->plan[k];
+                if (pe->kind == VMR_KIND_DATA) {
+                    p->src->ops->hint(rh, pe->src, pe->src_off, pe->stored_len);
+                    hinted += pe->stored_len;
+                }
+            }
+            ring[(head + count) % MAX_CHUNKS] = a;
+            count++;
+        }
+        if (i == end) {
+            if (count == 0)   /* all read, hinted == consumed: the plan is exhausted */
+                break;
+            i = ring[head];
+            end = i + CLAIM < p->n ? i + CLAIM : p->n;
+            head = (head + 1) % MAX_CHUNKS;
+            count--;
+        }
+        if (read_entry(p, rh, i) != 0)
+            return;
+        if (p->plan[i].kind == VMR_KIND_DATA)
+            consumed += p->plan[i].stored_len;
+        i++;
+    }
+}
+
 static void *reader_main(void *arg)
 {
     struct vmr_pipeline *p = arg;
@@ -342,51 +442,14 @@ static void *reader_main(void *arg)
     void *rh = p->src->ops->open_reader(p->src->s, ri, &e);
     if (rh == NULL) {
         fail(p, &e, -1, UINT64_MAX);
-    }
-    while (rh != NULL && !LOAD(p->stop)) {
-        size_t i = __atomic_fetch_add(&p->next_entry, 1, __ATOMIC_RELAXED);
-        if (i >= p->n)
-            break;
-        const struct vmr_plan_entry *pe = &p->plan[i];
-        if (pe->kind == VMR_KIND_ZERO && p->wr->target_zeroed) {
-            ADD(p->c.bytes_skipped, pe->length);
-            mark_done(p, i);
-            continue;
-        }
-        struct slot *s = pool_get(p, &p->slot_pool);
-        if (s == NULL)
-            break;
-        s->idx = i;
-        s->cbuf = NULL;
-        s->failed = 0;
-        if (pe->kind == VMR_KIND_ZERO) {
-            queue_push(&p->wq, s);
-            continue;
-        }
-        unsigned char *dst = s->buf;
-        if (pe->codec != VMR_CODEC_NONE) {
-            s->cbuf = pool_get(p, &p->cbuf_pool);
-            if (s->cbuf == NULL) {
-                pool_put(&p->slot_pool, s);
+    } else if (p->src->lookahead > 0 && p->src->ops->hint != NULL) {
+        reader_hinted(p, rh);
+    } else {
+        while (!LOAD(p->stop)) {
+            size_t i = __atomic_fetch_add(&p->next_entry, 1, __ATOMIC_RELAXED);
+            if (i >= p->n || read_entry(p, rh, i) != 0)
                 break;
-            }
-            dst = s->cbuf;
         }
-        uint64_t t0 = now_ns();
-        error_init(&e);
-        int rc = p->src->ops->pread(rh, dst, pe->stored_len, pe->src_off, pe->src, 0, &e);
-        ADD(p->c.read_ns, now_ns() - t0);
-        if (rc != 0) {
-            if (e.code == VMR_OK)
-                e.code = VMR_E_SOURCE;
-            fail(p, &e, (int64_t)i, pe->dst_off);
-            if (s->cbuf)
-                pool_put(&p->cbuf_pool, s->cbuf);
-            pool_put(&p->slot_pool, s);
-            break;
-        }
-        ADD(p->c.bytes_read, pe->stored_len);
-        queue_push(&p->dq, s);
     }
     if (rh != NULL)
         p->src->ops->close_reader(rh);
@@ -1172,6 +1235,7 @@ static const struct vmr_source_ops fd_source_ops = {
     .pread = fd_pread,
     .hint = NULL,
     .close = fd_close,
+    .cancel = NULL,
 };
 
 int vmr_fd_source_open(const int *fds, size_t n, struct vmr_source *out, struct vmr_error *err)
@@ -1186,6 +1250,7 @@ int vmr_fd_source_open(const int *fds, size_t n, struct vmr_source *out, struct 
     }
     memcpy(fs->fds, fds, n * sizeof(int));
     fs->n = n;
+    out->lookahead = 0;
     for (size_t i = 0; i < n; i++)
         posix_fadvise(fds[i], 0, 0, POSIX_FADV_SEQUENTIAL);
     out->ops = &fd_source_ops;

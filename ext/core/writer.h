@@ -48,9 +48,10 @@
  * SOURCES (struct vmr_source_ops) are the mirror image for reading: one
  * `pread`-like call per stored extent, (handle, buf, count, offset, flags)
  * plus the index of the chain file. The local implementation preads file
- * descriptors (pipeline.c, vmr_fd_source_*); a repository-agent connection
- * can implement the same table later (ext/core/source_*.c). Called from the
- * reader threads, one handle per reader thread (open_reader), in plan order.
+ * descriptors (pipeline.c, vmr_fd_source_*); the repository agent's is
+ * source_repo.c. Called from the reader threads, one handle per reader
+ * thread (open_reader), in plan order; a source with `lookahead` gets
+ * hint()s for a reader's upcoming extents, in the order it will read them.
  */
 #ifndef VMR_WRITER_H
 #define VMR_WRITER_H
@@ -166,11 +167,19 @@ struct vmr_source_ops {
     void (*hint)(void *reader, uint16_t src, uint64_t offset, uint64_t count);
     void (*close)(void *s);
     /* --- appended in later versions go below --- */
+    /* Optional (may be NULL): the job stops (error or cancel). Wake readers
+     * blocked in pread (e.g. shut their sockets down); they then fail. Any
+     * thread, called at most once per job, the source stays valid. */
+    void (*cancel)(void *s);
 };
 
 struct vmr_source {
     const struct vmr_source_ops *ops;
     void *s;
+    /* Bytes of stored extents each reader announces with hint() before it
+     * reads them (0: no hints; then readers take one entry at a time).
+     * A network source sets this to what it wants in flight. */
+    uint64_t lookahead;
 };
 
 /* ---------------------------------------------------------------------------
@@ -216,5 +225,31 @@ int vmr_san_writer_open(const char *lun_path, const struct vmr_extent *map, size
 
 /* Local chain files by file descriptor (the pipeline does not close them). */
 int vmr_fd_source_open(const int *fds, size_t n, struct vmr_source *out, struct vmr_error *err);
+
+/* Repository agent (source_repo.c, docs/protocol.md): stored extents pulled
+ * with pipelined EXTENTS requests over sockets that Python has already
+ * connected and authenticated (plain TCP; TLS stays in Python). The source
+ * takes ownership of the fds on success (closes them in close()); on
+ * failure the caller still owns them. */
+struct vmr_repo_options {
+    const int *fds;           /* readers x per-reader connections, reader r owns fds[r*k..r*k+k) */
+    size_t nfds;
+    uint32_t readers;         /* reader threads of the pipeline (nfds % readers == 0) */
+    const uint32_t *handles;  /* nfds x nfiles: handles[c*nfiles+f] = handle of chain file f on c */
+    size_t nfiles;
+    uint32_t max_ranges;      /* from HELLO_OK (0: 4096) */
+    uint32_t max_bulk;        /* bulk bytes per EXTENTS answer, from HELLO_OK (0: 64 MiB) */
+    uint32_t batch_bytes;     /* stored bytes per EXTENTS request (0: 4 MiB) */
+    uint32_t depth;           /* requests in flight per connection (0: 4) */
+    uint32_t io_timeout_ms;   /* a connection silent this long is lost (0: 60 s) */
+};
+struct vmr_repo_stats {
+    uint64_t wire_bytes;      /* every byte received: frames + stored extents */
+    uint64_t bulk_bytes;      /* stored extent bytes received */
+    uint64_t requests;        /* EXTENTS requests sent */
+};
+int vmr_repo_source_open(const struct vmr_repo_options *o, struct vmr_source *out,
+                         struct vmr_error *err);
+void vmr_repo_source_stats(const struct vmr_source *src, struct vmr_repo_stats *out);
 
 #endif

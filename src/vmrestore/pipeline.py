@@ -172,7 +172,14 @@ class Job:
     """
 
     def __init__(self, plan: np.ndarray, sources: Sequence[str], writer: Any, *,
-                 disk: int = 0, settings: Settings | None = None) -> None:
+                 disk: int = 0, settings: Settings | None = None,
+                 repo: dict[str, Any] | None = None) -> None:
+        """``repo``: read from repository-agent sockets instead of local files.
+
+        A dict built by vmrestore.mover.repo_source (fds, handles, readers, ...);
+        the sockets belong to the job from here on. ``sources`` then only names
+        the chain files in messages.
+        """
         s = settings or Settings()
         self._cv = threading.Condition()
         self._users = 0
@@ -184,7 +191,7 @@ class Job:
         self.bytes_total = int(self.plan["length"].sum()) if len(self.plan) else 0
         self._fds: list[int] = []
         try:
-            for path in self.sources:
+            for path in self.sources if repo is None else ():
                 try:
                     self._fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 except OSError as e:
@@ -198,7 +205,7 @@ class Job:
                     self.plan.view(np.uint8), self._fds, writer,
                     readers=s.readers or DEFAULT_READERS, threads=s.threads or DEFAULT_THREADS,
                     lanes=lanes, queue_depth=s.queue_depth or DEFAULT_QUEUE_DEPTH,
-                    buffers=s.buffers, disk=disk)
+                    buffers=s.buffers, disk=disk, repo=repo)
             except CoreError as e:
                 raise_core_error(e, disk, self.sources)
         except BaseException:
@@ -259,6 +266,10 @@ class Job:
                 return _counters(self._p.counters(), self.bytes_total)
         assert self._final is not None
         return self._final
+
+    def source_stats(self) -> dict[str, int]:
+        """Repository source: wire_bytes, bulk_bytes, requests (zeros for local files)."""
+        return dict(self._p.source_stats())
 
     def completed_prefix(self) -> int:
         """Leading plan entries fully written (durable after the next flush())."""

@@ -51,12 +51,29 @@ class RestoreResult:
     completed_prefix: int
     settings: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # From a repository agent (repo://): what crossed the network (docs/protocol.md).
+    source: str = "local"        # local | repository
+    resumed_bytes: int = 0       # covered by plan entries before start_entry
+    wire_bytes: int = 0          # every byte received from the agent (planning + data)
+    stored_bytes: int = 0        # stored (compressed) extent bytes received
+    metadata_bytes: int = 0      # of wire_bytes, for planning
+    reconnects: int = 0
+    refetches: int = 0
+    connections: int = 0
+    tls: bool = False
+
+    @property
+    def wire_ratio(self) -> float:
+        logical = self.bytes_written + self.bytes_zeroed + self.bytes_skipped
+        return self.wire_bytes / logical if logical and self.wire_bytes else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["busy_pct"] = {k: round(100 * v, 1) for k, v in self.busy.items()}
         d["seconds"] = round(self.seconds, 3)
         d["mb_per_s"] = round(self.mb_per_s, 1)
+        if self.source == "repository":
+            d["wire_ratio"] = round(self.wire_ratio, 4)
         return d
 
 
@@ -119,7 +136,19 @@ def restore_disk(backup: str, disk: int, target: str, *, point: str | None = Non
     ``point`` selects an earlier point of the chain (id prefix or file name).
     ``start_entry`` resumes: only ``plan[start_entry:]`` runs. Other keyword
     arguments go to :func:`run_plan` (threads, queue_depth, lanes, on_counters, ...).
+
+    ``backup`` may be ``repo://HOST:PORT/PATH`` (a repository agent): the token
+    comes from ``token_file`` or $VMRESTORE_REPO_TOKEN; the plan is made over
+    the wire and the core pulls the extents itself (mover.repo_source).
+    Extra keywords then: ``connections`` (per reader), ``client``, ``retries``.
+    ``repos://`` (TLS) is refused here: use the proxy mover.
     """
+    from vmrestore.mover.client import is_repo_url
+
+    if is_repo_url(backup):
+        return _restore_from_agent(backup, disk, target, point=point, force=force,
+                                   target_zeroed=target_zeroed, start_entry=start_entry,
+                                   **kwargs)
     from vmrestore.repository.plan import build_plan
     from vmrestore.repository.reader import open_chain
 
@@ -134,3 +163,19 @@ def restore_disk(backup: str, disk: int, target: str, *, point: str | None = Non
     return run_plan(dp.plan[start_entry:], dp.sources, target, disk=disk,
                     capacity=dp.capacity, force=force or start_entry > 0,
                     target_zeroed=target_zeroed, **kwargs)
+
+
+def _restore_from_agent(url: str, disk: int, target: str, *, token_file: str | None = None,
+                        on_start: Callable[[Any], None] | None = None,
+                        **kwargs: Any) -> RestoreResult:
+    from vmrestore.mover.client import RepoURL, load_token
+    from vmrestore.mover.repo_source import restore_repo_disk
+
+    ru = RepoURL.parse(url)
+    if ru.tls:
+        raise UsageError(f"{url}: TLS (repos://) restores run in the proxy mover's Python path "
+                         "(vmrestore proxy-mover); restore-disk takes repo:// only")
+    if on_start is not None:
+        raise UsageError("checkpoints (on_start) are not offered for repository restores: "
+                         "a reconnect restarts the job from its completed prefix")
+    return restore_repo_disk(ru, load_token(token_file), disk, target, **kwargs)

@@ -26,7 +26,15 @@ target URIs:
      VDDK extras: &transports=san:hotadd:nbdssl:nbd (tried in order), &thumbprint=SHA1,
      &password_file=PATH (or $VMRESTORE_VDDK_PASSWORD), &new=1 (new disk: skip zeros),
      &snapshot=MOREF, &nfc_port=N; vddk:///PATH/DISK.vmdk for a local file (docs/vddk.md)
-See docs/core.md for details.
+source:
+  BACKUP                           a local restore point file (*.vmrb), chain resolved locally
+  repo://HOST:PORT/PATH            a repository agent (vmrestore repo-agent): planned over the
+                                   wire, extents pulled by the compiled core (pipelined requests,
+                                   --agent-connections sockets), reconnect + resume on loss;
+                                   token from --token-file or $VMRESTORE_REPO_TOKEN.
+                                   repos:// (TLS) is not handled here: TLS stays in Python, use
+                                   'vmrestore proxy-mover' (files and block devices only)
+See docs/core.md and docs/protocol.md for details.
 """
 
 
@@ -37,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Restore one disk of a restore point (its chain resolved) on the compiled "
                     "pipeline: every block is checked against its XXH3-128 before it is written.",
         epilog=TARGETS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("backup", metavar="BACKUP", help="restore point file (*.vmrb)")
+    p.add_argument("backup", metavar="BACKUP",
+                   help="restore point file (*.vmrb) or repo://HOST:PORT/PATH")
     p.add_argument("--disk", type=int, required=True, metavar="N", help="disk index (from 0)")
     p.add_argument("--to", required=True, metavar="URI", dest="target", help="target (below)")
     p.add_argument("--point", metavar="ID",
@@ -55,16 +64,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-zeroed", action="store_true",
                    help="the target already reads as zeros: skip zero ranges")
     p.add_argument("--no-direct", action="store_true", help="do not use O_DIRECT")
+    p.add_argument("--token-file", metavar="F",
+                   help="repo://: the per-job token (default $VMRESTORE_REPO_TOKEN)")
+    p.add_argument("--agent-connections", type=int, default=0, metavar="N",
+                   help="repo://: connections to the agent (default 2)")
+    p.add_argument("--retries", type=int, default=5, metavar="R",
+                   help="repo://: reconnects without progress before giving up (default 5)")
+    p.add_argument("--client", metavar="NAME", help="repo://: client name shown to the agent")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmrestore.mover.client import is_repo_url
     from vmrestore.restore_disk import restore_disk
     from vmrestore.ui import Display
 
-    for name in ("threads", "queue_depth", "connections", "buffers"):
+    for name in ("threads", "queue_depth", "connections", "buffers", "agent_connections",
+                 "retries"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if args.disk < 0:
@@ -75,11 +93,20 @@ def run(args: argparse.Namespace) -> int:
         def progress(c: Any) -> None:
             task.update(completed=c.bytes_done, total=c.bytes_total or None)
 
+        extra: dict[str, Any] = {}
+        if is_repo_url(args.backup):
+            extra = {"token_file": args.token_file, "client": args.client,
+                     "retries": args.retries}
+            if args.agent_connections:
+                extra["connections"] = args.agent_connections
+        elif args.token_file or args.agent_connections or args.client:
+            raise UsageError("--token-file, --agent-connections and --client need a "
+                             "repo:// source")
         res = restore_disk(args.backup, args.disk, args.target, point=args.point,
                            force=args.force, target_zeroed=True if args.target_zeroed else None,
                            threads=args.threads, queue_depth=args.queue_depth,
                            lanes=args.connections, buffers=args.buffers,
-                           direct=not args.no_direct, on_counters=progress)
+                           direct=not args.no_direct, on_counters=progress, **extra)
         task.done()
     if args.json:
         json.dump(res.as_dict(), sys.stdout, indent=2)
@@ -90,4 +117,8 @@ def run(args: argparse.Namespace) -> int:
               f"{res.seconds:.2f} s ({res.mb_per_s:.1f} MiB/s); written {res.bytes_written}, "
               f"zeroed {res.bytes_zeroed}, skipped {res.bytes_skipped}; busy: {busy}; "
               f"peak RSS {res.peak_rss >> 20} MiB", file=sys.stderr)
+        if res.source == "repository":
+            print(f"  from the agent: {res.wire_bytes} bytes on the wire for "
+                  f"{res.capacity} logical ({res.wire_ratio:.3f}), {res.reconnects} "
+                  f"reconnects, {res.refetches} re-fetches", file=sys.stderr)
     return 0

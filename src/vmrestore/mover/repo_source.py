@@ -1,0 +1,300 @@
+"""Restore one disk from a repository agent on the C core (ext/core/source_repo.c).
+
+Python decides, C moves bytes: this module plans over the wire (the
+repository reader over :class:`RemoteSource`, metadata ranges only), opens
+and authenticates the data connections (handshake, OPEN of every chain file,
+footer checksum = the very restore point that was planned), hands the plain
+sockets to the core and waits. The core pulls the stored extents with
+pipelined EXTENTS requests into its own read buffers, decompresses, checks
+XXH3-128 and writes to any target URI (file, block device, nbd, san, vddk).
+
+Robustness lives here, because only here can we re-authenticate:
+
+- a lost connection (agent restarted, network cut, a corrupted frame) stops
+  the job with a TransportError; we reconnect (backoff 0.2 s doubling to
+  5 s) and run ``plan[completed_prefix:]`` again on fresh sockets. After
+  ``retries`` consecutive failures without progress: TransportError naming
+  the disk, the plan entry and the disk offset;
+- a checksum mismatch (a flipped bit on the wire) stops the job before the
+  block is written; the same resume fetches it once more. The same entry
+  failing again is a ChecksumError naming disk, block and offset: the stored
+  data is bad.
+
+TLS (``repos://``) is not handed to C: Python's ssl session cannot be moved
+into the core, so a TLS restore runs mover/remote.py's batch loop (local
+files and block devices only). docs/protocol.md, "Proxy data path".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vmrestore.errors import (
+    AuthenticationError,
+    ChecksumError,
+    MoverError,
+    RemoteError,
+    TransportError,
+    UsageError,
+)
+from vmrestore.mover.client import Connection, RemoteSource, RepoURL
+
+log = logging.getLogger("vmrestore.mover.repo_source")
+
+DEFAULT_READERS = 1
+DEFAULT_CONNECTIONS = 2     # per reader: the agent serves one request per connection at a time
+DEFAULT_DEPTH = 4           # EXTENTS requests in flight per connection
+DEFAULT_BATCH = 4 << 20     # stored bytes per EXTENTS request
+RETRIES = 5
+IO_TIMEOUT_MS = 60_000
+
+
+@dataclass(frozen=True)
+class RemotePlan:
+    """A disk plan made over the wire, and what the data connections must re-open."""
+
+    plan: Any                    # repository.plan.DiskPlan (sources are paths relative to root)
+    sums: dict[str, bytes]       # footer checksum of every chain file
+    metadata_bytes: int          # received while planning
+    tls: bool
+
+
+def plan_remote(url: RepoURL, token: bytes, disk: int, *, point: str | None = None,
+                client: str | None = None) -> RemotePlan:
+    """Open the chain on the agent (metadata only) and build the disk's plan."""
+    from vmrestore.repository.plan import build_plan
+    from vmrestore.repository.reader import open_chain
+
+    conn = Connection(url, token, client)
+    try:
+        full = open_chain(RemoteSource(conn, url.path))
+        chain = full.at(point) if point else full
+        dp = build_plan(chain, disk)
+        sums = {p.path: p.footer.checksum for p in chain.points}
+        return RemotePlan(dp, sums, conn.wire_bytes, conn.tls)
+    finally:
+        conn.close()
+
+
+@dataclass
+class DataConnections:
+    """Authenticated sockets for the core, plus what their handshakes cost on the wire."""
+
+    repo: dict[str, Any]
+    handshake_bytes: int
+
+
+def open_data_connections(url: RepoURL, token: bytes, sources: list[str],
+                          sums: dict[str, bytes], *, readers: int, per_reader: int,
+                          client: str | None = None, depth: int = DEFAULT_DEPTH,
+                          batch_bytes: int = DEFAULT_BATCH) -> DataConnections:
+    """readers x per_reader connections, every chain file opened and checked on each."""
+    conns: list[Connection] = []
+    try:
+        handles: list[int] = []
+        for _ in range(readers * per_reader):
+            c = Connection(url, token, client)
+            conns.append(c)
+            for rel in sources:
+                f = c.open(rel)
+                if f.footer_sum != sums[rel]:
+                    raise MoverError(f"{rel} on the agent is not the restore point that was "
+                                     "planned (footer checksum differs)")
+                handles.append(f.handle)
+        max_ranges = min(c.max_ranges for c in conns)
+        max_bulk = min(c.max_bulk for c in conns)
+        hs = sum(c.wire_bytes for c in conns)
+        fds = []
+        for c in conns:
+            c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            fds.append(c.detach_fd())
+        conns = []
+    except BaseException:
+        for c in conns:
+            with contextlib.suppress(Exception):
+                c.sock.close()
+        raise
+    return DataConnections({"fds": fds, "handles": handles, "readers": readers,
+                            "max_ranges": max_ranges, "max_bulk": max_bulk,
+                            "batch_bytes": min(batch_bytes, max_bulk), "depth": depth,
+                            "io_timeout_ms": IO_TIMEOUT_MS}, hs)
+
+
+@dataclass
+class RepoRun:
+    """What run_repo_plan did over all its attempts."""
+
+    counters: Any                # pipeline.Counters of the whole plan (summed over attempts)
+    wire_bytes: int = 0          # data connections: handshakes + frames + stored extents
+    stored_bytes: int = 0        # stored extent bytes received
+    requests: int = 0
+    reconnects: int = 0
+    refetches: int = 0
+    connections: int = 0
+
+
+def _sum_counters(acc: Any, c: Any, prefix_base: int, total: int) -> Any:
+    """Counters of the run so far: earlier attempts' bytes + this attempt's."""
+    if acc is None:
+        return dataclasses.replace(c, completed_prefix=prefix_base + c.completed_prefix,
+                                   bytes_total=total)
+    add = ("bytes_read", "bytes_decompressed", "bytes_written", "bytes_zeroed", "bytes_skipped",
+           "read_ns", "decompress_ns", "write_ns", "entries_done", "elapsed_ns")
+    return dataclasses.replace(c, **{k: getattr(acc, k) + getattr(c, k) for k in add},
+                               completed_prefix=prefix_base + c.completed_prefix,
+                               entries_total=acc.entries_total, bytes_total=total)
+
+
+def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], writer: Any,
+                  url: RepoURL, token: bytes, *, disk: int = 0, settings: Any = None,
+                  per_reader: int = DEFAULT_CONNECTIONS, retries: int = RETRIES,
+                  client: str | None = None,
+                  on_counters: Callable[[Any], None] | None = None,
+                  interval: float = 0.25) -> RepoRun:
+    """Run ``plan`` into the open ``writer`` from the agent; reconnect and resume on loss."""
+    from vmrestore import pipeline as pl
+
+    if url.tls:
+        raise UsageError(f"{url}: TLS connections stay in Python; use the batch loop "
+                         "(mover.remote) for repos:// URLs")
+    s = settings or pl.Settings()
+    readers = s.readers or DEFAULT_READERS
+    s = dataclasses.replace(s, readers=readers)
+    total_bytes = int(plan["length"].sum()) if len(plan) else 0
+    ends = np.cumsum(plan["length"].astype(np.int64)) if len(plan) else np.zeros(0, np.int64)
+    run = RepoRun(counters=None, connections=readers * per_reader)
+    pos = 0                      # entries of `plan` done (durable at the end of the run)
+    failures = 0                 # consecutive failed attempts without progress
+    refetched: set[int] = set()
+    last_err: BaseException | None = None
+
+    def give_up(e: BaseException) -> TransportError:
+        off = int(ends[pos - 1]) if pos > 0 else 0
+        if pos < len(plan):
+            off = int(plan["dst_off"][pos])
+        return TransportError(
+            f"disk {disk}: lost the repository agent {url.host}:{url.port} at disk offset "
+            f"{off} (plan entry {pos} of {len(plan)}) and {retries} reconnects failed: {e}")
+
+    while True:
+        if failures:
+            if failures > retries:
+                raise give_up(last_err or TransportError("no connection"))
+            delay = min(0.2 * 2 ** (failures - 1), 5.0)
+            log.warning("disk %d: repository agent connection lost (%s); reconnect %d/%d in "
+                        "%.1f s, resuming at plan entry %d", disk, last_err, failures, retries,
+                        delay, pos)
+            time.sleep(delay)
+            run.reconnects += 1
+        try:
+            dc = open_data_connections(url, token, sources, sums, readers=readers,
+                                       per_reader=per_reader, client=client)
+        except (AuthenticationError, RemoteError):
+            raise
+        except (MoverError, OSError) as e:
+            if "footer checksum" in str(e):
+                raise             # another restore point: not something a retry fixes
+            failures += 1
+            last_err = e
+            continue
+        run.wire_bytes += dc.handshake_bytes
+        base = pos
+        acc = run.counters
+
+        def forward(c: Any, base: int = base, acc: Any = acc) -> None:
+            if on_counters is not None:
+                on_counters(_sum_counters(acc, c, base, total_bytes))
+
+        job = pl.Job(plan[pos:], sources, writer, disk=disk, settings=s, repo=dc.repo)
+        try:
+            try:
+                job.run(forward, interval)
+                err: BaseException | None = None
+            except (TransportError, ChecksumError) as e:
+                err = e
+            c = job.counters()
+        finally:
+            job.close()
+        st = job.source_stats()
+        run.wire_bytes += st["wire_bytes"]
+        run.stored_bytes += st["bulk_bytes"]
+        run.requests += st["requests"]
+        run.counters = _sum_counters(acc, c, base, total_bytes)
+        if err is None:
+            return run
+        done = c.completed_prefix
+        pos = base + done
+        if isinstance(err, ChecksumError):
+            idx = base + (getattr(err, "plan_index", None) or 0)
+            if idx in refetched:
+                raise err
+            refetched.add(idx)
+            run.refetches += 1
+            log.warning("%s: fetching it again", err)
+            failures = 0
+            continue
+        failures = 1 if done > 0 else failures + 1   # progress resets the retry budget
+        last_err = err
+
+
+def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
+                      point: str | None = None, force: bool = False,
+                      target_zeroed: bool | None = None, start_entry: int = 0,
+                      threads: int = 0, queue_depth: int = 0, lanes: int = 0, readers: int = 0,
+                      buffers: int = 0, direct: bool = True, retries: int = RETRIES,
+                      connections: int = DEFAULT_CONNECTIONS, client: str | None = None,
+                      on_counters: Callable[[Any], None] | None = None,
+                      interval: float = 0.25) -> Any:
+    """restore_disk() for a repo:// backup: plan over the wire, data through the C source.
+
+    Returns a vmrestore.restore_disk.RestoreResult with the wire fields filled.
+    """
+    from vmrestore import pipeline as pl
+    from vmrestore.restore_disk import MiB, RestoreResult, peak_rss
+    from vmrestore.transport.uri import OpenOptions, open_target, parse_target
+
+    t0 = time.monotonic()
+    rp = plan_remote(url, token, disk, point=point, client=client)
+    dp = rp.plan
+    if not 0 <= start_entry <= len(dp.plan):
+        raise UsageError(f"start entry {start_entry} outside the plan (0..{len(dp.plan)})")
+    spec = parse_target(target)
+    writer = open_target(spec, dp.capacity, OpenOptions(
+        force=force or start_entry > 0, target_zeroed=target_zeroed, direct=direct,
+        retries=3))
+    try:
+        settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
+                               queue_depth=queue_depth, buffers=buffers)
+        run = run_repo_plan(dp.plan[start_entry:], dp.sources, rp.sums, writer, url, token,
+                            disk=disk, settings=settings, per_reader=connections,
+                            retries=retries, client=client, on_counters=on_counters,
+                            interval=interval)
+        name, note = writer.name, writer.note
+    finally:
+        writer.close()
+    seconds = time.monotonic() - t0
+    c = run.counters
+    resumed = int(dp.plan["length"][:start_entry].sum()) if start_entry else 0
+    return RestoreResult(
+        disk=disk, target=target, transport=spec.transport, writer=name, capacity=dp.capacity,
+        bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
+        bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, seconds=seconds,
+        mb_per_s=c.bytes_done / MiB / seconds if seconds > 0 else 0.0, peak_rss=peak_rss(),
+        busy=c.busy, busy_ns=c.busy_ns, elapsed_ns=c.elapsed_ns, entries=len(dp.plan),
+        completed_prefix=start_entry + c.completed_prefix,
+        settings={"readers": c.readers, "threads": c.threads, "lanes": c.lanes,
+                  "queue_depth": c.queue_depth, "buffers": c.buffers,
+                  "connections": run.connections},
+        notes=[note] if note else [], source="repository", resumed_bytes=resumed,
+        wire_bytes=rp.metadata_bytes + run.wire_bytes, stored_bytes=run.stored_bytes,
+        metadata_bytes=rp.metadata_bytes, reconnects=run.reconnects, refetches=run.refetches,
+        connections=run.connections, tls=False)
