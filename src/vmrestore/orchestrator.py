@@ -101,7 +101,6 @@ class Orchestrator:
         self.ds_types: dict[str, str] = {}
         self.luns: dict[str, str] = {}
         self.proxy: infra_mod.Proxy | None = None
-        self._created_vm = False
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -179,7 +178,8 @@ class Orchestrator:
             self.rollback()
             if self.state is not None and self.state.data:
                 self.state.remove()
-        except VmrError as e2:
+        except Exception as e2:  # whatever broke: report it, keep the ledger for a retry
+            log.debug("rollback failed", exc_info=True)
             self.report.rollback.append(f"rollback incomplete: {e2}")
             self.say(f"rollback incomplete: {e2}")
             if self.state is not None and self.state.data:
