@@ -147,15 +147,55 @@ def _error_event(e: BaseException, disk: int | None) -> dict[str, Any]:
 
 
 def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
+    """A disk from a repository agent: the core's repo source (any target URI).
+
+    repos:// (TLS) keeps Python's TLS session, so it runs mover.remote's batch
+    loop instead (local files and block devices only).
+    """
     from vmrestore.mover.client import RepoURL, load_token
-    from vmrestore.mover.remote import restore_remote_disk
 
     url = RepoURL.parse(job.repository or "")
     token = load_token(job.token_file)
+    last = [0.0]
+    if url.tls:
+        return _run_remote_tls(job, dj, emit, url, token)
+    from vmrestore.mover.repo_source import restore_repo_disk
+
+    resumed = [0]
+
+    def on_counters(c: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] >= job.progress_interval:
+            last[0] = now
+            emit({"event": "progress", "disk": dj.disk, "done": resumed[0] + c.bytes_done,
+                  "total": resumed[0] + c.bytes_total,
+                  "completed_prefix": dj.start_entry + c.completed_prefix})
+
+    if dj.start_entry:
+        from vmrestore.mover.repo_source import plan_remote
+
+        dp = plan_remote(url, token, dj.disk, point=job.point, client=job.client).plan
+        resumed[0] = int(dp.plan["length"][: dj.start_entry].sum())
+    res = restore_repo_disk(url, token, dj.disk, dj.target, point=job.point, force=job.force,
+                            target_zeroed=dj.target_zeroed, start_entry=dj.start_entry,
+                            threads=job.threads or 0, queue_depth=job.queue_depth or 0,
+                            retries=job.retries, connections=job.connections,
+                            client=job.client, on_counters=on_counters)
+    if res.reconnects or res.refetches:
+        emit({"event": "warning", "disk": dj.disk,
+              "message": f"{res.reconnects} reconnects, {res.refetches} re-fetched extents"})
+    return {**res.as_dict(), "source": "repository"}
+
+
+def _run_remote_tls(job: Job, dj: DiskJob, emit: Emit, url: Any, token: bytes
+                    ) -> dict[str, Any]:
+    from vmrestore.mover.remote import restore_remote_disk
+
     target = dj.target.removeprefix("file://")
-    if "://" in target:
-        raise UsageError(f"disk {dj.disk}: target {dj.target}: from a repository agent this "
-                         "build writes local files and block devices only")
+    if "://" in target or target.startswith("san:"):
+        raise UsageError(f"disk {dj.disk}: target {dj.target}: over TLS (repos://) this build "
+                         "writes local files and block devices only (TLS stays in Python); "
+                         "use repo:// for nbd/san/vddk targets")
     last = [0.0]
 
     def progress(done: int, total: int, prefix: int) -> None:
