@@ -183,6 +183,7 @@ class Timed:
     seconds: float
     returncode: int
     maxrss_kib: int
+    cpu_s: float  # user + system CPU seconds of the tool (GNU time %U + %S)
     stdout: str
     stderr: str
 
@@ -192,6 +193,7 @@ def _vmrestore() -> list[str]:
 
 
 TIME = "/usr/bin/time"
+TIME_FMT = "%M %U %S"
 
 
 def run_timed(cmd: list[str], timeout: float, log_dir: Path, tag: str) -> Timed:
@@ -208,7 +210,7 @@ def run_timed(cmd: list[str], timeout: float, log_dir: Path, tag: str) -> Timed:
     rss_p.unlink(missing_ok=True)
     with open(out_p, "wb") as out, open(err_p, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([TIME, "-f", "%M", "-o", str(rss_p), "--", *cmd],
+        proc = subprocess.Popen([TIME, "-f", TIME_FMT, "-o", str(rss_p), "--", *cmd],
                                 stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         box: dict[str, Any] = {}
 
@@ -233,16 +235,17 @@ def run_timed(cmd: list[str], timeout: float, log_dir: Path, tag: str) -> Timed:
                 th.join(10)
             raise
         proc.returncode = os.waitstatus_to_exitcode(box["status"])
-    rss = _read_rss(rss_p)
-    return Timed(cmd, box["t"] - t0, proc.returncode, rss,
+    rss, cpu = _read_time(rss_p)
+    return Timed(cmd, box["t"] - t0, proc.returncode, rss, cpu,
                  out_p.read_text(errors="replace"), err_p.read_text(errors="replace"))
 
 
-def _read_rss(path: Path) -> int:
-    """GNU time's %M (KiB) is the last line; a signal note may come before it."""
+def _read_time(path: Path) -> tuple[int, float]:
+    """(peak RSS KiB, CPU s) from GNU time's last line; a signal note may come before it."""
     with contextlib.suppress(OSError, ValueError, IndexError):
-        return int(path.read_text().split()[-1])
-    return 0
+        rss, user, system = path.read_text().splitlines()[-1].split()
+        return int(rss), float(user) + float(system)
+    return 0, 0.0
 
 
 def _kill_tree(pid: int) -> None:
@@ -283,6 +286,7 @@ class Server:
     sock: Path
     rss_file: Path | None = None
     maxrss_kib: int = 0
+    cpu_s: float = 0.0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -299,25 +303,32 @@ class Server:
                 _kill_tree(self.proc.pid)
                 self.proc.wait()
         if self.rss_file is not None:
-            self.maxrss_kib = _read_rss(self.rss_file)
+            self.maxrss_kib, self.cpu_s = _read_time(self.rss_file)
         with contextlib.suppress(FileNotFoundError):
             self.sock.unlink()
 
 
 @contextlib.contextmanager
 def nbdkit_file(target: Path, size: int, sock: Path, log: Path) -> Iterator[Server]:
-    """A fresh sparse target file served by nbdkit's file plugin on a unix socket."""
+    """A fresh sparse target file served by nbdkit's file plugin on a unix socket.
+
+    Under GNU time too, so the report can say how much CPU the target itself
+    took from the two shared cores.
+    """
     with open(target, "wb") as f:
         f.truncate(size)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
+    rss = log.with_suffix(".time")
+    rss.unlink(missing_ok=True)
     with open(log, "ab") as lf:
         proc = subprocess.Popen(
-            ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock),
+            [TIME, "-f", TIME_FMT, "-o", str(rss), "--",
+             "nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock),
              "file", f"file={target}"],
             stdout=lf, stderr=lf, stdin=subprocess.DEVNULL,
         )
-    srv = Server("nbdkit", proc, sock)
+    srv = Server("nbdkit", proc, sock, rss)
     try:
         _wait_nbd(sock, proc, "nbdkit")
         yield srv
@@ -330,11 +341,11 @@ def qemu_nbd_ro(image: Path, fmt: str, sock: Path, log: Path) -> Iterator[Server
     """qemu-nbd serving `image` read-only on a unix socket, several clients allowed."""
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
-    rss = log.with_suffix(".rss")
+    rss = log.with_suffix(".time")
     rss.unlink(missing_ok=True)
     with open(log, "ab") as lf:
         proc = subprocess.Popen(
-            [TIME, "-f", "%M", "-o", str(rss), "--",
+            [TIME, "-f", TIME_FMT, "-o", str(rss), "--",
              "qemu-nbd", "--read-only", "--persistent", "--shared=16", "-f", fmt,
              "-k", str(sock), str(image)],
             stdout=lf, stderr=lf, stdin=subprocess.DEVNULL,
@@ -486,7 +497,10 @@ class Row:
     how: str
     seconds: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
     server_rss_kib: list[int] = field(default_factory=list)
+    server_cpu_s: list[float] = field(default_factory=list)
+    target_cpu_s: list[float] = field(default_factory=list)
     verified: int = 0
     error: str = ""
     skipped: str = ""
@@ -635,8 +649,9 @@ def _run_one(case: Case, row: Row, ctx: Ctx, opts: Options, wd: Path,
     logs = wd / "logs"
     with contextlib.ExitStack() as per_run:
         target_path: str
+        tsrv: Server | None = None
         if case.target == "nbd":
-            srv = per_run.enter_context(
+            srv = tsrv = per_run.enter_context(
                 nbdkit_file(wd / "target-nbd.img", opts.size, wd / "target.sock",
                             logs / "nbdkit.log"))
             ctx.uri = f"nbd+unix:///?socket={srv.sock}"
@@ -659,6 +674,9 @@ def _run_one(case: Case, row: Row, ctx: Ctx, opts: Options, wd: Path,
         per_run.close()  # stop servers: the target file is final, server RSS known
         if src is not None:
             row.server_rss_kib.append(src.maxrss_kib)
+            row.server_cpu_s.append(src.cpu_s)
+        if tsrv is not None:
+            row.target_cpu_s.append(tsrv.cpu_s)
     if res.returncode != 0:
         tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-3:]
         raise TargetError(f"{case.key} run {run_no}: exit {res.returncode}: {' | '.join(tail)}")
@@ -667,6 +685,7 @@ def _run_one(case: Case, row: Row, ctx: Ctx, opts: Options, wd: Path,
     row.verified += 1
     row.seconds.append(res.seconds)
     row.rss_kib.append(res.maxrss_kib)
+    row.cpu_s.append(res.cpu_s)
     if case.tool.startswith("vmrestore"):
         with contextlib.suppress(ValueError):
             row.detail.setdefault("json", []).append(json.loads(res.stdout))
@@ -766,6 +785,11 @@ def _summarize(rows: dict[str, Row], size: int) -> list[dict[str, Any]]:
         d["peak_rss_kib"] = max(r.rss_kib) if r.rss_kib else None
         d["server_peak_rss_kib"] = max(r.server_rss_kib) if r.server_rss_kib else None
         d["seconds"] = [round(s, 3) for s in r.seconds]
+        i = r.seconds.index(best) if best else None
+        d["best_cpu_s"] = round(r.cpu_s[i] + (r.server_cpu_s[i] if r.server_cpu_s else 0), 2) \
+            if i is not None else None
+        d["best_target_cpu_s"] = round(r.target_cpu_s[i], 2) \
+            if i is not None and r.target_cpu_s else None
         if "json" in r.detail and best:
             d["detail"] = {"restore_disk_json_best": r.detail["json"][r.seconds.index(best)]}
         out.append(d)
@@ -882,26 +906,34 @@ def render(report: dict[str, Any]) -> str:
         f"best of {report['runs']}, caches dropped before each run: "
         f"{'yes' if report['drop_caches'] else 'no'}; every run byte-verified",
         "",
-        "| target | tool | best s | MB/s | vs vmrestore | peak RSS | server RSS | runs (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| target | tool | best s | MB/s | vs vmrestore | CPU s | peak RSS | server RSS "
+        "| runs (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["results"]:
         if r["skipped"] or r["error"]:
             note = "skipped: " + r["skipped"] if r["skipped"] else "FAILED: " + r["error"]
-            lines.append(f"| {r['target']} | {r['tool']} | - | - | - | - | - | {note} |")
+            lines.append(f"| {r['target']} | {r['tool']} | - | - | - | - | - | - | {note} |")
             continue
         ratio = f"{r['ratio_to_vmrestore']:.2f}x" if r["ratio_to_vmrestore"] else "-"
         lines.append(
             f"| {r['target']} | {r['tool']} | {r['best_s']:.2f} | {r['mb_s']:.0f} | {ratio} | "
-            f"{_kib(r['peak_rss_kib'])} | {_kib(r['server_peak_rss_kib'])} | "
+            f"{r['best_cpu_s']:.2f} | {_kib(r['peak_rss_kib'])} | "
+            f"{_kib(r['server_peak_rss_kib'])} | "
             f"{', '.join(f'{s:.2f}' for s in r['seconds'])} |")
     lines += ["", "vs vmrestore = tool seconds / vmrestore seconds on the same target "
-              "(> 1: vmrestore is faster). MB/s = logical disk bytes / 10^6 / s.", ""]
+              "(> 1: vmrestore is faster). MB/s = logical disk bytes / 10^6 / s. CPU s = user + "
+              "system seconds of the tool (plus qemu-nbd's, where used) in the best run; the "
+              "nbdkit target's CPU is not counted.", ""]
     lines += ["| issue 4 target | measured | bound | status |", "|---|---:|---|---|"]
     for t in report["targets"]:
         val = "-" if t["ratio"] is None else (
             f"{t['ratio']} MiB" if "RSS" in t["target"] else f"{t['ratio']:.2f}x")
         lines.append(f"| {t['target']} | {val} | {t['bound']} | {t['status']} |")
+    tcpu = [f"{r['tool']} {r['best_target_cpu_s']:.2f}" for r in report["results"]
+            if r.get("best_target_cpu_s") is not None]
+    if tcpu:
+        lines.append(f"\nCPU s of the nbdkit target in each tool's best run: {'; '.join(tcpu)}")
     lines += [f"\n{w}" for w in report.get("where_time_goes", [])]
     return "\n".join(lines)
 

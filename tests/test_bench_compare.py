@@ -110,6 +110,8 @@ def test_compare_smoke_every_row_verified(compare: ModuleType, tmp_path: Path) -
         assert not r["error"], r
         assert r["verified"] == 1 and len(r["seconds"]) == 1, r
         assert r["best_s"] > 0 and r["mb_s"] > 0 and r["peak_rss_kib"] > 0, r
+        assert r["best_cpu_s"] is not None and r["best_cpu_s"] >= 0, r
+        assert (r["best_target_cpu_s"] is not None) == (r["target"] == "nbd"), r
     assert rows["nbd/nbdcopy-qemu-nbd"]["server_peak_rss_kib"] > 0
     assert {"nbd/qemu-img", "nbd/nbdcopy-qemu-nbd", "nbd/nbdcopy-raw", "loop/qemu-img",
             "loop/dd-raw"} <= {r["key"] for r in ran}
