@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import need, need_root, need_tool
+from support import need, need_root, need_tool
 
 MiB = 1 << 20
 

@@ -31,21 +31,7 @@ from typing import Any
 
 import pytest
 
-
-def _root_conftest() -> Any:
-    # tests/conftest.py by path: the name "conftest" may be a sub-folder's conftest here.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "vmr_tests_root_conftest", Path(__file__).with_name("conftest.py"))
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_rc = _root_conftest()
-need, need_root, need_tool, run_cli = _rc.need, _rc.need_root, _rc.need_tool, _rc.run_cli
+from support import need, need_root, need_tool, run_cli  # noqa: F401
 
 
 @pytest.fixture(scope="session")

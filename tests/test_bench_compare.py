@@ -17,8 +17,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from tests.conftest import need, need_root, need_tool, run_cli
 
+from support import need, need_root, need_tool, run_cli
 from vmrestore.errors import UsageError
 
 PEERS = ("nbdkit", "qemu-img", "qemu-nbd", "nbdcopy", "/usr/bin/time", "losetup")
@@ -155,4 +155,18 @@ def test_compare_ctrl_c_cleans_up(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_rss_report_small(tmp_path: Path) -> None:
+    need_tool("nbdkit", "/usr/bin/time")
+    proc = run_cli("bench", "rss", "--sizes", "8M,16M", "--data-every", "4", "--json",
+                   "--workdir", str(tmp_path), timeout=300)
+    if "not available yet" in proc.stderr:
+        need(False, proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    assert [(r["size"], r["target"]) for r in results] == [
+        (8 << 20, "file"), (8 << 20, "nbd"), (16 << 20, "file"), (16 << 20, "nbd")]
+    assert all(r["verified"] and r["peak_rss_kib"] > 0 for r in results)
     assert _leftovers(tmp_path) == []

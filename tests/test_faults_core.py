@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, need_tool
 from core_helpers import MiB, backup, make_image, nbdkit, restore_cli, synth_plan
+from support import ROOT, need_tool
 
 
 @pytest.fixture

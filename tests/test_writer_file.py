@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need_tool
 from core_helpers import MiB, drop_caches, loop_device, make_image, mounted, synth_plan
+from support import need_tool
 from vmrestore.errors import TargetError
 from vmrestore.plan import KIND_ZERO
 from vmrestore.restore_disk import run_plan

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from mover_helpers import TOKEN, mover_job
-from tests.conftest import need_tool, run_cli
 
+from support import need_tool, run_cli
 from vmrestore.errors import AuthenticationError, MoverError, RemoteError
 from vmrestore.mover import protocol as P
 from vmrestore.mover.client import Connection, RemoteSource, RepoURL

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 from mover_helpers import AgentProc, mover_job
-from tests.conftest import need, need_root, need_tool
 
+from support import need, need_root, need_tool
 from vmrestore.mover.launcher import ProxyMover
 
 SUBNET = "10.231.{}.{}"

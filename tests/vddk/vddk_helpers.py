@@ -8,13 +8,11 @@ returns its vSphere path and flat file), ``lib`` (the loaded Library).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_SRC = ROOT / "ext" / "vddk_sim" / "vddk_sim.c"
@@ -22,18 +20,7 @@ DECL_DIR = ROOT / "ext" / "vixdisklib"
 MIB = 1 << 20
 
 
-def _root_conftest() -> Any:
-    # tests/conftest.py by path: "conftest" is this folder's own conftest here.
-    spec = importlib.util.spec_from_file_location(
-        "vmr_tests_root_conftest_vddk", ROOT / "tests" / "conftest.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_rc = _root_conftest()
-need, need_tool, run_cli = _rc.need, _rc.need_tool, _rc.run_cli
+from support import need, need_tool, run_cli  # noqa: E402, F401
 
 
 @dataclass
