@@ -839,7 +839,7 @@ def run_rss(sizes: list[int], workdir: Path | None, keep: bool, data_every: int,
         (wd / "logs").mkdir(exist_ok=True)
         _install_sigterm(stack)
         for size in sizes:
-            raw, vmrb = wd / f"rss-{size >> 30}g.raw", wd / f"rss-{size >> 30}g.vmrb"
+            raw, vmrb = wd / f"rss-{size >> 20}m.raw", wd / f"rss-{size >> 20}m.vmrb"
             tgt = wd / "rss-target.img"
             for p in (raw, vmrb, tgt):
                 if not keep:
@@ -871,7 +871,7 @@ def run_rss(sizes: list[int], workdir: Path | None, keep: bool, data_every: int,
                     if kind == "file":
                         cmd.append("--force")
                     res = run_timed(cmd, max(600.0, size / 20e6), wd / "logs",
-                                    f"rss-{size >> 30}g-{kind}")
+                                    f"rss-{size >> 20}m-{kind}")
                 if res.returncode != 0:
                     raise TargetError(f"restore-disk {fmt_size(size)} -> {kind}: exit "
                                       f"{res.returncode}: {res.stderr.strip()[-300:]}")
