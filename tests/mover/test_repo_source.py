@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from mover_helpers import TOKEN
 from test_faults import FlippingRelay
-from tests.conftest import need_tool, run_cli
 
+from support import need_tool, run_cli
 from vmrestore.errors import ChecksumError, TransportError, UsageError
 from vmrestore.restore_disk import restore_disk
 
@@ -168,3 +168,33 @@ def test_tls_url_and_missing_token_are_usage_errors(sample, agent_factory, tmp_p
                 str(tmp_path / "b.img"))
     assert p.returncode == 2 and "TLS" in p.stderr
     assert not (tmp_path / "a.img").exists() and not (tmp_path / "b.img").exists()
+
+
+def test_orchestrator_session_with_a_repository(sample, agent_factory, tmp_path,
+                                                monkeypatch) -> None:
+    """InProcessMovers (the orchestrator's default) restores a repo:// DiskJob on the core."""
+    from vmrestore.mover.repo_source import open_repository_chain
+    from vmrestore.mover.session import DiskJob, InProcessMovers
+
+    bk, disk = sample
+    agent = agent_factory(bk.parent)
+    monkeypatch.setenv("VMRESTORE_REPO_TOKEN", TOKEN)
+    chain = open_repository_chain(agent.url())
+    try:
+        assert len(chain.points) == 2
+    finally:
+        chain.close()
+    out = tmp_path / "r.img"
+    seen: list[int] = []
+    s = InProcessMovers()
+    s.open()
+    try:
+        o = s.restore_disk(DiskJob(disk=0, backup=agent.url(), target=str(out),
+                                   transport="hotadd", checkpoint=str(tmp_path / "ck")),
+                           lambda p: seen.append(p.done))
+    finally:
+        s.close()
+    assert filecmp.cmp(out, disk, shallow=False)
+    assert o.bytes_written + o.bytes_skipped + o.bytes_zeroed == disk.stat().st_size
+    assert seen and seen[-1] == disk.stat().st_size
+    assert (tmp_path / "ck").exists()

@@ -85,6 +85,37 @@ def plan_remote(url: RepoURL, token: bytes, disk: int, *, point: str | None = No
         conn.close()
 
 
+def open_repository_chain(url: str, token_file: str | None = None,
+                          client: str | None = None) -> Any:
+    """The chain of a repo:// restore point, read over the wire (for the orchestrator).
+
+    Metadata only (VM config, disks, plans); call ``chain.close()`` when done
+    (it closes the connection). Disks are then restored with a DiskJob whose
+    ``backup`` is the same URL: InProcessMovers / the proxy mover pull the
+    data through the core's repository source.
+    """
+    from vmrestore.mover.client import load_token
+    from vmrestore.repository.reader import open_chain
+
+    ru = RepoURL.parse(url)
+    conn = Connection(ru, load_token(token_file), client)
+    try:
+        chain = open_chain(RemoteSource(conn, ru.path))
+    except BaseException:
+        conn.close()
+        raise
+    close = chain.close
+
+    def close_all() -> None:
+        try:
+            close()
+        finally:
+            conn.close()
+
+    chain.close = close_all
+    return chain
+
+
 @dataclass
 class DataConnections:
     """Authenticated sockets for the core, plus what their handshakes cost on the wire."""

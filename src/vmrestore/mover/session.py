@@ -114,10 +114,13 @@ class InProcessMovers:
                      progress: Callable[[DiskProgress], None] | None = None) -> DiskOutcome:
         from vmrestore import pipeline as pl
         from vmrestore.jobstate import Checkpoint, plan_digest, write_checkpoint
+        from vmrestore.mover.client import is_repo_url
         from vmrestore.repository.plan import build_plan
         from vmrestore.repository.reader import open_chain
         from vmrestore.transport.uri import OpenOptions, open_target
 
+        if is_repo_url(job.backup):
+            return _restore_from_agent(job, progress)
         chain = open_chain(job.backup)
         try:
             dp = build_plan(chain, job.disk)
@@ -202,6 +205,38 @@ class InProcessMovers:
         return out
 
 
+def _restore_from_agent(job: DiskJob,
+                        progress: Callable[[DiskProgress], None] | None) -> DiskOutcome:
+    """A repo:// backup: the core pulls from the agent (token: $VMRESTORE_REPO_TOKEN).
+
+    The prefix is recorded when the disk is done (a reconnect inside restarts
+    from the completed prefix anyway); a resumed job passes start_entry.
+    """
+    from vmrestore.jobstate import Checkpoint, write_checkpoint
+    from vmrestore.mover.client import RepoURL, load_token
+    from vmrestore.mover.repo_source import restore_repo_disk
+
+    t0 = time.monotonic()
+
+    def on_counters(c: Any) -> None:
+        if progress is not None:
+            progress(DiskProgress(job.disk, c.bytes_done, c.bytes_total))
+
+    res = restore_repo_disk(RepoURL.parse(job.backup), load_token(None), job.disk, job.target,
+                            start_entry=job.start_entry, target_zeroed=job.target_zeroed,
+                            threads=job.threads or 0, queue_depth=job.queue_depth or 0,
+                            force=True, on_counters=on_counters)
+    if job.checkpoint:
+        write_checkpoint(Path(job.checkpoint), Checkpoint(job.disk, res.entries, res.entries,
+                                                          "", res.capacity))
+    if progress is not None:
+        progress(DiskProgress(job.disk, res.capacity, res.capacity))
+    return DiskOutcome(job.disk, bytes_written=res.bytes_written, bytes_zeroed=res.bytes_zeroed,
+                       bytes_skipped=res.bytes_skipped, resumed_bytes=res.resumed_bytes,
+                       seconds=time.monotonic() - t0, entries=res.entries - job.start_entry,
+                       busy=dict(res.busy))
+
+
 class SubprocessMovers:
     """The proxy side as a ``vmrestore proxy-mover`` subprocess (docs/proxy-mover.md).
 
@@ -227,7 +262,9 @@ class SubprocessMovers:
         from vmrestore.mover.launcher import run_proxy_mover
 
         spec = {
-            "version": 1, "job_id": f"disk{job.disk}", "source": {"backup": job.backup},
+            "version": 1, "job_id": f"disk{job.disk}",
+            "source": ({"repository": job.backup} if job.backup.startswith(("repo://", "repos://"))
+                       else {"backup": job.backup}),
             "transport": job.transport,
             "disks": [{"disk": job.disk, "target": job.target, "start_entry": job.start_entry,
                        "target_zeroed": job.target_zeroed}],
