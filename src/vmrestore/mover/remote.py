@@ -1,4 +1,9 @@
-"""Restore one disk from a repository agent: plan on the proxy, pull stored extents, verify.
+"""Restore one disk from a repository agent over TLS (repos://): the Python batch loop.
+
+Demoted: plain repo:// restores run on the core's repository source
+(mover/repo_source.py, ext/core/source_repo.c), which any target URI can
+use. This loop stays only for TLS, because Python's TLS session cannot be
+handed to C; it writes local files and block devices.
 
 Planning runs the repository reader unchanged over RemoteSource (metadata
 ranges only). The data phase pulls the plan's stored extents in batches over
