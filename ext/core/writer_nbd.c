@@ -3,9 +3,23 @@
  * Each lane is one NBD connection driven by one pipeline thread: requests go
  * out with nbd_aio_pwrite / nbd_aio_zero and complete inside nbd_poll. The
  * libnbd completion callback only records the result (no libnbd call from a
- * callback); poll() then hands results to the pipeline, or -- for a failed
- * request or a dead connection -- reconnects and resubmits, at most `retries`
- * times per request, before failing with an error naming the offset. */
+ * callback); poll() then hands results to the pipeline, or retries a failed
+ * request, at most `retries` times, before failing with an error naming the
+ * offset. Two kinds of failure stay apart, in the retry and in the error:
+ *
+ * - the server answered with an error (EIO, ENOSPC, ...): the connection is
+ *   fine, so the request is resubmitted on the same connection after a
+ *   backoff; when the attempts are used up it is a TARGET error;
+ * - the connection is gone (ENOTCONN; ESHUTDOWN from a server going away):
+ *   reconnect and resubmit; a connection that cannot be made, or requests
+ *   that keep failing this way, are a TRANSPORT error.
+ *
+ * A connection is never dropped while the server still owes replies: a live
+ * connection is drained (bounded) and shut down cleanly first. Besides being
+ * polite, this matters: nbdkit 1.32 aborts (connections.c raw_send_socket:
+ * assertion `sock >= 0') when a client closes its socket while several worker
+ * threads still send replies, which turned an EIO test into "connection
+ * refused" on the reconnect. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <libnbd.h>
@@ -17,6 +31,7 @@
 #include "writer.h"
 
 enum { R_INFLIGHT = 1, R_OK = 2, R_FAILED = 3, R_RESUBMIT = 4 };
+enum { DRAIN_MS = 5000 }; /* how long a closing connection may take to answer what it owes */
 
 struct nbd_writer {
     char *uri, *psk_file, *tls_username, *cert_dir;
@@ -116,19 +131,55 @@ static void submit(struct nbd_lane *L, struct nreq *r)
     }
     if (c == -1 && r->state == R_INFLIGHT) {
         r->state = R_FAILED;
-        r->err = nbd_get_errno() ? nbd_get_errno() : EIO;
+        r->err = nbd_aio_is_dead(L->h) || nbd_aio_is_closed(L->h) ? ENOTCONN
+                 : nbd_get_errno() ? nbd_get_errno() : EIO;
     }
+}
+
+/* The connection is gone (or going): reconnecting may help, and giving up is a
+ * transport error. Anything else came from a server that answered. */
+static int connection_lost(int e)
+{
+    return e == ENOTCONN || e == ESHUTDOWN;
+}
+
+/* Let the server answer what it still owes on a live connection (bounded), so
+ * that a close never races its reply threads. Completion callbacks run here and
+ * only record results. */
+static void drain(struct nbd_handle *h, int timeout_ms)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (!nbd_aio_is_dead(h) && !nbd_aio_is_closed(h) && nbd_aio_in_flight(h) > 0) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        long ms = (t.tv_sec - t0.tv_sec) * 1000L + (t.tv_nsec - t0.tv_nsec) / 1000000L;
+        if (ms >= timeout_ms || nbd_poll(h, 100) == -1)
+            break;
+    }
+}
+
+/* Drain, then disconnect cleanly when the connection is still usable; close. */
+static int close_handle(struct nbd_handle *h, int timeout_ms)
+{
+    int rc = 0;
+    drain(h, timeout_ms);
+    if (nbd_aio_is_ready(h) && nbd_shutdown(h, 0) == -1)
+        rc = -1;
+    nbd_close(h);
+    return rc;
 }
 
 /* Replace the lane's connection: requests still in flight are resubmitted. */
 static int reconnect(struct nbd_lane *L, struct vmr_error *err)
 {
     struct nbd_writer *w = L->w;
+    if (L->h)
+        drain(L->h, DRAIN_MS); /* answered requests keep their result */
     for (struct nreq *r = L->active; r; r = r->next)
         if (r->state == R_INFLIGHT)
             r->state = R_RESUBMIT;
     if (L->h)
-        nbd_close(L->h);
+        close_handle(L->h, 0);
     L->h = NULL;
     for (uint32_t attempt = 0; attempt < (w->retries ? w->retries : 1); attempt++) {
         sleep_ms(w->retry_delay_ms * (attempt + 1));
@@ -189,7 +240,8 @@ static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
             }
     }
     /* hand back finished requests; collect failures */
-    int retry = 0;
+    int retry = 0, lost = 0;
+    uint32_t backoff = 0;
     struct nreq **pp = &L->active;
     while (*pp) {
         struct nreq *r = *pp;
@@ -211,7 +263,8 @@ static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
                 *pp = r->next;
                 struct vmr_error e = {0};
                 e.plan_index = -1;
-                vmr_error_set(&e, r->err == ENOTCONN ? VMR_E_TRANSPORT : VMR_E_TARGET, r->err,
+                vmr_error_set(&e, connection_lost(r->err) ? VMR_E_TRANSPORT : VMR_E_TARGET,
+                              r->err,
                               r->offset,
                               "%s: %s %u bytes at disk offset %llu failed after %u attempts: %s",
                               w->uri, r->zero ? "zero of" : "write of", r->count,
@@ -221,8 +274,20 @@ static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
             }
             r->state = R_RESUBMIT;
             retry = 1;
+            if (connection_lost(r->err))
+                lost = 1;
+            if (r->attempts > backoff)
+                backoff = r->attempts;
         }
         pp = &r->next;
+    }
+    if (retry && !lost && L->h != NULL && !nbd_aio_is_dead(L->h) && !nbd_aio_is_closed(L->h)) {
+        /* the server answered with an error: same connection, after a backoff */
+        sleep_ms(w->retry_delay_ms * backoff);
+        for (struct nreq *r = L->active; r; r = r->next)
+            if (r->state == R_RESUBMIT)
+                submit(L, r);
+        return L->nactive;
     }
     if (retry) {
         struct vmr_error e = {0};
@@ -365,17 +430,17 @@ static int nw_close_lane(void *lane, struct vmr_error *err)
 {
     struct nbd_lane *L = lane;
     int rc = 0;
+    /* close first (draining what the server owes), then report what is left: the
+     * completion callbacks must never see a freed request */
+    if (L->h && close_handle(L->h, DRAIN_MS) != 0) {
+        nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "shutdown", L->w->uri);
+        rc = -1;
+    }
+    L->h = NULL;
     if (L->nactive) {
         struct vmr_error e = {0};
         vmr_error_set(&e, VMR_E_INTERRUPTED, 0, UINT64_MAX, "connection closed");
         fail_all(L, &e);
-    }
-    if (L->h) {
-        if (nbd_aio_is_ready(L->h) && nbd_shutdown(L->h, 0) == -1) {
-            nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "shutdown", L->w->uri);
-            rc = -1;
-        }
-        nbd_close(L->h);
     }
     free(L);
     return rc;
