@@ -32,7 +32,10 @@ _NAME_RE = re.compile(r"^[^/\\\x00-\x1f%]{1,80}$")
 class RestoreJob:
     """Everything a restore needs to know, already checked for shape and type."""
 
-    backup: str
+    backup: str | None = None  # a local restore point file (its chain is resolved)
+    # ... or a restore point on a repository agent: repo://HOST:PORT/PATH (exactly one of them)
+    repository: str | None = None
+    token_file: str | None = None  # the agent's per-job token (else $VMRESTORE_REPO_TOKEN)
     point: str | None = None
     # vCenter/ESXi connection; None = the lab's when the lab is up.
     vcenter: str | None = None
@@ -78,14 +81,15 @@ class RestoreJob:
         """The fields a resumed run must share with the run it resumes."""
         d = self.to_dict()
         for k in ("resume", "keep_on_failure", "json", "threads", "queue_depth", "password_file",
-                  "state_dir"):
+                  "state_dir", "token_file"):
             d.pop(k, None)
         return d
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RestoreJob)}
 _STR_FIELDS = {
-    "backup", "point", "vcenter", "user", "password_file", "thumbprint", "ca_file",
+    "backup", "repository", "token_file", "point", "vcenter", "user", "password_file",
+    "thumbprint", "ca_file",
     "datacenter", "name", "folder", "host", "resource_pool", "datastore", "proxy", "infra",
     "state_dir", "vddk_libdir",
 }
@@ -170,8 +174,9 @@ def from_mapping(data: Mapping[str, Any], source: str = "job") -> RestoreJob:
             if not isinstance(value, str):
                 raise UsageError(f"{source}: field {key!r} must be a string, got {value!r}")
             kw[key] = value
-    if "backup" not in kw:
-        raise UsageError(f"{source}: field 'backup' is required")
+    if "backup" not in kw and "repository" not in kw:
+        raise UsageError(f"{source}: field 'backup' (a local restore point) or 'repository' "
+                         "(repo://HOST:PORT/PATH) is required")
     return validate(RestoreJob(**kw), source)
 
 
@@ -191,7 +196,8 @@ def load_job_file(path: str | Path) -> RestoreJob:
     job = from_mapping(data or {}, f"job file {p}")
     # Relative paths in a job file are relative to the file, not to the caller's cwd.
     base = p.resolve().parent
-    for key in ("backup", "password_file", "infra", "ca_file", "state_dir", "vddk_libdir"):
+    for key in ("backup", "password_file", "infra", "ca_file", "state_dir", "vddk_libdir",
+                "token_file"):
         v = getattr(job, key)
         if v and not Path(v).is_absolute():
             setattr(job, key, str(base / v))
@@ -207,8 +213,9 @@ def from_args(args: Any) -> RestoreJob:
             if getattr(args, key, False):
                 setattr(job, key, True)
         return job
-    if not args.backup:
-        raise UsageError("restore: give --backup BACKUP or a job file (vmrestore restore JOB.yaml)")
+    if not args.backup and not getattr(args, "repository", None):
+        raise UsageError("restore: give --backup BACKUP, --repository repo://HOST:PORT/PATH or a "
+                         "job file (vmrestore restore JOB.yaml)")
     kw: dict[str, Any] = {}
     for key in _FIELDS:
         if key in ("disk_datastores", "network_map"):
@@ -229,8 +236,14 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
     def bad(fieldname: str, why: str) -> UsageError:
         return UsageError(f"{source}: field {fieldname!r}: {why}")
 
-    if not job.backup:
-        raise bad("backup", "required")
+    if bool(job.backup) == bool(job.repository):
+        raise bad("backup", "give exactly one of 'backup' (a local restore point file) and "
+                  "'repository' (repo://HOST:PORT/PATH on a repository agent)")
+    if job.repository is not None and not job.repository.startswith(("repo://", "repos://")):
+        raise bad("repository", f"{job.repository!r} is not a repo://HOST:PORT/PATH URL "
+                  "(a local file goes in 'backup')")
+    if job.token_file and not job.repository:
+        raise bad("token_file", "only with 'repository'")
     if job.disk_format not in DISK_FORMATS:
         raise bad("disk_format", f"{job.disk_format!r} is not one of {', '.join(DISK_FORMATS)}")
     if job.transport not in TRANSPORTS:

@@ -50,18 +50,32 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def state_dir_for(job: Any) -> Path:
+def state_dir_for(job: Any, point_id: str = "") -> Path:
+    """--state-dir, else $VMRESTORE_STATE_DIR, else next to the backup file.
+
+    A repo:// backup has no local directory (and the orchestrator may not be
+    allowed to write on the repository): its state lives under
+    ``$XDG_STATE_HOME/vmrestore`` (default ``~/.local/state/vmrestore``) in
+    ``repo-<hash>``, the hash of the URL and the restore point's id, so the
+    same point restored again (``--resume``) finds its state and another
+    point on the same agent does not.
+    """
     if job.state_dir:
         return Path(job.state_dir)
     env = os.environ.get("VMRESTORE_STATE_DIR")
     if env:
         return Path(env)
+    if getattr(job, "repository", None):
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        h = hashlib.sha256(f"{job.repository}#{point_id}".encode()).hexdigest()[:16]
+        return base / "vmrestore" / f"repo-{h}"
     return Path(job.backup).resolve().parent / ".vmrestore"
 
 
 def job_id(job: Any, vm_name: str) -> str:
     ident = job.identity()
-    ident["backup"] = str(Path(job.backup).resolve())
+    if job.backup:
+        ident["backup"] = str(Path(job.backup).resolve())
     ident["vm_name"] = vm_name
     blob = json.dumps(ident, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -84,7 +84,7 @@ class Orchestrator:
                  lab_dir: str | os.PathLike[str] | None = None) -> None:
         self.job = job
         self.display = display
-        self.report = Report(backup=job.backup, point=job.point or "")
+        self.report = Report(backup=job.backup or job.repository or "", point=job.point or "")
         self.faults = parse_faults(os.environ.get("VMRESTORE_FAULT"))
         self.lab_dir = lab_dir
         self._movers = movers
@@ -92,6 +92,7 @@ class Orchestrator:
         self.state: Any = None
         self.slot: Any = None
         self.chain: Any = None
+        self._full_chain: Any = None  # what open_chain returned (closing it closes a connection)
         self.layout: Any = None
         self.decisions: dict[int, infra_mod.Decision] = {}
         self.vm: Any = None
@@ -242,9 +243,9 @@ class Orchestrator:
                 self._movers.close()
         if self.slot is not None:
             self.slot.release()
-        if self.chain is not None:
+        for ch in {id(c): c for c in (self.chain, self._full_chain) if c is not None}.values():
             with contextlib.suppress(Exception):
-                self.chain.close()
+                ch.close()
         if self.session is not None:
             self.session.close()
         if self.state is not None:
@@ -299,8 +300,15 @@ class Orchestrator:
         from vmrestore.vsphere.vmconfig import target_layout
 
         job = self.job
-        # The backup: the chain up to the requested point.
-        chain = open_chain(job.backup)
+        # The backup: the chain up to the requested point; from a repository agent the VM
+        # config, disks and extent tables come over the wire (metadata only).
+        if job.repository:
+            from vmrestore.mover.repo_source import open_repository_chain
+
+            chain = open_repository_chain(job.repository, job.token_file)
+        else:
+            chain = open_chain(job.backup)
+        self._full_chain = chain
         self.chain = chain.at(job.point) if job.point else chain
         self.report.point = self.chain.point.name
         self.layout = target_layout(self.chain.vm_config, self.chain.manifest, job)
@@ -312,7 +320,7 @@ class Orchestrator:
             d.file = t.file_name
 
         # Job state: one run at a time; --resume picks up the ledger.
-        self.state = JobState(state_dir_for(job), job, self.layout.name)
+        self.state = JobState(state_dir_for(job, self.chain.point.id), job, self.layout.name)
         self.state.lock()
         if job.resume:
             self.state.load()
@@ -554,8 +562,9 @@ class Orchestrator:
             try:
                 att = self._attach(t, base, mode)
                 try:
-                    job = DiskJob(disk=t.index, backup=self.chain.point.path, target=att.uri,
+                    job = DiskJob(disk=t.index, backup=self._point_source(), target=att.uri,
                                   transport=mode, start_entry=start, checkpoint=str(ckpt_path),
+                                  token_file=self.job.token_file,
                                   threads=self.job.threads, queue_depth=self.job.queue_depth,
                                   stall=self.faults["stall"])
                     if start:
@@ -582,6 +591,7 @@ class Orchestrator:
             rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (
                 out.bytes_written, out.bytes_zeroed, out.bytes_skipped)
             rd.resumed_from = out.resumed_bytes
+            rd.wire_bytes = out.wire_bytes
             rd.seconds = out.seconds
             rd.busy = self._busy(mode, out.busy)
             st.update(status="done", transport=mode)
@@ -591,6 +601,16 @@ class Orchestrator:
                      f"{rd.bytes_skipped / (1 << 20):.1f} MiB skipped, {rd.mbps:.1f} MB/s")
             return
         raise last_err or TransportError(f"disk {t.index}: no transport left")
+
+    def _point_source(self) -> str:
+        """What the proxy-side mover reads: the chosen point's file, or its repo:// URL."""
+        if not self.job.repository:
+            return str(self.chain.point.path)
+        from vmrestore.mover.client import RepoURL
+
+        u = RepoURL.parse(self.job.repository)
+        url = str(RepoURL(u.host, u.port, self.chain.point.path, u.tls, u.ca))
+        return url + (f"?ca={u.ca}" if u.ca else "")
 
     @staticmethod
     def _busy(mode: str, stage: dict[str, float]) -> dict[str, float]:

@@ -46,6 +46,7 @@ class DiskReport:
     bytes_zeroed: int = 0
     bytes_skipped: int = 0
     resumed_from: int = 0  # bytes of the disk already done by an earlier run
+    wire_bytes: int = 0  # from a repository agent: bytes received over the network (0: local)
     seconds: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target, 0..1
 
@@ -107,7 +108,9 @@ class Report:
                 "transport": d.transport, "reason": d.reason, "history": d.history,
                 "status": d.status, "bytes_written": d.bytes_written,
                 "bytes_zeroed": d.bytes_zeroed, "bytes_skipped": d.bytes_skipped,
-                "resumed_from": d.resumed_from, "seconds": round(d.seconds, 3),
+                "resumed_from": d.resumed_from, "wire_bytes": d.wire_bytes,
+                "logical_bytes": d.bytes_written + d.bytes_zeroed + d.bytes_skipped,
+                "seconds": round(d.seconds, 3),
                 "mb_per_s": round(d.mbps, 1),
                 "busy": {k: round(v, 3) for k, v in d.busy.items()},
             } for d in sorted(self.disks, key=lambda d: d.disk)],
@@ -132,7 +135,8 @@ def from_dict(d: dict[str, Any]) -> Report:
             transport=x["transport"], reason=x["reason"], history=x["history"],
             status=x["status"], bytes_written=x["bytes_written"],
             bytes_zeroed=x["bytes_zeroed"], bytes_skipped=x["bytes_skipped"],
-            resumed_from=x["resumed_from"], seconds=x["seconds"], busy=x["busy"]))
+            resumed_from=x["resumed_from"], wire_bytes=x.get("wire_bytes", 0),
+            seconds=x["seconds"], busy=x["busy"]))
     return r
 
 
@@ -159,6 +163,11 @@ def format_table(r: Report) -> str:
             lines.append(f"{d.disk:<5}{d.transport or '-':<10}{_mib(d.bytes_written):>9}"
                          f"{_mib(d.bytes_zeroed):>9}{_mib(d.bytes_skipped):>9}{d.mbps:>8.1f}"
                          f"  {busy:<24}  {reason}")
+        wire = sum(d.wire_bytes for d in r.disks)
+        if wire:
+            logical = sum(d.bytes_written + d.bytes_zeroed + d.bytes_skipped for d in r.disks)
+            lines.append(f"from the repository agent: {_mib(wire)} on the wire for "
+                         f"{_mib(logical)} logical ({wire / logical if logical else 0:.3f})")
         lines.append("(sizes in MiB)")
     lines.append("")
     if r.status == "ok":

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "and a final 'result' line; the exit code says what happened (docs/proxy-mover.md).",
     )
     p.add_argument("--job", metavar="FILE", default="-", help="job file (default: stdin)")
+    p.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="stop (as on SIGTERM) when process PID, our parent, dies: a killed "
+                   "orchestrator leaves no mover writing behind it (Linux)")
     p.set_defaults(func=run)
 
 
@@ -37,4 +40,21 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
     return proxy_mover.main(text)
+
+
+def _exit_with_parent(pid: int) -> None:
+    """SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG); already gone -> SIGTERM now."""
+    import ctypes
+    import os
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the mover stops at its next event instead
+        return
+    if os.getppid() != pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

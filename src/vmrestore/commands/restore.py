@@ -17,6 +17,11 @@ def register(sub: Any) -> None:
                    help="job file with the same fields as the options (see docs/restore.md)")
     src = p.add_argument_group("backup")
     src.add_argument("--backup", metavar="BACKUP", help="backup file (.vmrb); its chain is used")
+    src.add_argument("--repository", metavar="URL",
+                     help="restore point on a repository agent: repo://HOST:PORT/PATH "
+                     "(instead of --backup; blocks cross the network compressed)")
+    src.add_argument("--token-file", metavar="F",
+                     help="with --repository: the agent's token (default $VMRESTORE_REPO_TOKEN)")
     src.add_argument("--point", metavar="ID", help="restore point: id prefix or file name")
     vc = p.add_argument_group("target vCenter/ESXi (default: the lab's, when it is up)")
     vc.add_argument("--vcenter", metavar="URL", help="http(s)://host[:port][/sdk]")
@@ -60,7 +65,9 @@ def register(sub: Any) -> None:
     fl.add_argument("--keep-on-failure", action="store_true", default=None,
                     help="leave what was created when a phase fails")
     fl.add_argument("--state-dir", metavar="DIR",
-                    help="where job state and checkpoints live (default: BACKUP_DIR/.vmrestore)")
+                    help="where job state and checkpoints live (default: $VMRESTORE_STATE_DIR, "
+                    "else BACKUP_DIR/.vmrestore, for --repository ~/.local/state/vmrestore/"
+                    "repo-HASH)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)

@@ -44,7 +44,9 @@ class ProxyMover:
     def __init__(self, job: dict[str, Any], argv: Sequence[str] | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.job = job
-        self.argv = list(argv) if argv else [sys.executable, "-m", "vmrestore", "proxy-mover"]
+        # A local mover dies with us (a kill -9 of the orchestrator must not leave it writing).
+        self.argv = list(argv) if argv else [sys.executable, "-m", "vmrestore", "proxy-mover",
+                                             "--parent-pid", str(os.getpid())]
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
         self.result: MoverResult | None = None

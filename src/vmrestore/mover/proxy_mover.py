@@ -4,9 +4,17 @@ The orchestrator starts `vmrestore proxy-mover` as a subprocess (launcher.py)
 with a job: which disks of which backup go to which target URIs. This module
 validates the job, runs each disk (in-process core for a local backup, the
 repository agent for repo:// URLs), and emits one JSON object per line on
-stdout: start, plan, progress, warning, disk_done, error, and a final
-result. The exit code is the one of the first error class (errors.py), so a
-caller can act without parsing text.
+stdout: start, progress, checkpoint, warning, disk_done, error, and a final
+result.
+
+Checkpoints: every ``checkpoint_interval`` seconds a thread beside the core
+reads the pipeline's completed prefix, flushes the target, and only then
+emits ``{"event": "checkpoint", "disk": N, "prefix": P, "durable": true}``
+(P in entries of the whole plan, so a resume passes it back as
+``start_entry``). The orchestrator records that line in its checkpoint file.
+
+The exit code is the one of the first error class (errors.py), so a caller
+can act without parsing text.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ class Job:
     threads: int | None = None
     queue_depth: int | None = None
     progress_interval: float = 1.0
+    checkpoint_interval: float = 1.0
+    stall: float = 0.0  # test only: run each disk in slices with a pause after each
     client: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -89,7 +99,7 @@ class Job:
         if not isinstance(s, dict):
             raise UsageError("job.settings: expected an object")
         known = {"connections", "retries", "force", "threads", "queue_depth",
-                 "progress_interval", "client"}
+                 "progress_interval", "checkpoint_interval", "stall", "client"}
         unknown = set(s) - known
         if unknown:
             raise UsageError(f"job.settings: unknown field(s) {', '.join(sorted(unknown))}")
@@ -116,6 +126,8 @@ class Job:
             threads=num("threads", None, 1),
             queue_depth=num("queue_depth", None, 1),
             progress_interval=float(num("progress_interval", 1.0, 0.05)),
+            checkpoint_interval=float(num("checkpoint_interval", 1.0, 0.05)),
+            stall=float(num("stall", 0.0, 0.0)),
             client=s.get("client"),
         )
         if job.repository is not None:
@@ -146,6 +158,71 @@ def _error_event(e: BaseException, disk: int | None) -> dict[str, Any]:
             "message": str(e)}
 
 
+class _Progress:
+    """Rate-limited progress events and durable checkpoint events of one disk."""
+
+    def __init__(self, job: Job, dj: DiskJob, emit: Emit, plan: Any) -> None:
+        from vmrestore.jobstate import plan_digest
+
+        self.job, self.dj, self.emit = job, dj, emit
+        self.ends = plan["length"].cumsum()
+        self.entries = len(plan)
+        self.capacity = int(self.ends[-1]) if self.entries else 0
+        self.digest = plan_digest(plan)
+        self.last = 0.0
+        self.lock = threading.Lock()
+        self.prefix = dj.start_entry  # last durable prefix emitted
+
+    def done_at(self, prefix: int) -> int:
+        return int(self.ends[prefix - 1]) if prefix > 0 else 0
+
+    def progress(self, base: int, c: Any) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.job.progress_interval:
+            self.last = now
+            self.emit({"event": "progress", "disk": self.dj.disk,
+                       "done": self.done_at(base) + c.bytes_done, "total": self.capacity,
+                       "completed_prefix": base + c.completed_prefix})
+
+    def checkpoint(self, prefix: int) -> None:
+        """``prefix`` (entries of the whole plan) is flushed on the target: say so."""
+        with self.lock:
+            if prefix <= self.prefix:
+                return
+            self.prefix = prefix
+            self.emit({"event": "checkpoint", "disk": self.dj.disk, "prefix": prefix,
+                       "durable": True, "entries": self.entries, "digest": self.digest,
+                       "bytes_done": self.done_at(prefix)})
+
+
+def _slices(job: Job, dj: DiskJob, total: int) -> list[tuple[int, int]]:
+    if not 0 <= dj.start_entry <= total:
+        raise UsageError(f"disk {dj.disk}: start_entry {dj.start_entry} outside the plan "
+                         f"(0..{total})")
+    from vmrestore.mover.session import slices
+
+    return slices(dj.start_entry, total, job.stall)
+
+
+def _stall(job: Job, dj: DiskJob, b: int, total: int) -> None:
+    if job.stall > 0 and b < total:
+        log.info("disk %d: stalling %.1fs after entry %d (test hook)", dj.disk, job.stall, b)
+        time.sleep(job.stall)
+
+
+def _sum(results: list[Any], dj: DiskJob, first: Any, t0: float) -> dict[str, Any]:
+    """One disk_done record from the slices' RestoreResults."""
+    out = first.as_dict()
+    for k in ("bytes_written", "bytes_zeroed", "bytes_skipped", "bytes_read"):
+        out[k] = sum(getattr(r, k) for r in results)
+    seconds = time.monotonic() - t0
+    moved = out["bytes_written"] + out["bytes_zeroed"] + out["bytes_skipped"]
+    out["seconds"] = round(seconds, 3)
+    out["mb_per_s"] = round(moved / (1 << 20) / seconds, 1) if seconds > 0 else 0.0
+    out["completed_prefix"] = results[-1].completed_prefix if results else dj.start_entry
+    return out
+
+
 def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
     """A disk from a repository agent: the core's repo source (any target URI).
 
@@ -156,35 +233,42 @@ def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
 
     url = RepoURL.parse(job.repository or "")
     token = load_token(job.token_file)
-    last = [0.0]
     if url.tls:
         return _run_remote_tls(job, dj, emit, url, token)
-    from vmrestore.mover.repo_source import restore_repo_disk
+    from vmrestore.mover.repo_source import plan_remote, restore_repo_disk
 
-    resumed = [0]
-
-    def on_counters(c: Any) -> None:
-        now = time.monotonic()
-        if now - last[0] >= job.progress_interval:
-            last[0] = now
-            emit({"event": "progress", "disk": dj.disk, "done": resumed[0] + c.bytes_done,
-                  "total": resumed[0] + c.bytes_total,
-                  "completed_prefix": dj.start_entry + c.completed_prefix})
-
-    if dj.start_entry:
-        from vmrestore.mover.repo_source import plan_remote
-
-        dp = plan_remote(url, token, dj.disk, point=job.point, client=job.client).plan
-        resumed[0] = int(dp.plan["length"][: dj.start_entry].sum())
-    res = restore_repo_disk(url, token, dj.disk, dj.target, point=job.point, force=job.force,
-                            target_zeroed=dj.target_zeroed, start_entry=dj.start_entry,
-                            threads=job.threads or 0, queue_depth=job.queue_depth or 0,
-                            retries=job.retries, connections=job.connections,
-                            client=job.client, on_counters=on_counters)
-    if res.reconnects or res.refetches:
+    t0 = time.monotonic()
+    rp = plan_remote(url, token, dj.disk, point=job.point, client=job.client)
+    pg = _Progress(job, dj, emit, rp.plan.plan)
+    results = []
+    wire = rp.metadata_bytes
+    reconnects = refetches = 0
+    for a, b in _slices(job, dj, pg.entries):
+        res = restore_repo_disk(
+            url, token, dj.disk, dj.target, point=job.point,
+            force=job.force or bool(results), target_zeroed=dj.target_zeroed,
+            start_entry=a, end_entry=b, threads=job.threads or 0,
+            queue_depth=job.queue_depth or 0, retries=job.retries,
+            connections=job.connections, client=job.client, remote_plan=rp,
+            on_counters=lambda c, a=a: pg.progress(a, c), on_checkpoint=pg.checkpoint,
+            checkpoint_interval=job.checkpoint_interval)
+        pg.checkpoint(b)  # the run ended with a final flush of every lane
+        results.append(res)
+        wire += res.wire_bytes - res.metadata_bytes
+        reconnects += res.reconnects
+        refetches += res.refetches
+        _stall(job, dj, b, pg.entries)
+    if reconnects or refetches:
         emit({"event": "warning", "disk": dj.disk,
-              "message": f"{res.reconnects} reconnects, {res.refetches} re-fetched extents"})
-    return {**res.as_dict(), "source": "repository"}
+              "message": f"{reconnects} reconnects, {refetches} re-fetched extents"})
+    out = _sum(results, dj, results[0], t0)
+    out.update(source="repository", resumed_bytes=pg.done_at(dj.start_entry),
+               wire_bytes=wire, metadata_bytes=rp.metadata_bytes,
+               stored_bytes=sum(r.stored_bytes for r in results),
+               reconnects=reconnects, refetches=refetches, entries=pg.entries)
+    logical = out["bytes_written"] + out["bytes_zeroed"] + out["bytes_skipped"]
+    out["wire_ratio"] = round(wire / logical, 4) if logical else 0.0
+    return out
 
 
 def _run_remote_tls(job: Job, dj: DiskJob, emit: Emit, url: Any, token: bytes
@@ -216,21 +300,64 @@ def _run_remote_tls(job: Job, dj: DiskJob, emit: Emit, url: Any, token: bytes
 
 
 def _run_local(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
+    """A local backup on the in-process core, from ``start_entry``, with checkpoints."""
     try:
         from vmrestore import restore_disk as rd  # H2's API: the in-process core
     except ImportError:
         raise UsageError("this build has no in-process restore core "
                          "(vmrestore.restore_disk); use a repository source") from None
+    from vmrestore.repository.plan import build_plan
+    from vmrestore.repository.reader import open_chain
+
     t0 = time.monotonic()
-    kwargs: dict[str, Any] = {"point": job.point, "force": job.force}
-    if job.threads:
-        kwargs["threads"] = job.threads
-    if job.queue_depth:
-        kwargs["queue_depth"] = job.queue_depth
-    res = rd.restore_disk(job.backup, dj.disk, dj.target, **kwargs)
-    out = dict(res.__dict__) if hasattr(res, "__dict__") else {"result": str(res)}
-    out.setdefault("seconds", time.monotonic() - t0)
-    return {"source": "local", "disk": dj.disk, "target": dj.target, **out}
+    full = open_chain(job.backup or "")
+    try:
+        chain = full.at(job.point) if job.point else full
+        dp = build_plan(chain, dj.disk)
+    finally:
+        full.close()
+    pg = _Progress(job, dj, emit, dp.plan)
+    results = []
+    for a, b in _slices(job, dj, pg.entries):
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+
+        def on_start(pj: Any, a: int = a, stop: threading.Event = stop,
+                     threads: list[threading.Thread] = threads) -> None:
+            def loop() -> None:  # prefix, then flush, then the durable event
+                last = 0
+                while not stop.wait(job.checkpoint_interval):
+                    prefix = pj.completed_prefix()
+                    if prefix <= last:
+                        continue
+                    try:
+                        pj.flush()
+                    except Exception:  # the run itself reports the error
+                        return
+                    pg.checkpoint(a + prefix)
+                    last = prefix
+
+            th = threading.Thread(target=loop, daemon=True, name=f"ckpt-disk{dj.disk}")
+            th.start()
+            threads.append(th)
+
+        try:
+            res = rd.run_plan(dp.plan[a:b], dp.sources, dj.target, disk=dj.disk,
+                              capacity=dp.capacity, force=job.force or a > 0 or bool(results),
+                              target_zeroed=dj.target_zeroed, threads=job.threads or 0,
+                              queue_depth=job.queue_depth or 0,
+                              on_counters=lambda c, a=a: pg.progress(a, c), on_start=on_start)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join()
+        pg.checkpoint(b)  # run_plan ended with a final flush of every lane
+        results.append(res)
+        _stall(job, dj, b, pg.entries)
+    out = _sum(results, dj, results[0], t0)
+    out.update(source="local", disk=dj.disk, target=dj.target, entries=pg.entries,
+               resumed_bytes=pg.done_at(dj.start_entry), capacity=dp.capacity)
+    return out
 
 
 def run_job(job: Job, emit: Emit) -> int:

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,8 +191,17 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
                   per_reader: int = DEFAULT_CONNECTIONS, retries: int = RETRIES,
                   client: str | None = None,
                   on_counters: Callable[[Any], None] | None = None,
-                  interval: float = 0.25) -> RepoRun:
-    """Run ``plan`` into the open ``writer`` from the agent; reconnect and resume on loss."""
+                  interval: float = 0.25,
+                  on_checkpoint: Callable[[int], None] | None = None,
+                  checkpoint_interval: float = 1.0) -> RepoRun:
+    """Run ``plan`` into the open ``writer`` from the agent; reconnect and resume on loss.
+
+    ``on_checkpoint(prefix)`` (entries of ``plan``) is called every
+    ``checkpoint_interval`` seconds with a prefix that is durable: it is read
+    from the pipeline, then the writer is flushed, then the callback runs (in
+    a thread beside the pipeline). The end of the run is durable too (every
+    lane flushes), which the caller records itself.
+    """
     from vmrestore import pipeline as pl
 
     if url.tls:
@@ -246,12 +256,41 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
                 on_counters(_sum_counters(acc, c, base, total_bytes))
 
         job = pl.Job(plan[pos:], sources, writer, disk=disk, settings=s, repo=dc.repo)
+        stop = threading.Event()
+        ckpt: list[threading.Thread] = []
+
+        def start_checkpoints(j: Any, base: int = base, stop: threading.Event = stop,
+                              ckpt: list[threading.Thread] = ckpt) -> None:
+            if on_checkpoint is None:
+                return
+
+            def loop() -> None:
+                last = 0
+                while not stop.wait(checkpoint_interval):
+                    prefix = j.completed_prefix()
+                    if prefix <= last:
+                        continue
+                    try:
+                        j.flush()
+                    except Exception:  # the run itself reports the error
+                        return
+                    on_checkpoint(base + prefix)
+                    last = prefix
+
+            th = threading.Thread(target=loop, daemon=True, name=f"ckpt-repo-disk{disk}")
+            th.start()
+            ckpt.append(th)
+
         try:
             try:
-                job.run(forward, interval)
+                job.run(forward, interval, on_start=start_checkpoints)
                 err: BaseException | None = None
             except (TransportError, ChecksumError) as e:
                 err = e
+            finally:
+                stop.set()
+                for th in ckpt:
+                    th.join()
             c = job.counters()
         finally:
             job.close()
@@ -284,9 +323,17 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                       buffers: int = 0, direct: bool = True, retries: int = RETRIES,
                       connections: int = DEFAULT_CONNECTIONS, client: str | None = None,
                       on_counters: Callable[[Any], None] | None = None,
-                      interval: float = 0.25) -> Any:
+                      interval: float = 0.25, end_entry: int | None = None,
+                      remote_plan: RemotePlan | None = None,
+                      on_checkpoint: Callable[[int], None] | None = None,
+                      checkpoint_interval: float = 1.0) -> Any:
     """restore_disk() for a repo:// backup: plan over the wire, data through the C source.
 
+    Runs ``plan[start_entry:end_entry]`` (a resume, or a slice); ``remote_plan``
+    reuses a plan already made with :func:`plan_remote` (its metadata bytes are
+    then counted again in ``wire_bytes``/``metadata_bytes``: subtract them when
+    summing slices). ``on_checkpoint(prefix)`` receives durable prefixes in
+    entries of the whole plan (see :func:`run_repo_plan`).
     Returns a vmrestore.restore_disk.RestoreResult with the wire fields filled.
     """
     from vmrestore import pipeline as pl
@@ -294,10 +341,12 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     from vmrestore.transport.uri import OpenOptions, open_target, parse_target
 
     t0 = time.monotonic()
-    rp = plan_remote(url, token, disk, point=point, client=client)
+    rp = remote_plan or plan_remote(url, token, disk, point=point, client=client)
     dp = rp.plan
-    if not 0 <= start_entry <= len(dp.plan):
-        raise UsageError(f"start entry {start_entry} outside the plan (0..{len(dp.plan)})")
+    end = len(dp.plan) if end_entry is None else end_entry
+    if not 0 <= start_entry <= end <= len(dp.plan):
+        raise UsageError(f"plan slice {start_entry}..{end} outside the plan "
+                         f"(0..{len(dp.plan)})")
     spec = parse_target(target)
     writer = open_target(spec, dp.capacity, OpenOptions(
         force=force or start_entry > 0, target_zeroed=target_zeroed, direct=direct,
@@ -305,10 +354,13 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     try:
         settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
                                queue_depth=queue_depth, buffers=buffers)
-        run = run_repo_plan(dp.plan[start_entry:], dp.sources, rp.sums, writer, url, token,
+        run = run_repo_plan(dp.plan[start_entry:end], dp.sources, rp.sums, writer, url, token,
                             disk=disk, settings=settings, per_reader=connections,
                             retries=retries, client=client, on_counters=on_counters,
-                            interval=interval)
+                            interval=interval,
+                            on_checkpoint=(None if on_checkpoint is None else
+                                           lambda p: on_checkpoint(start_entry + p)),
+                            checkpoint_interval=checkpoint_interval)
         name, note = writer.name, writer.note
     finally:
         writer.close()

@@ -43,7 +43,7 @@ class DiskJob:
     """One disk of the data phase, as the proxy-side mover receives it."""
 
     disk: int
-    backup: str  # the restore point file (its chain is resolved by the mover)
+    backup: str  # the restore point file (chain resolved by the mover), or its repo:// URL
     target: str  # writer URI (path, file://, nbd://, nbd+unix://, nbds..., san:...)
     transport: str
     start_entry: int = 0  # resume: run plan[start_entry:]
@@ -52,6 +52,7 @@ class DiskJob:
     target_zeroed: bool = True  # a new disk reads as zeros: zero runs need no writes
     threads: int | None = None
     queue_depth: int | None = None
+    token_file: str | None = None  # repo:// backups: the agent's token (else $VMRESTORE_REPO_TOKEN)
     # Test-only (VMRESTORE_FAULT=stall:data:SECONDS): run the plan in small slices with a
     # checkpoint and a pause after each, so a test can kill -9 the run mid-data.
     stall: float = 0.0
@@ -77,6 +78,15 @@ class DiskOutcome:
     seconds: float = 0.0
     entries: int = 0
     busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target 0..1
+    wire_bytes: int = 0  # received from a repository agent (0 for a local backup)
+
+
+def slices(start: int, total: int, stall: float) -> list[tuple[int, int]]:
+    """Plan ranges to run: all at once, or (test hook ``stall``) in eight slices."""
+    if stall <= 0 or total <= start:
+        return [(start, total)]
+    step = max(1, (total - start) // 8)
+    return [(a, min(a + step, total)) for a in range(start, total, step)]
 
 
 class MoverSession(Protocol):
@@ -141,13 +151,10 @@ class InProcessMovers:
                 done = int(ends[prefix_abs - 1]) if prefix_abs > 0 else 0
                 write_checkpoint(ckpt_path, Checkpoint(job.disk, prefix_abs, total, digest, done))
 
-        slices = [(job.start_entry, total)]
-        if job.stall > 0:
-            step = max(1, (total - job.start_entry) // 8)
-            slices = [(a, min(a + step, total)) for a in range(job.start_entry, total, step)]
         busy_ns: dict[str, float] = {}
         elapsed_ns = 0.0
-        for a, b in slices:
+        parts = slices(job.start_entry, total, job.stall)
+        for a, b in parts:
             writer = open_target(job.target, dp.capacity,
                                  OpenOptions(target_zeroed=job.target_zeroed))
             try:
@@ -207,44 +214,83 @@ class InProcessMovers:
 
 def _restore_from_agent(job: DiskJob,
                         progress: Callable[[DiskProgress], None] | None) -> DiskOutcome:
-    """A repo:// backup: the core pulls from the agent (token: $VMRESTORE_REPO_TOKEN).
+    """A repo:// backup: the core pulls from the agent (token: job.token_file or env).
 
-    The prefix is recorded when the disk is done (a reconnect inside restarts
-    from the completed prefix anyway); a resumed job passes start_entry.
+    Checkpoints as on the local path: the repository run reads the pipeline's
+    completed prefix, flushes, then we record it (fsynced) every
+    ``checkpoint_interval`` seconds; a resumed job passes ``start_entry``.
     """
-    from vmrestore.jobstate import Checkpoint, write_checkpoint
+    from vmrestore.jobstate import Checkpoint, plan_digest, write_checkpoint
     from vmrestore.mover.client import RepoURL, load_token
-    from vmrestore.mover.repo_source import restore_repo_disk
+    from vmrestore.mover.repo_source import plan_remote, restore_repo_disk
 
     t0 = time.monotonic()
+    url = RepoURL.parse(job.backup)
+    token = load_token(job.token_file)
+    rp = plan_remote(url, token, job.disk)
+    plan = rp.plan.plan
+    total = len(plan)
+    if not 0 <= job.start_entry <= total:
+        from vmrestore.errors import UsageError
 
-    def on_counters(c: Any) -> None:
-        if progress is not None:
-            progress(DiskProgress(job.disk, c.bytes_done, c.bytes_total))
+        raise UsageError(f"disk {job.disk}: checkpoint entry {job.start_entry} outside the "
+                         f"plan (0..{total})")
+    digest = plan_digest(plan)
+    ends = plan["length"].cumsum()
+    ckpt_path = Path(job.checkpoint) if job.checkpoint else None
 
-    res = restore_repo_disk(RepoURL.parse(job.backup), load_token(None), job.disk, job.target,
-                            start_entry=job.start_entry, target_zeroed=job.target_zeroed,
-                            threads=job.threads or 0, queue_depth=job.queue_depth or 0,
-                            force=True, on_counters=on_counters)
-    if job.checkpoint:
-        write_checkpoint(Path(job.checkpoint), Checkpoint(job.disk, res.entries, res.entries,
-                                                          "", res.capacity))
+    def done_at(prefix: int) -> int:
+        return int(ends[prefix - 1]) if prefix > 0 else 0
+
+    def record(prefix_abs: int) -> None:
+        if ckpt_path is not None:
+            write_checkpoint(ckpt_path, Checkpoint(job.disk, prefix_abs, total, digest,
+                                                   done_at(prefix_abs)))
+
+    out = DiskOutcome(job.disk, resumed_bytes=done_at(job.start_entry),
+                      wire_bytes=rp.metadata_bytes)
+    busy_ns: dict[str, float] = {}
+    elapsed_ns = 0.0
+    parts = slices(job.start_entry, total, job.stall)
+    for a, b in parts:
+        def on_counters(c: Any, a: int = a) -> None:
+            if progress is not None:
+                progress(DiskProgress(job.disk, done_at(a) + c.bytes_done, rp.plan.capacity))
+
+        res = restore_repo_disk(url, token, job.disk, job.target, start_entry=a, end_entry=b,
+                                target_zeroed=job.target_zeroed, threads=job.threads or 0,
+                                queue_depth=job.queue_depth or 0, force=True,
+                                on_counters=on_counters, remote_plan=rp,
+                                on_checkpoint=record,
+                                checkpoint_interval=job.checkpoint_interval)
+        record(b)  # the run ended with a final flush: all of [a, b) is durable
+        out.bytes_written += res.bytes_written
+        out.bytes_zeroed += res.bytes_zeroed
+        out.bytes_skipped += res.bytes_skipped
+        out.entries += b - a
+        out.wire_bytes += res.wire_bytes - res.metadata_bytes
+        elapsed_ns += res.elapsed_ns
+        for k, v in res.busy_ns.items():
+            busy_ns[k] = busy_ns.get(k, 0.0) + v
+        if job.stall > 0 and b < total:
+            log.info("disk %d: stalling %.1fs after entry %d (test hook)", job.disk, job.stall, b)
+            time.sleep(job.stall)
+    out.seconds = time.monotonic() - t0
+    if elapsed_ns > 0:
+        out.busy = {k: min(1.0, v / elapsed_ns) for k, v in busy_ns.items()}
     if progress is not None:
-        progress(DiskProgress(job.disk, res.capacity, res.capacity))
-    return DiskOutcome(job.disk, bytes_written=res.bytes_written, bytes_zeroed=res.bytes_zeroed,
-                       bytes_skipped=res.bytes_skipped, resumed_bytes=res.resumed_bytes,
-                       seconds=time.monotonic() - t0, entries=res.entries - job.start_entry,
-                       busy=dict(res.busy))
+        progress(DiskProgress(job.disk, rp.plan.capacity, rp.plan.capacity))
+    return out
 
 
 class SubprocessMovers:
     """The proxy side as a ``vmrestore proxy-mover`` subprocess (docs/proxy-mover.md).
 
-    One subprocess per disk; its progress events drive the display. Its
-    ``completed_prefix`` is only recorded as a checkpoint when the event says
-    it is durable (``"durable": true``); otherwise the checkpoint is written at
-    ``disk_done``, so a resume restarts an unfinished disk from its last
-    durable point, never from an unflushed one.
+    One subprocess per disk; its progress events drive the display. Only its
+    ``checkpoint`` events (``"durable": true``: the mover flushed the target
+    after reading the prefix) are recorded in the checkpoint file, never a
+    progress event's ``completed_prefix``, so a resume restarts an unfinished
+    disk from its last durable point, never from an unflushed one.
     """
 
     name = "proxy-mover subprocess"
@@ -261,15 +307,20 @@ class SubprocessMovers:
         from vmrestore.jobstate import Checkpoint, write_checkpoint
         from vmrestore.mover.launcher import run_proxy_mover
 
+        repo = job.backup.startswith(("repo://", "repos://"))
+        settings: dict[str, Any] = {
+            "progress_interval": min(job.checkpoint_interval, 0.5), "threads": job.threads,
+            "queue_depth": job.queue_depth, "checkpoint_interval": job.checkpoint_interval}
+        if job.stall > 0:
+            settings["stall"] = job.stall
         spec = {
             "version": 1, "job_id": f"disk{job.disk}",
-            "source": ({"repository": job.backup} if job.backup.startswith(("repo://", "repos://"))
+            "source": ({"repository": job.backup, "token_file": job.token_file} if repo
                        else {"backup": job.backup}),
             "transport": job.transport,
             "disks": [{"disk": job.disk, "target": job.target, "start_entry": job.start_entry,
                        "target_zeroed": job.target_zeroed}],
-            "settings": {"progress_interval": job.checkpoint_interval, "threads": job.threads,
-                         "queue_depth": job.queue_depth},
+            "settings": settings,
         }
         done: dict[str, Any] = {}
         entries_total = [0]
@@ -278,9 +329,12 @@ class SubprocessMovers:
             kind = ev.get("event")
             if kind == "progress" and progress is not None:
                 progress(DiskProgress(job.disk, int(ev.get("done", 0)), int(ev.get("total", 0))))
-            if kind == "progress" and ev.get("durable") and job.checkpoint:
+            if kind == "checkpoint" and ev.get("durable") is True and job.checkpoint \
+                    and int(ev.get("disk", -1)) == job.disk:
+                # prefix is in entries of the whole plan (start_entry already included)
                 write_checkpoint(Path(job.checkpoint), Checkpoint(
-                    job.disk, job.start_entry + int(ev["completed_prefix"]), 0, "", 0))
+                    job.disk, int(ev["prefix"]), int(ev.get("entries", 0)),
+                    str(ev.get("digest", "")), int(ev.get("bytes_done", 0))))
             if kind == "disk_done":
                 done.update(ev)
                 entries_total[0] = int(ev.get("entries") or 0)
@@ -301,7 +355,8 @@ class SubprocessMovers:
             bytes_skipped=int(done.get("bytes_skipped", 0)),
             resumed_bytes=int(done.get("resumed_bytes", 0)),
             seconds=float(done.get("seconds", 0.0)), entries=entries_total[0],
-            busy={k: float(v) for k, v in (done.get("busy") or {}).items()})
+            busy={k: float(v) for k, v in (done.get("busy") or {}).items()},
+            wire_bytes=int(done.get("wire_bytes", 0)))
 
 
 def default_session() -> MoverSession:
