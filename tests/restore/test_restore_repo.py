@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mover.mover_helpers import TOKEN, AgentProc
 
+from mover.mover_helpers import TOKEN, AgentProc
 from restore_helpers import assert_restored, find_vm, lab_env, restore_cli, unique
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
