@@ -60,6 +60,8 @@ def test_restore_from_repository_agent(lab, lab_si, backup, agent, tmp_path: Pat
         assert d["logical_bytes"] == logical == d["capacity"]
         # blocks crossed the network compressed (and zero runs not at all)
         assert 0 < d["wire_bytes"] < logical, d
+        print(f"{mover} disk {d['disk']}: {d['wire_bytes']} bytes on the wire for {logical} "
+              f"logical ({d['wire_bytes'] / logical:.3f}), written {d['bytes_written']}")
     # state under $XDG_STATE_HOME/vmrestore/repo-<hash>, gone once the job is done
     dirs = list((xdg / "vmrestore").glob("repo-*"))
     assert len(dirs) == 1 and not list(dirs[0].glob("restore-*")), dirs
