@@ -9,6 +9,9 @@ For the orchestrator (docs/proxy-mover.md)::
     res = pm.result                      # MoverResult: exit_code, status, result, stderr
 
 The job goes through stdin, so a token path (never a token) appears in it.
+The default argv passes ``--parent-pid``: the mover gets SIGTERM when the
+thread that started it dies (Linux PR_SET_PDEATHSIG follows the creating
+thread), so start it from a thread that lives as long as the job.
 The same contract works over ssh for a remote proxy later: only the argv changes.
 """
 
