@@ -2,7 +2,7 @@
 
 Sizes stay small by default so the suites are quick on a shared machine;
 set VMRESTORE_BENCH_SIZE (e.g. 1G) for real numbers. The skip/fail helpers
-are the test suite's own (tests/conftest.py), so a missing tool skips locally
+are the test suite's own (tests/support.py), so a missing tool skips locally
 and fails in CI exactly as in tests/.
 """
 
@@ -17,12 +17,18 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `from tests.conftest import need` works from bench/ too
-    sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:  # `from support import need` works from bench/ too
+    sys.path.insert(0, str(ROOT / "tests"))
 
-from tests.conftest import cli, need, need_root, need_tool, run_cli  # noqa: E402
+from support import need, need_root, need_tool, run_cli  # noqa: E402
 
-__all__ = ["cli", "need", "need_root", "need_tool", "run_cli"]
+__all__ = ["need", "need_root", "need_tool", "run_cli"]
+
+
+@pytest.fixture
+def cli():
+    """The real `vmrestore` command in a subprocess (same as tests/conftest.py's)."""
+    return run_cli
 
 
 @pytest.fixture(scope="session")
