@@ -62,6 +62,7 @@ cdef extern from "writer.h" nogil:
         const char *tls_username
         const char *cert_dir
         int tls_verify_peer
+        uint64_t flush_every
     struct vmr_extent:
         uint64_t voff
         uint64_t len
@@ -206,7 +207,7 @@ cdef class Writer:
     @staticmethod
     def open_nbd(str uri, uint64_t size, uint32_t retries=3, uint32_t retry_delay_ms=200,
                  uint32_t flags=0, psk_file=None, tls_username=None, cert_dir=None,
-                 int tls_verify_peer=-1):
+                 int tls_verify_peer=-1, uint64_t flush_every=0):
         cdef Writer w = Writer.__new__(Writer)
         cdef vmr_error e
         cdef vmr_nbd_options o
@@ -224,6 +225,7 @@ cdef class Writer:
         o.tls_username = <const char *>buser if tls_username else NULL
         o.cert_dir = <const char *>bcert if cert_dir else NULL
         o.tls_verify_peer = tls_verify_peer
+        o.flush_every = flush_every
         _error_init(&e)
         with nogil:
             rc = vmr_nbd_writer_open(&o, size, &w.wr, &e)

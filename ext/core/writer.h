@@ -207,6 +207,8 @@ struct vmr_nbd_options {
     const char *tls_username;
     const char *cert_dir;
     int tls_verify_peer;    /* -1 = libnbd default */
+    uint64_t flush_every;   /* early writeback: an unwaited flush per lane every this many
+                             * bytes written (0 = only the final flush); writer_nbd.c */
 };
 int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct vmr_writer *out,
                         struct vmr_error *err);

@@ -61,6 +61,9 @@ DEFAULT_THREADS = 2
 DEFAULT_QUEUE_DEPTH = 16
 DEFAULT_FILE_LANES = 2
 DEFAULT_NBD_CONNECTIONS = 1
+# NBD early writeback (writer_nbd.c): one unwaited flush per connection every N MiB
+# written, so the server's disk writes back while we decompress (docs/core.md sweep).
+DEFAULT_NBD_FLUSH_EVERY_MIB = 64
 
 
 @dataclass(frozen=True)

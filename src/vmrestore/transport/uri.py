@@ -16,7 +16,8 @@ URI forms (docs/core.md, "Targets"):
     vmrestore's own parameters, removed before libnbd sees the URI:
     ``connections=N`` (used when the server offers multi-conn),
     ``retries=N`` (attempts per failed request on a fresh connection, default 3),
-    ``tls-verify-peer=0|1``.
+    ``tls-verify-peer=0|1``, ``flush-every=MiB`` (early writeback: an unwaited
+    flush per connection every MiB written, 0 = only the final flush).
 ``san:LUN?map=MAP.json`` (or ``san:?map=MAP.json``, LUN taken from the map)
     A raw LUN (block device or file) written at the disk's physical extents
     given by MAP.json: ``{"version": 1, "lun": PATH, "size": BYTES,
@@ -45,7 +46,7 @@ log = logging.getLogger("vmrestore.transport")
 
 MAP_VERSION = 1
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
-_OWN_NBD_PARAMS = ("connections", "retries", "tls-verify-peer")
+_OWN_NBD_PARAMS = ("connections", "retries", "tls-verify-peer", "flush-every")
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def parse_target(uri: str) -> TargetSpec:
             raise UsageError(f"{uri}: {scheme} needs ?socket=PATH")
         if "unix" not in scheme and not parts.hostname:
             raise UsageError(f"{uri}: no host")
-        for k in ("connections", "retries"):
+        for k in ("connections", "retries", "flush-every"):
             if k in own and not own[k].isdigit():
                 raise UsageError(f"{uri}: {k}= must be a number")
         # built by hand: urlunsplit drops the '//' of nbd+unix:///export
@@ -162,6 +163,7 @@ class OpenOptions:
     direct: bool = True               # O_DIRECT on local targets
     retries: int = 3                  # NBD attempts per request on a fresh connection
     retry_delay_ms: int = 200
+    flush_every_mib: int | None = None  # NBD early writeback; None: the measured default
 
 
 Opener = Callable[[TargetSpec, int, OpenOptions], Any]
@@ -186,9 +188,12 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
             assert spec.nbd_uri is not None
             retries = int(spec.options.get("retries", o.retries))
             verify = spec.options.get("tls-verify-peer")
+            every = spec.options.get("flush-every", o.flush_every_mib)
+            every = pl.DEFAULT_NBD_FLUSH_EVERY_MIB if every is None else int(every)
             w = pl.Writer.open_nbd(spec.nbd_uri, size, retries=retries,
                                    retry_delay_ms=o.retry_delay_ms, flags=flags,
-                                   tls_verify_peer=-1 if verify is None else int(verify == "1"))
+                                   tls_verify_peer=-1 if verify is None else int(verify == "1"),
+                                   flush_every=every << 20)
         elif spec.kind == "san":
             assert spec.map_path is not None
             doc = read_extent_map(spec.map_path)
