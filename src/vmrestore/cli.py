@@ -82,6 +82,9 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # vmrestore never does linear algebra, but numpy's OpenBLAS starts one spinning
+    # thread per core at import: ~0.1-0.3 CPU-s stolen from the restore (perf, docs/core.md).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
