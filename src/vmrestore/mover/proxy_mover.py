@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from vmrestore.checkpoint import Checkpointer
 from vmrestore.errors import UsageError, VmrError
 
 JOB_VERSION = 1
@@ -319,38 +320,14 @@ def _run_local(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
     pg = _Progress(job, dj, emit, dp.plan)
     results = []
     for a, b in _slices(job, dj, pg.entries):
-        stop = threading.Event()
-        threads: list[threading.Thread] = []
-
-        def on_start(pj: Any, a: int = a, stop: threading.Event = stop,
-                     threads: list[threading.Thread] = threads) -> None:
-            def loop() -> None:  # prefix, then flush, then the durable event
-                last = 0
-                while not stop.wait(job.checkpoint_interval):
-                    prefix = pj.completed_prefix()
-                    if prefix <= last:
-                        continue
-                    try:
-                        pj.flush()
-                    except Exception:  # the run itself reports the error
-                        return
-                    pg.checkpoint(a + prefix)
-                    last = prefix
-
-            th = threading.Thread(target=loop, daemon=True, name=f"ckpt-disk{dj.disk}")
-            th.start()
-            threads.append(th)
-
-        try:
+        with Checkpointer(job.checkpoint_interval, pg.checkpoint, base=a,
+                          name=f"ckpt-disk{dj.disk}") as ckpt:
             res = rd.run_plan(dp.plan[a:b], dp.sources, dj.target, disk=dj.disk,
                               capacity=dp.capacity, force=job.force or a > 0 or bool(results),
                               target_zeroed=dj.target_zeroed, threads=job.threads or 0,
                               queue_depth=job.queue_depth or 0,
-                              on_counters=lambda c, a=a: pg.progress(a, c), on_start=on_start)
-        finally:
-            stop.set()
-            for th in threads:
-                th.join()
+                              on_counters=lambda c, a=a: pg.progress(a, c),
+                              on_start=ckpt.start)
         pg.checkpoint(b)  # run_plan ended with a final flush of every lane
         results.append(res)
         _stall(job, dj, b, pg.entries)

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from vmrestore.checkpoint import Checkpointer
 from vmrestore.errors import (
     AuthenticationError,
     ChecksumError,
@@ -256,41 +256,17 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
                 on_counters(_sum_counters(acc, c, base, total_bytes))
 
         job = pl.Job(plan[pos:], sources, writer, disk=disk, settings=s, repo=dc.repo)
-        stop = threading.Event()
-        ckpt: list[threading.Thread] = []
-
-        def start_checkpoints(j: Any, base: int = base, stop: threading.Event = stop,
-                              ckpt: list[threading.Thread] = ckpt) -> None:
-            if on_checkpoint is None:
-                return
-
-            def loop() -> None:
-                last = 0
-                while not stop.wait(checkpoint_interval):
-                    prefix = j.completed_prefix()
-                    if prefix <= last:
-                        continue
-                    try:
-                        j.flush()
-                    except Exception:  # the run itself reports the error
-                        return
-                    on_checkpoint(base + prefix)
-                    last = prefix
-
-            th = threading.Thread(target=loop, daemon=True, name=f"ckpt-repo-disk{disk}")
-            th.start()
-            ckpt.append(th)
-
+        ckpt = (Checkpointer(checkpoint_interval, on_checkpoint, base=base,
+                             name=f"ckpt-repo-disk{disk}") if on_checkpoint else None)
         try:
             try:
-                job.run(forward, interval, on_start=start_checkpoints)
+                job.run(forward, interval, on_start=ckpt.start if ckpt else None)
                 err: BaseException | None = None
             except (TransportError, ChecksumError) as e:
                 err = e
             finally:
-                stop.set()
-                for th in ckpt:
-                    th.join()
+                if ckpt is not None:
+                    ckpt.stop()
             c = job.counters()
         finally:
             job.close()

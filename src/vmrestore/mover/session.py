@@ -28,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from vmrestore.checkpoint import Checkpointer
 
 log = logging.getLogger("vmrestore.mover")
 
@@ -160,36 +161,16 @@ class InProcessMovers:
             try:
                 with pl.Job(plan[a:b], dp.sources, writer, disk=job.disk,
                             settings=settings) as pj:
-                    stop = threading.Event()
-
-                    def checkpointer(pj: pl.Job = pj, a: int = a,
-                                     stop: threading.Event = stop) -> None:
-                        # Beside the pipeline: prefix, then flush, then the durable record.
-                        last = 0
-                        while not stop.wait(job.checkpoint_interval):
-                            prefix = pj.completed_prefix()
-                            if prefix <= last:
-                                continue
-                            try:
-                                pj.flush()
-                            except Exception:  # the run itself reports the error
-                                return
-                            record(a + prefix)
-                            last = prefix
 
                     def on_counters(c: pl.Counters, a: int = a) -> None:
                         if progress is not None:
                             base = int(ends[a - 1]) if a > 0 else 0
                             progress(DiskProgress(job.disk, base + c.bytes_done, dp.capacity))
 
-                    th = threading.Thread(target=checkpointer, daemon=True,
-                                          name=f"ckpt-disk{job.disk}")
-                    th.start()
-                    try:
+                    with Checkpointer(job.checkpoint_interval, record, base=a,
+                                      name=f"ckpt-disk{job.disk}") as ckpt:
+                        ckpt.start(pj)
                         c = pj.run(on_counters)
-                    finally:
-                        stop.set()
-                        th.join()
             finally:
                 writer.close()
             record(b)  # the run ended with a final flush: all of [a, b) is durable
