@@ -9,11 +9,14 @@ filter against a real nbdkit.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from core_helpers import make_image, nbdkit, synth_plan
+from core_helpers import MiB, backup, make_image, nbdkit, synth_plan
 from vmrestore import pipeline as pl
 from vmrestore.errors import UsageError
 from vmrestore.restore_disk import run_plan
@@ -60,3 +63,24 @@ def test_flush_every_parsed_and_checked() -> None:
         parse_target("nbd+unix:///?socket=/s&flush-every=x")
     assert pl.DEFAULT_NBD_FLUSH_EVERY_MIB > 0
 
+
+
+def test_server_killed_with_early_flushes_in_flight(tmp_path: Path) -> None:
+    """Server lost while early flushes are being sent (every MiB): bounded retries, exit 7."""
+    make_image(tmp_path / "disk.img", 24, block_size=MiB, seed=23)
+    bk = backup(tmp_path / "disk.img", tmp_path / "b.vmrb")
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(24 * MiB))
+    with nbdkit(tmp_path, target, "--filter=delay", "delay-write=100ms",
+                "delay-zero=100ms") as srv:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk", "0", "--to",
+             f"{srv.uri}&retries=2&flush-every=1", "-q", "--queue-depth", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+        srv.kill()
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7, err  # TransportError
+    assert err.strip().splitlines()[-1].startswith("vmrestore: error: disk 0:")
+    assert "Traceback" not in err
