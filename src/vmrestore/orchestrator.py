@@ -311,6 +311,8 @@ class Orchestrator:
         self._full_chain = chain
         self.chain = chain.at(job.point) if job.point else chain
         self.report.point = self.chain.point.name
+        # Named before the layout is checked, so a report of a refused job says which VM.
+        self.report.vm_name = job.name or str(self.chain.vm_config.get("name") or "")
         self.layout = target_layout(self.chain.vm_config, self.chain.manifest, job)
         self.report.vm_name = self.layout.name
         for t in self.layout.disks:

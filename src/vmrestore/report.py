@@ -146,13 +146,19 @@ def _mib(n: int) -> str:
 
 def format_table(r: Report) -> str:
     """A short plain-text summary: phases, then one line per disk, then the outcome."""
-    lines = [f"restore of {r.backup}{' @ ' + r.point if r.point else ''} -> VM {r.vm_name!r}"
-             f"{' (' + r.vm_moref + ')' if r.vm_moref else ''} via proxy {r.proxy or '?'}"]
+    # A run that failed early has no VM name, proxy or disk progress yet: say so, and
+    # leave out a table of disks that never started rather than print empty rows.
+    same = r.point in (r.backup, r.backup.rsplit("/", 1)[-1])  # the newest point: say it once
+    point = f" @ {r.point}" if r.point and not same else ""
+    vm = repr(r.vm_name) if r.vm_name else "(not read)"
+    lines = [f"restore of {r.backup}{point} -> VM {vm}"
+             f"{' (' + r.vm_moref + ')' if r.vm_moref else ''} via proxy "
+             f"{r.proxy or '(none taken)'}"]
     lines.append("")
     lines.append(f"{'phase':<26}{'status':<10}{'seconds':>9}  detail")
     for p in r.phases.values():
         lines.append(f"{PHASE_TITLES[p.name]:<26}{p.status:<10}{p.seconds:>9.2f}  {p.detail}")
-    if r.disks:
+    if any(d.status != "pending" or d.transport for d in r.disks):
         lines.append("")
         lines.append(f"{'disk':<5}{'transport':<10}{'written':>9}{'zeroed':>9}{'skipped':>9}"
                      f"{'MB/s':>8}  busy src/proxy/net/target  reason")

@@ -1,0 +1,128 @@
+"""Wrong arguments and full disks, through the real CLI: one line, right exit code, no traceback.
+
+The house rule (docs/design.md): bad input gets a one-line error naming what and
+where, a non-zero exit code, no traceback, and nothing that looks like a valid
+result. Each case here was tried by hand first; the ones that broke the rule
+were fixed in the same commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support import need_root, need_tool, run_cli
+
+MIB = 1 << 20
+
+
+def _image(path: Path, mib: int) -> Path:
+    """A disk image with data in every other MiB (incompressible, so nothing shrinks it)."""
+    with open(path, "wb") as f:
+        f.truncate(mib * MIB)
+        for i in range(0, mib, 2):
+            f.seek(i * MIB)
+            f.write(os.urandom(MIB))
+    return path
+
+
+@pytest.fixture(scope="module")
+def backup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-disk backup with a VM config (name web01, datastore ds1), 16 MiB stored of 32."""
+    d = tmp_path_factory.mktemp("cli_errors")
+    cfg = {"name": "web01", "guest_os": "otherGuest64", "cpus": 1, "memory_mb": 512,
+           "disks": [{"index": 0, "capacity": 32 * MIB, "datastore": "ds1"}], "nics": []}
+    (d / "vm.json").write_text(json.dumps(cfg))
+    out = d / "full.vmrb"
+    run_cli("backup", "create", "--disk", str(_image(d / "d0.img", 32)), "--vm-config",
+            str(d / "vm.json"), "--codec", "none", "-o", str(out), check=True)
+    return out
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    """The error line, after checking the rule: exit code, one 'vmrestore: error:' line."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+# --- full disk ----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """An 8 MiB tmpfs, unmounted even when the test fails."""
+    need_root()
+    need_tool("mount", "umount")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_restore_disk_onto_a_full_filesystem_names_disk_and_offset(backup: Path,
+                                                                     small_fs: Path) -> None:
+    r = run_cli("restore-disk", str(backup), "--disk", "0", "--to", str(small_fs / "out.img"),
+                "-q")
+    line = _one_line_error(r, 6, "disk 0", "offset", "No space left on device")
+    assert str(small_fs / "out.img") in line
+    assert r.stdout == ""  # no summary of a restore that did not happen
+
+
+def test_restore_disk_json_onto_a_full_filesystem_prints_no_summary(backup: Path,
+                                                                      small_fs: Path) -> None:
+    r = run_cli("restore-disk", str(backup), "--disk", "0", "--to", str(small_fs / "o.img"),
+                "--json", "-q")
+    _one_line_error(r, 6, "disk 0", "offset")
+    assert r.stdout == ""  # nothing a script could take for bytes written
+
+
+def test_backup_create_onto_a_full_filesystem_leaves_nothing(tmp_path: Path,
+                                                             small_fs: Path) -> None:
+    img = _image(tmp_path / "d.img", 32)  # 16 MiB of random data into 8 MiB of space
+    out = small_fs / "b.vmrb"
+    r = run_cli("backup", "create", "--disk", str(img), "--codec", "none", "-o", str(out))
+    _one_line_error(r, 6, "offset", "No space left on device")
+    assert list(small_fs.iterdir()) == []  # no file under the final name, temp file removed
+
+
+# --- restore failure reports --------------------------------------------------------------
+
+DEAD_VC = ("--vcenter", "https://127.0.0.1:1/sdk", "--user", "u")
+
+
+def _pw(tmp_path: Path) -> str:
+    p = tmp_path / "pw"
+    p.write_text("secret\n")
+    return str(p)
+
+
+def test_restore_failed_in_initialize_reads_well(backup: Path, tmp_path: Path) -> None:
+    r = run_cli("restore", "--backup", str(backup), *DEAD_VC, "--password-file", _pw(tmp_path),
+                "--state-dir", str(tmp_path / "st"), "-q")
+    _one_line_error(r, 8, "cannot reach vCenter/ESXi at https://127.0.0.1:1/sdk")
+    head = r.stdout.splitlines()[0]
+    assert "VM 'web01'" in head and "VM ''" not in head and "?" not in head
+    assert "disk " not in r.stdout and "(sizes in MiB)" not in r.stdout  # no empty disk table
+    assert "FAILED in phase initialize: cannot reach" in r.stdout
+
+
+def test_restore_json_on_failure_is_valid_and_names_phase(backup: Path, tmp_path: Path) -> None:
+    r = run_cli("restore", "--backup", str(backup), *DEAD_VC, "--password-file", _pw(tmp_path),
+                "--state-dir", str(tmp_path / "st"), "--json", "-q")
+    _one_line_error(r, 8, "cannot reach")
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "failed" and doc["failed_phase"] == "initialize"
+    assert doc["error_type"] == "VSphereError" and "127.0.0.1:1" in doc["error"]
+    assert doc["vm"]["name"] == "web01"
+    assert [p["status"] for p in doc["phases"]] == ["failed"] + ["pending"] * 4
