@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from h1_helpers import MIB, backup, make_disk, restored
-from vmrestore.errors import ChainError
+from vmrestore.errors import ChainError, UsageError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import open_chain
 
@@ -115,7 +115,7 @@ def test_chain_at_selects_a_point(chain4) -> None:
     chain = open_chain(points[3])
     assert chain.at("p1.vmrb").point.name == "p1.vmrb"
     assert chain.at(chain.points[2].point_id[:8]).point.depth == 2
-    with pytest.raises(ChainError):
+    with pytest.raises(UsageError, match="no restore point 'nope'"):
         chain.at("nope")
 
 

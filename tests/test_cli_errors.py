@@ -117,6 +117,14 @@ def test_restore_failed_in_initialize_reads_well(backup: Path, tmp_path: Path) -
     assert "FAILED in phase initialize: cannot reach" in r.stdout
 
 
+def test_restore_failed_before_the_backup_was_read_says_so(backup: Path,
+                                                           tmp_path: Path) -> None:
+    r = run_cli("restore", "--backup", str(backup), "--point", "nope", *DEAD_VC,
+                "--password-file", _pw(tmp_path), "--state-dir", str(tmp_path / "st"), "-q")
+    _one_line_error(r, 2, "no restore point 'nope'")
+    assert "VM (not read)" in r.stdout.splitlines()[0]
+
+
 def test_restore_json_on_failure_is_valid_and_names_phase(backup: Path, tmp_path: Path) -> None:
     r = run_cli("restore", "--backup", str(backup), *DEAD_VC, "--password-file", _pw(tmp_path),
                 "--state-dir", str(tmp_path / "st"), "--json", "-q")
@@ -126,3 +134,48 @@ def test_restore_json_on_failure_is_valid_and_names_phase(backup: Path, tmp_path
     assert doc["error_type"] == "VSphereError" and "127.0.0.1:1" in doc["error"]
     assert doc["vm"]["name"] == "web01"
     assert [p["status"] for p in doc["phases"]] == ["failed"] + ["pending"] * 4
+
+
+# --- wrong arguments ----------------------------------------------------------------------
+
+def _job(tmp_path: Path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_restore_disk_wrong_arguments(backup: Path, tmp_path: Path) -> None:
+    b = str(backup)
+    t = str(tmp_path / "t.img")
+    cases = [
+        (["--disk", "3", "--to", t], 2, "no disk 3"),  # was exit 3 (FormatError): the file is fine
+        (["--disk", "0", "--to", t, "--point", "nope"], 2, "no restore point 'nope'"),  # was 3
+        (["--disk", "0", "--to", "foo://bar"], 2, "unknown target scheme 'foo'"),
+        (["--disk", "-1", "--to", t], 2, "--disk must be >= 0"),
+        (["--disk", "0", "--to", t, "--token-file", "x"], 2, "need a repo:// source"),
+    ]
+    for args, code, text in cases:
+        _one_line_error(run_cli("restore-disk", b, *args), code, text)
+    assert not Path(t).exists()
+
+
+def test_not_a_backup_is_named_as_such(tmp_path: Path) -> None:
+    img = _image(tmp_path / "disk.img", 2)  # a disk image given where a backup belongs
+    for cmd in ("inspect", "verify"):
+        _one_line_error(run_cli(cmd, str(img)), 3, str(img), "not a vmrestore backup")
+
+
+def test_restore_wrong_arguments(backup: Path, tmp_path: Path) -> None:
+    b = str(backup)
+    pw = _pw(tmp_path)
+    common = [*DEAD_VC, "--password-file", pw, "--state-dir", str(tmp_path / "st"), "-q"]
+    infra = _job(tmp_path, "infra.yaml", "version: 1\nproxies:\n  - name: p1\n    slots: two\n")
+    cases = [
+        (["--backup", b, "--network-map", "abc"], 2, "--network-map: expected SRC=DST"),
+        (["--backup", b, "--disk-datastore", "9=ds"], 2, "no disk 9"),
+        (["--backup", b, "--proxy", "nosuch"], 2, "proxy 'nosuch' not in the infrastructure"),
+        (["--backup", b, "--infra", infra], 2, "field 'slots' must be an integer"),
+        (["--backup", str(tmp_path / "none.vmrb")], 3, "cannot open backup"),
+    ]
+    for args, code, text in cases:
+        _one_line_error(run_cli("restore", *args, *common), code, text)

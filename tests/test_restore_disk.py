@@ -57,9 +57,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, chain: dict) -> None:
     out.write_bytes(b"x")
     cases = [
         (["--disk", "0", "--to", str(out)], 6, "exists"),
-        (["--disk", "5", "--to", str(tmp_path / "n.img")], 3, "no disk 5"),
+        (["--disk", "5", "--to", str(tmp_path / "n.img")], 2, "no disk 5"),
         (["--disk", "0", "--to", "ftp://x/y"], 2, "unknown target scheme"),
-        (["--disk", "0", "--to", str(tmp_path / "n2.img"), "--point", "zzzz"], 3, "zzzz"),
+        (["--disk", "0", "--to", str(tmp_path / "n2.img"), "--point", "zzzz"], 2, "zzzz"),
     ]
     for args, code, text in cases:
         r = restore_cli(str(pts[-1]), *args)

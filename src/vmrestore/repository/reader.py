@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from vmrestore.errors import ChainError, FormatError, IncompleteBackupError
+from vmrestore.errors import ChainError, FormatError, IncompleteBackupError, UsageError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.source import ByteSource, FileSource
 
@@ -57,6 +57,10 @@ class RestorePoint:
             raise IncompleteBackupError(
                 f"{name}: incomplete backup ({source.size} bytes, shorter than header + footer)"
             )
+        # A file that does not even start like a backup (a disk image given by mistake) is
+        # "not a backup", not "incomplete": the header is written first, so check it first.
+        if source.pread(len(fmt.HEADER_MAGIC), 0) != fmt.HEADER_MAGIC:
+            fmt.Header.unpack(source.pread(64, 0), name)  # raises the bad-magic FormatError
         footer = fmt.Footer.unpack(source.pread(fmt.FOOTER_SIZE,
                                                 source.size - fmt.FOOTER_SIZE), name)
         header = fmt.Header.unpack(source.pread(64, 0), name)
@@ -283,12 +287,13 @@ class Chain:
             if selector in (p.name, p.path) or (len(selector) >= 4 and
                                                   p.point_id.startswith(selector.lower())):
                 return Chain(self.points[: i + 1])
-        raise ChainError(f"{self.point.path}: no restore point {selector!r} in its chain "
+        # The backup is fine; the argument names nothing in it (exit 2, not 3).
+        raise UsageError(f"{self.point.path}: no restore point {selector!r} in its chain "
                          f"({', '.join(p.name for p in self.points)})")
 
     def disk(self, disk: int) -> dict[str, Any]:
         if not 0 <= disk < len(self.disks):
-            raise FormatError(f"{self.point.path}: no disk {disk} (the point has "
+            raise UsageError(f"{self.point.path}: no disk {disk} (the point has "
                               f"{len(self.disks)} disks)")
         return self.disks[disk]
 
