@@ -179,3 +179,18 @@ def test_restore_wrong_arguments(backup: Path, tmp_path: Path) -> None:
     ]
     for args, code, text in cases:
         _one_line_error(run_cli("restore", *args, *common), code, text)
+
+
+def test_restore_job_file_errors(backup: Path, tmp_path: Path) -> None:
+    b = str(backup)
+    cases = [
+        ("unknown.yaml", f"backup: {b}\nnmae: x\n", "unknown field 'nmae'"),
+        ("type.yaml", f"backup: {b}\npower_on: maybe\n", "'power_on' must be true or false"),
+        ("int.yaml", f"backup: {b}\nthreads: many\n", "'threads' must be an integer"),
+        # syntax errors say where (was: the parser's first line, no position)
+        ("syntax.yaml", f"backup: [{b}\n", "not valid YAML/JSON: line 2, column 1"),
+        ("syntax.json", '{"backup": "x",}', "line 1, column 16"),
+    ]
+    for name, text, words in cases:
+        path = _job(tmp_path, name, text)
+        _one_line_error(run_cli("restore", path, "-q"), 2, f"job file {path}", words)

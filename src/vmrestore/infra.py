@@ -98,7 +98,9 @@ def load_infra(path: str | Path) -> Infra:
     except OSError as e:
         raise UsageError(f"{src}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"{src}: not valid YAML: {str(e).splitlines()[0]}") from None
+        from vmrestore.job import parse_error_text
+
+        raise UsageError(f"{src}: not valid YAML: {parse_error_text(e)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{src}: expected a mapping with 'proxies'")
     if data.get("version", INFRA_VERSION) != INFRA_VERSION:

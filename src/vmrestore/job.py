@@ -180,6 +180,16 @@ def from_mapping(data: Mapping[str, Any], source: str = "job") -> RestoreJob:
     return validate(RestoreJob(**kw), source)
 
 
+def parse_error_text(e: Exception) -> str:
+    """A YAML/JSON syntax error as one line with its line and column (a 3 a.m. fix needs both)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', '') or e}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def load_job_file(path: str | Path) -> RestoreJob:
     """Read a YAML or JSON job file (YAML is a superset of JSON, so one parser reads both)."""
     import yaml
@@ -192,7 +202,7 @@ def load_job_file(path: str | Path) -> RestoreJob:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise UsageError(f"job file {p}: not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"job file {p}: not valid YAML/JSON: {parse_error_text(e)}") from None
     job = from_mapping(data or {}, f"job file {p}")
     # Relative paths in a job file are relative to the file, not to the caller's cwd.
     base = p.resolve().parent
