@@ -194,3 +194,12 @@ def test_restore_job_file_errors(backup: Path, tmp_path: Path) -> None:
     for name, text, words in cases:
         path = _job(tmp_path, name, text)
         _one_line_error(run_cli("restore", path, "-q"), 2, f"job file {path}", words)
+
+
+def test_options_next_to_a_job_file_are_refused_not_ignored(backup: Path,
+                                                             tmp_path: Path) -> None:
+    # was: --name and --network-map silently ignored (only run flags were taken)
+    path = _job(tmp_path, "job.yaml", f"backup: {backup}\n")
+    r = run_cli("restore", path, "--name", "x", "--network-map", "a=b", "-q")
+    _one_line_error(r, 2, "--name, --network-map cannot be combined with a job file")
+

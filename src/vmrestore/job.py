@@ -217,6 +217,14 @@ def load_job_file(path: str | Path) -> RestoreJob:
 def from_args(args: Any) -> RestoreJob:
     """Build a job from parsed CLI arguments (commands/restore.py's parser)."""
     if getattr(args, "job_file", None):
+        # Any other option next to a job file would be silently ignored: refuse it instead.
+        flags = ("resume", "keep_on_failure", "json", "power_on")
+        extra = sorted("--" + k.replace("_", "-") for k in (*_FIELDS, "disk_datastore")
+                       if k not in flags and getattr(args, k, None) not in (None, [], {}))
+        if extra:
+            raise UsageError(f"restore: {', '.join(extra)} cannot be combined with a job file "
+                             f"({args.job_file}): put them in the file (only --resume, "
+                             "--keep-on-failure, --json, --power-on, -q may be added)")
         job = load_job_file(args.job_file)
         # Flags given on the command line next to a job file only switch things on.
         for key in ("resume", "keep_on_failure", "json", "power_on"):
