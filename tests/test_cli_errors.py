@@ -203,3 +203,44 @@ def test_options_next_to_a_job_file_are_refused_not_ignored(backup: Path,
     r = run_cli("restore", path, "--name", "x", "--network-map", "a=b", "-q")
     _one_line_error(r, 2, "--name, --network-map cannot be combined with a job file")
 
+
+# --- help ---------------------------------------------------------------------------------
+
+def _parsers():
+    import argparse
+
+    from vmrestore.cli import build_parser
+
+    todo = [("vmrestore", build_parser())]
+    while todo:
+        path, p = todo.pop()
+        yield path, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [(f"{path} {name}", sp) for name, sp in a.choices.items()]
+
+
+def test_every_command_explains_itself_and_every_option() -> None:
+    import argparse
+
+    seen = 0
+    for path, p in _parsers():
+        seen += 1
+        assert p.description, f"{path}: no description"
+        text = p.format_help()
+        assert "default: None" not in text, path  # argparse noise instead of a real default
+        for a in p._actions:
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert a.help, f"{path} {a.option_strings or a.dest}: no help text"
+    assert seen >= 15
+
+
+def test_top_level_help_lists_forms_and_every_exit_code() -> None:
+    from vmrestore import errors
+
+    r = run_cli("--help", check=True)
+    assert "vmrestore restore-disk" in r.stdout and "nbd://" in r.stdout
+    codes = {c.exit_code for c in vars(errors).values()
+             if isinstance(c, type) and issubclass(c, errors.VmrError)}
+    for code in codes:
+        assert f"\n  {code:<4} " in r.stdout, code

@@ -36,6 +36,30 @@ COMMANDS = (
 log = logging.getLogger("vmrestore")
 
 
+def exit_codes_text() -> str:
+    """The exit codes, from errors.py itself so the help can never drift from the code."""
+    from vmrestore import errors
+
+    seen: dict[int, str] = {0: "success", 1: "any other failure (the message says what)"}
+    for obj in vars(errors).values():
+        if isinstance(obj, type) and issubclass(obj, errors.VmrError):
+            doc = (obj.__doc__ or obj.__name__).strip().splitlines()[0].rstrip(".")
+            seen.setdefault(obj.exit_code, f"{obj.__name__}: {doc}")
+    rows = (f"  {code:<4} {text}" for code, text in sorted(seen.items()))
+    return "exit codes:\n" + "\n".join(rows)
+
+
+EPILOG = """\
+main forms (details: 'vmrestore COMMAND --help', README.md, docs/):
+  vmrestore backup create --disk disk0.img [--disk ...] [--parent PREV] -o OUT.vmrb
+  vmrestore verify OUT.vmrb            vmrestore inspect OUT.vmrb [--json]
+  vmrestore restore-disk OUT.vmrb --disk 0 --to PATH|nbd://...|san:...|vddk://...
+  vmrestore restore --backup OUT.vmrb --name NEW [--vcenter URL ...]   (or JOB.yaml)
+  vmrestore lab up | status | down     the embedded vSphere lab (root)
+
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmrestore",
@@ -43,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Full VM restore into VMware vSphere from block-level backups. "
             "Run 'vmrestore COMMAND --help' for each command."
         ),
+        epilog=EPILOG + exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vmrestore {__version__}")
     parser.add_argument(

@@ -34,17 +34,26 @@ def register(subparsers: Any) -> None:
     common.add_argument("--dir", type=Path, default=None,
                         help="lab directory (default: $VMRESTORE_LAB_DIR or ./.lab)")
     common.add_argument("--json", action="store_true", help="print the status as JSON")
-    u = sub.add_parser("up", parents=[common], help="start the lab (already up: show status)")
+    u = sub.add_parser("up", parents=[common], help="start the lab (already up: show status)",
+                       description="Start the lab in DIR (vcsim is built once and cached; "
+                       "the SAN LUN is a sparse image on a loop device) and print its status: "
+                       "vCenter URL, user, password, datastores. Running it again on a lab "
+                       "that is up only prints the status. Needs root.")
     u.add_argument("--hosts", type=int, default=2, help="ESXi hosts in the cluster (default 2)")
     u.add_argument("--san-size", type=_size, default=1 << 30,
                    help="size of the SAN LUN image, sparse (default 1G)")
     u.set_defaults(func=run_up)
     d = sub.add_parser("down", parents=[common],
-                       help="stop the lab and remove its processes, loop devices, mounts, files")
+                       help="stop the lab and remove its processes, loop devices, mounts, files",
+                       description="Stop the lab in DIR: its processes, mounts and loop "
+                       "devices, then its files (unless --keep-files). Safe to run twice.")
     d.add_argument("--keep-files", action="store_true",
                    help="keep the datastore directories and logs")
     d.set_defaults(func=run_down)
-    s = sub.add_parser("status", parents=[common], help="show the lab (exit 1 when not up)")
+    s = sub.add_parser("status", parents=[common], help="show the lab (exit 1 when not up)",
+                       description="Show the lab in DIR: vCenter URL, user, password, and each "
+                       "datastore's name, type and local directory (--json: docs/lab.md). "
+                       "Exit 0 when up, 1 when not.")
     s.set_defaults(func=run_status)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

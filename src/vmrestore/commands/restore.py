@@ -7,68 +7,112 @@ from typing import Any
 
 HELP = "restore a whole VM from a backup into vCenter/ESXi (or the lab)"
 
+DESCRIPTION = """\
+Restore a whole VM from a backup into vCenter/ESXi (or the embedded lab), in five
+phases: 1 initialize (proxy slot, movers, vCenter), 2 restore the configuration and
+register the VM, 3 snapshot (skipped on VVOL), 4 write the disks through the core,
+5 commit the snapshot (and power on). A failed phase rolls back what this restore
+created. Give either options, or a job file (YAML/JSON, same field names) as the only
+argument; next to a job file only --resume, --keep-on-failure, --json, --power-on, -q."""
+
+EPILOG = """\
+examples:
+  vmrestore restore --backup inc1.vmrb --name web02 --datastore ds-local \\
+      --network-map "VM Network=Restore Network" --power-on
+  vmrestore restore --backup inc1.vmrb --vcenter https://vc.example/sdk \\
+      --user restore@vsphere.local --password-file /etc/vmrestore/vc.pw --transport nbd
+  vmrestore restore job.yaml --resume       continue a killed run from its checkpoint
+
+The report (a table, or --json) names each phase's outcome and, per disk, the transport
+used and why. Exit codes: 0 restored; 2 bad arguments or job file; 3 broken backup;
+6/7 target or transport failed; 8 vCenter refused; 130 interrupted (see 'vmrestore -h').
+Details: docs/restore.md.
+"""
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "restore", help=HELP, description=HELP + ". Either options, or a job file "
-        "(YAML/JSON, same field names) as the only argument.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "restore", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+        # Defaults are spelled out in each help text: the options default to None so that
+        # a job file's fields are not overridden by them.
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job_file", nargs="?", metavar="JOB.yaml",
-                   help="job file with the same fields as the options (see docs/restore.md)")
+                   help="job file (YAML/JSON) with the same fields as the options, e.g. "
+                   "'backup: x.vmrb', 'network_map: {A: B}' (docs/restore.md)")
     src = p.add_argument_group("backup")
-    src.add_argument("--backup", metavar="BACKUP", help="backup file (.vmrb); its chain is used")
+    src.add_argument("--backup", metavar="BACKUP",
+                     help="restore point file (*.vmrb); its parents are found next to it")
     src.add_argument("--repository", metavar="URL",
                      help="restore point on a repository agent: repo://HOST:PORT/PATH "
                      "(instead of --backup; blocks cross the network compressed)")
     src.add_argument("--token-file", metavar="F",
                      help="with --repository: the agent's token (default $VMRESTORE_REPO_TOKEN)")
-    src.add_argument("--point", metavar="ID", help="restore point: id prefix or file name")
+    src.add_argument("--point", metavar="ID",
+                     help="an earlier point of the chain: id prefix or file name (default: BACKUP "
+                     "itself)")
     vc = p.add_argument_group("target vCenter/ESXi (default: the lab's, when it is up)")
-    vc.add_argument("--vcenter", metavar="URL", help="http(s)://host[:port][/sdk]")
-    vc.add_argument("--user", metavar="U")
-    vc.add_argument("--password-file", metavar="F", help="file holding the password")
+    vc.add_argument("--vcenter", metavar="URL",
+                    help="https://HOST[:PORT][/sdk] (default: the lab's, when it is up)")
+    vc.add_argument("--user", metavar="U", help="user name (needed with --vcenter)")
+    vc.add_argument("--password-file", metavar="F",
+                    help="file holding the password (needed with --vcenter; the password is "
+                    "never an argument)")
     vc.add_argument("--thumbprint", metavar="HEX", help="pin the server certificate (SHA-1/256)")
     vc.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify the server certificate")
     vc.add_argument("--insecure", action="store_true", default=None,
-                    help="https without certificate checks")
+                    help="https without certificate checks (default: verify)")
     vc.add_argument("--datacenter", metavar="DC", help="datacenter (default: the only one)")
     am = p.add_argument_group("placement and amendments")
-    am.add_argument("--name", metavar="N", help="name of the restored VM (default: original)")
-    am.add_argument("--folder", metavar="F", help="VM folder path under the datacenter")
+    am.add_argument("--name", metavar="N",
+                    help="name of the restored VM (default: the backed-up VM's name)")
+    am.add_argument("--folder", metavar="F",
+                    help="VM folder path under the datacenter (default: the root VM folder)")
     am.add_argument("--host", metavar="H",
                     help="ESXi host (default: first that sees the datastore)")
-    am.add_argument("--resource-pool", metavar="RP")
-    am.add_argument("--datastore", metavar="DS", help="datastore for the VM and its disks")
+    am.add_argument("--resource-pool", metavar="RP",
+                    help="resource pool (default: the host's cluster root pool)")
+    am.add_argument("--datastore", metavar="DS",
+                    help="datastore for the VM and its disks (default: the backed-up one)")
     am.add_argument("--disk-datastore", metavar="N=DS", action="append",
-                    help="datastore of disk N (repeatable)")
+                    help="datastore of disk N, counted from 0 (repeatable; default: --datastore)")
     am.add_argument("--disk-format", choices=("same", "thin", "thick-lazy", "thick-eager"),
-                    default=None, help="provisioning of the restored disks [same]")
+                    default=None,
+                    help="provisioning of the restored disks (default: as backed up)")
     am.add_argument("--network-map", metavar="SRC=DST", action="append",
-                    help="connect NICs on network SRC to DST (repeatable)")
+                    help="connect NICs on network SRC to DST (repeatable; default: same network)")
     am.add_argument("--power-on", action="store_true", default=None,
                     help="power the VM on at the end")
     tr = p.add_argument_group("data movement")
     tr.add_argument("--transport", choices=("auto", "san", "hotadd", "nbd", "nbdssl"),
-                    default=None, help="transport mode [auto]")
-    tr.add_argument("--proxy", metavar="NAME", help="proxy to use (default: one with a free slot)")
-    tr.add_argument("--infra", metavar="FILE", help="infrastructure file (proxies, slots, storage)")
+                    default=None,
+                    help="how disks are written (default auto: san if every disk is thick "
+                    "and the proxy sees the LUN, else hotadd if the proxy is a VM, else nbd; "
+                    "a failing disk falls back to nbd)")
+    tr.add_argument("--proxy", metavar="NAME",
+                    help="proxy to use (default: one with a free slot)")
+    tr.add_argument("--infra", metavar="FILE",
+                    help="infrastructure file: proxies, their slots and storage (default: "
+                    "one local proxy with 4 slots; docs/restore.md)")
     tr.add_argument("--disk-library", choices=("native", "vddk"), default=None,
                     help="who writes the disks: vmrestore's writers, or VMware's VixDiskLib "
-                    "[native]")
+                    "(default: native)")
     tr.add_argument("--vddk-libdir", metavar="DIR",
                     help="VDDK install dir (default $VMRESTORE_VDDK_LIBDIR; on the lab: vddk_sim)")
-    tr.add_argument("--threads", type=int, metavar="T", help="core worker threads per disk")
-    tr.add_argument("--queue-depth", type=int, metavar="Q", help="requests in flight per disk")
+    tr.add_argument("--threads", type=int, metavar="T",
+                    help="core worker threads per disk (default: as restore-disk)")
+    tr.add_argument("--queue-depth", type=int, metavar="Q",
+                    help="requests in flight per disk (default: as restore-disk)")
     fl = p.add_argument_group("failure handling")
     fl.add_argument("--resume", action="store_true", default=None,
                     help="continue an interrupted restore from its checkpoint")
     fl.add_argument("--keep-on-failure", action="store_true", default=None,
-                    help="leave what was created when a phase fails")
+                    help="leave what was created when a phase fails (default: roll back)")
     fl.add_argument("--state-dir", metavar="DIR",
                     help="where job state and checkpoints live (default: $VMRESTORE_STATE_DIR, "
                     "else BACKUP_DIR/.vmrestore, for --repository ~/.local/state/vmrestore/"
                     "repo-HASH)")
-    p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    p.add_argument("--json", action="store_true", default=None,
+                    help="print the report as JSON on stdout (also on failure)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)
 
