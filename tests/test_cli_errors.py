@@ -244,3 +244,29 @@ def test_top_level_help_lists_forms_and_every_exit_code() -> None:
              if isinstance(c, type) and issubclass(c, errors.VmrError)}
     for code in codes:
         assert f"\n  {code:<4} " in r.stdout, code
+
+
+def test_backup_create_wrong_arguments(tmp_path: Path) -> None:
+    img = _image(tmp_path / "d.img", 2)
+    out = tmp_path / "o.vmrb"
+    (tmp_path / "odd.img").write_bytes(b"x" * 1000)
+    cases = [
+        # was: accepted, zstd clamped it to 22 while the index recorded 99
+        (["--disk", str(img), "--level", "99"], 2, "--level 99: zstd levels are -128..22"),
+        (["--disk", str(img), "--block-size", "3M"], 2, "not a power of two"),
+        (["--disk", str(tmp_path / "none.img")], 5, "cannot open source disk"),
+        (["--disk", str(tmp_path / "odd.img")], 5, "not a multiple of 512"),
+        (["--disk", str(img), "--vm-config", str(tmp_path / "none.json")], 2,
+         "cannot read VM configuration"),
+    ]
+    for args, code, text in cases:
+        _one_line_error(run_cli("backup", "create", *args, "-o", str(out)), code, text)
+        assert not out.exists()
+
+
+def test_san_target_without_its_map_names_the_map_once(backup: Path, tmp_path: Path) -> None:
+    m = tmp_path / "none.json"
+    r = run_cli("restore-disk", str(backup), "--disk", "0", "--to",
+                f"san:{tmp_path / 'lun'}?map={m}", "-q")
+    line = _one_line_error(r, 6, "cannot read extent map: No such file or directory")
+    assert line.count(str(m)) == 1  # was: "[Errno 2] No such file or directory: '...'" too

@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("--codec", choices=("zstd", "lz4", "none"), default="zstd",
                    help="block compression (default zstd)")
     c.add_argument("--level", type=int, default=None,
-                   help="compression level (default 3 for zstd; ignored by lz4/none)")
+                   help="compression level: zstd -128..22 (default 3); ignored by lz4/none")
     c.add_argument("--block-size", default=None, metavar="SIZE",
                    help="block size, a power of two from 64K to 8M (default 1M, or the "
                    "parent's for an incremental)")
@@ -59,6 +59,10 @@ def run_create(args: argparse.Namespace) -> int:
 
     block_size = parse_size(args.block_size) if args.block_size else None
     level = args.level if args.level is not None else (3 if args.codec == "zstd" else 0)
+    # zstd would silently clamp 99 to 22, and the index stores the level as int8: refuse
+    # what would not be what the file says (negative levels are zstd's fast modes).
+    if args.codec == "zstd" and not -128 <= level <= 22:
+        raise UsageError(f"--level {level}: zstd levels are -128..22 (default 3)")
     cfg = load_vm_config(args.vm_config) if args.vm_config else None
     if args.threads is not None and not 1 <= args.threads <= 256:
         raise UsageError(f"--threads {args.threads}: must be 1..256")

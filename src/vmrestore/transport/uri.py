@@ -138,7 +138,9 @@ def read_extent_map(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path) as f:
             doc = json.load(f)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # strerror only: the path is already named once
+        raise TargetError(f"{path}: cannot read extent map: {e.strerror}") from None
+    except ValueError as e:
         raise TargetError(f"{path}: cannot read extent map: {e}") from None
     if not isinstance(doc, dict) or doc.get("version") != MAP_VERSION or \
             not isinstance(doc.get("extents"), list):
