@@ -270,3 +270,12 @@ def test_san_target_without_its_map_names_the_map_once(backup: Path, tmp_path: P
                 f"san:{tmp_path / 'lun'}?map={m}", "-q")
     line = _one_line_error(r, 6, "cannot read extent map: No such file or directory")
     assert line.count(str(m)) == 1  # was: "[Errno 2] No such file or directory: '...'" too
+
+
+def test_restore_json_when_the_job_is_refused_before_it_starts(backup: Path) -> None:
+    # was: nothing on stdout, so a script parsing --json output got no document at all
+    r = run_cli("restore", "--backup", str(backup), "--network-map", "abc", "--json", "-q")
+    _one_line_error(r, 2, "--network-map: expected SRC=DST")
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "failed" and doc["failed_phase"] == "initialize"
+    assert doc["error_type"] == "UsageError" and "SRC=DST" in doc["error"]

@@ -112,7 +112,7 @@ def register(sub: Any) -> None:
                     "else BACKUP_DIR/.vmrestore, for --repository ~/.local/state/vmrestore/"
                     "repo-HASH)")
     p.add_argument("--json", action="store_true", default=None,
-                    help="print the report as JSON on stdout (also on failure)")
+                   help="print the report as JSON on stdout (also on failure)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)
 
@@ -124,10 +124,21 @@ def run(args: argparse.Namespace) -> int:
 
     from vmrestore import job as jobmod
     from vmrestore import ui
+    from vmrestore.errors import VmrError
     from vmrestore.orchestrator import Orchestrator
-    from vmrestore.report import format_table
+    from vmrestore.report import Report, format_table
 
-    job = jobmod.from_args(args)
+    try:
+        job = jobmod.from_args(args)
+    except VmrError as e:
+        if args.json:  # a script asked for JSON: it gets a report also for a refused job
+            r = Report(backup=args.backup or args.repository or args.job_file or "",
+                       status="failed", failed_phase="initialize", error=e)
+            r.phases["initialize"].status = "failed"
+            r.phases["initialize"].detail = "job refused before it started"
+            print(json.dumps(r.as_dict(), indent=2))
+            sys.stdout.flush()
+        raise
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: clean rollback, exit 130
