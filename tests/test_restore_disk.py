@@ -78,3 +78,22 @@ def test_force_overwrites_existing_file(tmp_path: Path, chain: dict) -> None:
                     "--threads", "1", "--connections", "1")
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == states[-1]
+
+
+def test_failed_restore_removes_the_file_it_created(tmp_path: Path, chain: dict) -> None:
+    """A new target file left half-written would look like a restored disk: it goes."""
+    bad = tmp_path / "bad.vmrb"
+    data = bytearray(Path(chain["points"][0]).read_bytes())
+    data[4096 + 100] ^= 0x01          # inside the first stored extent
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "new.img"
+    r = restore_cli(str(bad), "--disk", "0", "--to", str(out), "-q")
+    assert r.returncode == 4, r.stderr
+    assert "disk 0 block 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    # A target that existed before the run (here with --force) is never deleted.
+    kept = tmp_path / "kept.img"
+    kept.write_bytes(b"\xcc" * len(chain["states"][0]))
+    r = restore_cli(str(bad), "--disk", "0", "--to", str(kept), "--force", "-q")
+    assert r.returncode == 4, r.stderr
+    assert kept.exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from vmrestore.errors import UsageError
@@ -102,11 +104,17 @@ def run(args: argparse.Namespace) -> int:
         elif args.token_file or args.agent_connections or args.client:
             raise UsageError("--token-file, --agent-connections and --client need a "
                              "repo:// source")
-        res = restore_disk(args.backup, args.disk, args.target, point=args.point,
-                           force=args.force, target_zeroed=True if args.target_zeroed else None,
-                           threads=args.threads, queue_depth=args.queue_depth,
-                           lanes=args.connections, buffers=args.buffers,
-                           direct=not args.no_direct, on_counters=progress, **extra)
+        new_file = _new_local_file(args.target)
+        try:
+            res = restore_disk(args.backup, args.disk, args.target, point=args.point,
+                               force=args.force,
+                               target_zeroed=True if args.target_zeroed else None,
+                               threads=args.threads, queue_depth=args.queue_depth,
+                               lanes=args.connections, buffers=args.buffers,
+                               direct=not args.no_direct, on_counters=progress, **extra)
+        except BaseException:
+            _remove_partial(new_file)
+            raise
         task.done()
     if args.json:
         json.dump(res.as_dict(), sys.stdout, indent=2)
@@ -122,3 +130,27 @@ def run(args: argparse.Namespace) -> int:
                   f"{res.capacity} logical ({res.wire_ratio:.3f}), {res.reconnects} "
                   f"reconnects, {res.refetches} re-fetches", file=sys.stderr)
     return 0
+
+
+def _new_local_file(target: str) -> Path | None:
+    """The target's path when it is a local file this run will create, else None."""
+    from vmrestore.transport.uri import parse_target
+
+    try:
+        spec = parse_target(target)
+    except Exception:  # restore_disk reports a bad target itself
+        return None
+    if spec.kind != "file" or not spec.path or os.path.lexists(spec.path):
+        return None
+    return Path(spec.path)
+
+
+def _remove_partial(path: Path | None) -> None:
+    """A failed run removes the file it created: a half-written disk must not look restored."""
+    if path is None or not path.is_file():
+        return
+    try:
+        path.unlink()
+        log.info("removed the partly written target %s", path)
+    except OSError as e:
+        log.warning("could not remove the partly written target %s: %s", path, e)
