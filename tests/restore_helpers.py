@@ -14,8 +14,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,3 +190,34 @@ def assert_restored(labinfo: Any, si: Any, name: str, images: list[Path],
         assert f.read_bytes() == img.read_bytes(), f"{f} differs from {img}"
         if d.backing.thinProvisioned:
             assert f.stat().st_blocks * 512 < f.stat().st_size, f"thin {f} not sparse"
+
+
+def kill_mid_disk(args: list[str], env: dict[str, str], state: Path) -> dict:
+    """Start a restore, kill -9 it once disk 0 has a durable mid-disk checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", "vmrestore", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        ckpt = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(state.glob("restore-*.disk0.ckpt"))
+            if found:
+                try:
+                    data = json.loads(found[0].read_text())
+                except (OSError, ValueError):
+                    data = {}
+                if 0 < data.get("prefix", 0) < data.get("entries", 0):
+                    ckpt = data
+                    break
+            time.sleep(0.05)
+        assert ckpt is not None, "no mid-disk checkpoint seen before the run ended"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return ckpt

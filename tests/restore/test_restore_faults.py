@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +13,7 @@ from restore_helpers import (
     assert_nothing_left,
     assert_restored,
     find_vm,
+    kill_mid_disk,
     lab_env,
     restore_cli,
     unique,
@@ -94,29 +93,7 @@ def test_kill9_in_data_phase_then_resume(lab, lab_si, host_services, backup, tmp
             "ds-local", "--transport", transport, "--network-map",
             "VM Network=Restore Network", "--state-dir", str(state)]
     env = lab_env(lab, VMRESTORE_FAULT="stall:data:0.5")
-    proc = subprocess.Popen([sys.executable, "-m", "vmrestore", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        ckpt = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list(state.glob("restore-*.disk0.ckpt"))
-            if found:
-                data = json.loads(found[0].read_text())
-                if 0 < data["prefix"] < data["entries"]:
-                    ckpt = data
-                    break
-            time.sleep(0.05)
-        assert ckpt is not None, "no mid-disk checkpoint seen before the run ended"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_mid_disk(args, env, state)
     assert find_vm(lab_si, name) is not None  # kill -9: nothing could roll back
 
     p, rep = restore_cli(lab, *args[1:], "--resume")

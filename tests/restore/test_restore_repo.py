@@ -10,11 +10,6 @@ bytes, and a resumed run must write less than the whole disk.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from mover.mover_helpers import TOKEN, AgentProc
-from restore_helpers import assert_restored, find_vm, lab_env, restore_cli, unique
+from restore_helpers import (
+    assert_restored,
+    find_vm,
+    kill_mid_disk,
+    lab_env,
+    restore_cli,
+    unique,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
@@ -89,37 +91,6 @@ def test_wrong_token_is_refused_before_anything_is_created(lab, lab_si, backup, 
     assert rep["failed_phase"] == "initialize" and find_vm(lab_si, name) is None
 
 
-def _kill_mid_disk(args: list[str], env: dict[str, str], state: Path) -> dict:
-    """Start a restore, kill -9 it once disk 0 has a durable mid-disk checkpoint."""
-    proc = subprocess.Popen([sys.executable, "-m", "vmrestore", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        ckpt = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = list(state.glob("restore-*.disk0.ckpt"))
-            if found:
-                try:
-                    data = json.loads(found[0].read_text())
-                except (OSError, ValueError):
-                    data = {}
-                if 0 < data.get("prefix", 0) < data.get("entries", 0):
-                    ckpt = data
-                    break
-            time.sleep(0.05)
-        assert ckpt is not None, "no mid-disk checkpoint seen before the run ended"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return ckpt
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("source, mover", [("local", "subprocess"), ("repo", "in-process"),
                                            ("repo", "subprocess")])
@@ -132,7 +103,7 @@ def test_kill9_then_resume(lab, lab_si, host_services, backup, agent, tmp_path: 
            else ["--backup", str(backup.inc)])
     args = ["restore", *src, "--name", name, "--datastore", "ds-local", "--transport", "nbd",
             "--network-map", "VM Network=Restore Network", "--state-dir", str(state)]
-    ckpt = _kill_mid_disk(args, lab_env(lab, VMRESTORE_MOVER=mover,
+    ckpt = kill_mid_disk(args, lab_env(lab, VMRESTORE_MOVER=mover,
                                         VMRESTORE_FAULT="stall:data:0.5"), state)
     assert find_vm(lab_si, name) is not None  # kill -9: nothing could roll back
     time.sleep(0.5)  # a subprocess mover notices its parent died and stops
