@@ -109,11 +109,7 @@ class Session:
 
         dcs = list(self.objects(vim.Datacenter))
         if name:
-            for dc in dcs:
-                if dc.name == name:
-                    return dc
-            raise VSphereError(f"datacenter {name!r} not found at {self.target.url} "
-                               f"(there: {_names(dcs)})")
+            return _named(dcs, name, "datacenter", f"at {self.target.url}")
         if len(dcs) == 1:
             return dcs[0]
         if not dcs:
@@ -127,11 +123,7 @@ class Session:
 
         hosts = list(self.objects(vim.HostSystem, dc.hostFolder))
         if name:
-            for h in hosts:
-                if h.name == name:
-                    return h
-            raise VSphereError(f"host {name!r} not found in datacenter {dc.name} "
-                               f"(there: {_names(hosts)})")
+            return _named(hosts, name, "host", f"in datacenter {dc.name}")
         for h in hosts:
             if datastore is None or datastore in h.datastore:
                 return h
@@ -139,18 +131,10 @@ class Session:
                            f"{datastore.name if datastore else '?'}")
 
     def datastore(self, dc: Any, name: str) -> Any:
-        for ds in dc.datastore:
-            if ds.name == name:
-                return ds
-        raise VSphereError(f"datastore {name!r} not found in datacenter {dc.name} "
-                           f"(there: {_names(dc.datastore)})")
+        return _named(dc.datastore, name, "datastore", f"in datacenter {dc.name}")
 
     def network(self, dc: Any, name: str) -> Any:
-        for net in dc.network:
-            if net.name == name:
-                return net
-        raise VSphereError(f"network {name!r} not found in datacenter {dc.name} "
-                           f"(there: {_names(dc.network)})")
+        return _named(dc.network, name, "network", f"in datacenter {dc.name}")
 
     def folder(self, dc: Any, path: str | None) -> Any:
         """A VM folder by path relative to the datacenter's VM folder ('a/b')."""
@@ -175,11 +159,7 @@ class Session:
         if not name:
             return host.parent.resourcePool
         pools = list(self.objects(vim.ResourcePool, dc.hostFolder))
-        for rp in pools:
-            if rp.name == name:
-                return rp
-        raise VSphereError(f"resource pool {name!r} not found in datacenter {dc.name} "
-                           f"(there: {_names(pools)})")
+        return _named(pools, name, "resource pool", f"in datacenter {dc.name}")
 
     def find_vm(self, dc: Any, name: str) -> Any | None:
         """The VM of that name in the datacenter, or None (reads only 'name')."""
@@ -239,6 +219,15 @@ class Session:
 
     def task_result(self, task: Any) -> Any:
         return task.info.result
+
+
+def _named(objs: Any, name: str, what: str, where: str) -> Any:
+    """The object called `name`, or an error that lists the names there are."""
+    objs = list(objs)
+    for o in objs:
+        if o.name == name:
+            return o
+    raise VSphereError(f"{what} {name!r} not found {where} (there: {_names(objs)})")
 
 
 def _names(objs: Any) -> str:
