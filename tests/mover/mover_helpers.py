@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +99,22 @@ def mover_job(url: str, token_file: Path, target: Path, **settings: object) -> d
                                                      "token_file": str(token_file)},
             "disks": [{"disk": 0, "target": str(target)}],
             "settings": {"progress_interval": 0.05, **settings}}
+
+
+def copy_with_bad_extent(backup_dir: Path, root: Path, nth: int, at: int | None = None,
+                         xor: int = 0xFF) -> dict:
+    """Copy the sample backups to `root` and flip one byte of the nth stored data extent of
+    inc1.vmrb's disk 0 (in its middle unless `at` is given); returns that plan entry."""
+    from vmrestore.repository.plan import build_plan
+    from vmrestore.repository.reader import open_chain
+
+    shutil.copytree(backup_dir, root)
+    plan = build_plan(open_chain(root / "inc1.vmrb"), 0)
+    e = plan.plan[plan.plan["kind"] == 1][nth]
+    victim = root / Path(plan.sources[int(e["src"])]).name
+    with open(victim, "r+b") as f:
+        f.seek(int(e["src_off"]) + (int(e["stored_len"]) // 2 if at is None else at))
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ xor]))
+    return {name: int(e[name]) for name in e.dtype.names}

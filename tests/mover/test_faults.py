@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import filecmp
-import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
-from mover_helpers import mover_job
+from mover_helpers import copy_with_bad_extent, mover_job
 
 from vmrestore.mover.launcher import ProxyMover
 
@@ -139,19 +138,8 @@ def test_flipped_byte_on_the_wire_is_refetched(sample, agent_factory, token_file
 def test_bad_stored_data_is_reported_with_block(sample, agent_factory, token_file,
                                                 tmp_path) -> None:
     bk, _ = sample
-    from vmrestore.repository.plan import build_plan
-    from vmrestore.repository.reader import open_chain
-
     root = tmp_path / "root" / "vm1"
-    shutil.copytree(bk, root)
-    plan = build_plan(open_chain(root / "inc1.vmrb"), 0)
-    e = plan.plan[plan.plan["kind"] == 1][3]
-    victim = root / plan.sources[int(e["src"])].split("/")[-1]
-    with open(victim, "r+b") as f:
-        f.seek(int(e["src_off"]) + int(e["stored_len"]) // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
+    e = copy_with_bad_extent(bk, root, 3)
     agent = agent_factory(root.parent)
     with ProxyMover(mover_job(agent.url(), token_file, tmp_path / "r.img")) as pm:
         list(pm.events())

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from mover_helpers import TOKEN
+from mover_helpers import TOKEN, copy_with_bad_extent
 from test_faults import FlippingRelay
 
 from support import need_tool, run_cli
@@ -135,22 +135,9 @@ def test_flipped_byte_on_the_wire_is_caught(sample, agent_factory, token_file, t
 
 def test_bad_stored_data_is_a_checksum_error(sample, agent_factory, token_file,
                                              tmp_path) -> None:
-    import shutil
-
-    from vmrestore.repository.plan import build_plan
-    from vmrestore.repository.reader import open_chain
-
     bk, _ = sample
     root = tmp_path / "root" / "vm1"
-    shutil.copytree(bk, root)
-    plan = build_plan(open_chain(root / "inc1.vmrb"), 0)
-    e = plan.plan[plan.plan["kind"] == 1][2]
-    victim = root / plan.sources[int(e["src"])].split("/")[-1]
-    with open(victim, "r+b") as f:
-        f.seek(int(e["src_off"]) + 100)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x01]))
+    e = copy_with_bad_extent(bk, root, 2, at=100, xor=0x01)
     agent = agent_factory(root.parent)
     with pytest.raises(ChecksumError) as ei:
         restore_disk(agent.url(), 0, str(tmp_path / "r.img"), token_file=str(token_file))
