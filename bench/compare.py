@@ -309,6 +309,24 @@ class Server:
 
 
 @contextlib.contextmanager
+def _timed_server(name: str, argv: list[str], sock: Path, log: Path) -> Iterator[Server]:
+    """Start an NBD server under GNU time on a unix socket; stopped on the way out."""
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    rss = log.with_suffix(".time")
+    rss.unlink(missing_ok=True)
+    with open(log, "ab") as lf:
+        proc = subprocess.Popen([TIME, "-f", TIME_FMT, "-o", str(rss), "--", *argv],
+                                stdout=lf, stderr=lf, stdin=subprocess.DEVNULL)
+    srv = Server(name, proc, sock, rss)
+    try:
+        _wait_nbd(sock, proc, name)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@contextlib.contextmanager
 def nbdkit_file(target: Path, size: int, sock: Path, log: Path) -> Iterator[Server]:
     """A fresh sparse target file served by nbdkit's file plugin on a unix socket.
 
@@ -317,45 +335,17 @@ def nbdkit_file(target: Path, size: int, sock: Path, log: Path) -> Iterator[Serv
     """
     with open(target, "wb") as f:
         f.truncate(size)
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
-    rss = log.with_suffix(".time")
-    rss.unlink(missing_ok=True)
-    with open(log, "ab") as lf:
-        proc = subprocess.Popen(
-            [TIME, "-f", TIME_FMT, "-o", str(rss), "--",
-             "nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock),
-             "file", f"file={target}"],
-            stdout=lf, stderr=lf, stdin=subprocess.DEVNULL,
-        )
-    srv = Server("nbdkit", proc, sock, rss)
-    try:
-        _wait_nbd(sock, proc, "nbdkit")
+    with _timed_server("nbdkit", ["nbdkit", "--foreground", "--exit-with-parent", "-U",
+                                  str(sock), "file", f"file={target}"], sock, log) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @contextlib.contextmanager
 def qemu_nbd_ro(image: Path, fmt: str, sock: Path, log: Path) -> Iterator[Server]:
     """qemu-nbd serving `image` read-only on a unix socket, several clients allowed."""
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
-    rss = log.with_suffix(".time")
-    rss.unlink(missing_ok=True)
-    with open(log, "ab") as lf:
-        proc = subprocess.Popen(
-            [TIME, "-f", TIME_FMT, "-o", str(rss), "--",
-             "qemu-nbd", "--read-only", "--persistent", "--shared=16", "-f", fmt,
-             "-k", str(sock), str(image)],
-            stdout=lf, stderr=lf, stdin=subprocess.DEVNULL,
-        )
-    srv = Server("qemu-nbd", proc, sock, rss)
-    try:
-        _wait_nbd(sock, proc, "qemu-nbd")
+    with _timed_server("qemu-nbd", ["qemu-nbd", "--read-only", "--persistent", "--shared=16",
+                                    "-f", fmt, "-k", str(sock), str(image)], sock, log) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @contextlib.contextmanager
