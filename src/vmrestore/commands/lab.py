@@ -40,6 +40,12 @@ def register(subparsers: Any) -> None:
                        "vCenter URL, user, password, datastores. Running it again on a lab "
                        "that is up only prints the status. Needs root.")
     u.add_argument("--hosts", type=int, default=2, help="ESXi hosts in the cluster (default 2)")
+    u.add_argument("--proxies", type=int, default=1,
+                   help="HotAdd proxy VMs: vmr-proxy, vmr-proxy2, ... one per host, round "
+                   "robin (default 1)")
+    u.add_argument("--datastores", type=int, default=0, metavar="N",
+                   help="more local datastores besides ds-local, ds-san, ds-vvol: ds-local2 "
+                   "... (default 0)")
     u.add_argument("--san-size", type=_size, default=1 << 30,
                    help="size of the SAN LUN image, sparse (default 1G)")
     u.set_defaults(func=run_up)
@@ -74,7 +80,7 @@ def _print(doc: dict[str, Any], as_json: bool) -> None:
     print(f"  datacenter  {doc['datacenter']}  cluster {doc['cluster']}  "
           f"hosts {', '.join(doc['hosts'])}")
     print(f"  networks    {', '.join(doc['networks'])}")
-    print(f"  proxy VM    {doc['proxy_vm']}")
+    print(f"  proxy VMs   {', '.join(doc.get('proxy_vms') or [doc['proxy_vm']])}")
     print(f"  hostd       {doc['hostd_url']} (API v1)")
     for ds in doc["datastores"]:
         lun = f"  LUN {ds['lun']}" if ds.get("lun") else ""
@@ -86,7 +92,12 @@ def run_up(args: argparse.Namespace) -> int:
 
     if args.hosts < 1:
         raise UsageError("--hosts must be at least 1")
-    doc = lab.up(args.dir, hosts=args.hosts, san_size=args.san_size)
+    if not 1 <= args.proxies <= 16:
+        raise UsageError("--proxies must be 1..16")
+    if not 0 <= args.datastores <= 16:
+        raise UsageError("--datastores must be 0..16")
+    doc = lab.up(args.dir, hosts=args.hosts, san_size=args.san_size, proxies=args.proxies,
+                 datastores=args.datastores)
     _print(doc, args.json)
     return 0
 

@@ -55,6 +55,7 @@ class LabInfo:
     hostd_token_file: Path
     datastores: dict[str, DatastoreInfo] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    proxy_vms: list[str] = field(default_factory=list)  # every proxy VM; proxy_vm is the first
 
     @property
     def host(self) -> str:
@@ -105,6 +106,7 @@ def parse_status(doc: dict[str, Any], lab_dir: Path) -> LabInfo:
             hosts=list(doc["hosts"]), networks=list(doc["networks"]),
             proxy_vm=doc["proxy_vm"], hostd_url=doc["hostd_url"],
             hostd_token_file=Path(doc["hostd_token_file"]), datastores=dss, raw=doc,
+            proxy_vms=list(doc.get("proxy_vms") or [doc["proxy_vm"]]),
         )
     except (KeyError, TypeError) as e:
         raise LabError(f"{lab_dir}/lab.json is incomplete ({e}): run 'vmrestore lab up'") from e

@@ -132,8 +132,13 @@ def _make_san(lab_dir: Path, run: _Run, size: int) -> tuple[str, Path, Path]:
 
 
 def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
-       san_size: int = DEFAULT_SAN_SIZE) -> dict[str, Any]:
-    """Start the lab in lab_dir and return its status; if it is already up, just the status."""
+       san_size: int = DEFAULT_SAN_SIZE, proxies: int = 1,
+       datastores: int = 0) -> dict[str, Any]:
+    """Start the lab in lab_dir and return its status; if it is already up, just the status.
+
+    ``proxies``: proxy VMs (vmr-proxy, vmr-proxy2, ...; one per host, round robin);
+    ``datastores``: more local datastores besides the three (ds-local2, ds-local3, ...).
+    """
     lab_dir = (lab_dir or default_lab_dir()).resolve()
     with _locked(lab_dir):
         if (lab_dir / "lab.json").exists() and lab_is_up(lab_dir):
@@ -142,14 +147,16 @@ def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
             log.warning("lab in %s is half up or crashed: cleaning it first", lab_dir)
             _down_locked(lab_dir, keep_files=False)
         try:
-            return _up_locked(lab_dir, hosts=hosts, san_size=san_size)
+            return _up_locked(lab_dir, hosts=hosts, san_size=san_size, proxies=proxies,
+                              datastores=datastores)
         except BaseException:
             log.debug("lab up failed, cleaning", exc_info=True)
             _down_locked(lab_dir, keep_files=False)
             raise
 
 
-def _up_locked(lab_dir: Path, *, hosts: int, san_size: int) -> dict[str, Any]:
+def _up_locked(lab_dir: Path, *, hosts: int, san_size: int, proxies: int,
+               datastores: int) -> dict[str, Any]:
     from vmrestore.lab.build import vcsim_binary
 
     if os.geteuid() != 0:
@@ -168,12 +175,18 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int) -> dict[str, Any]:
     ds_vvol = lab_dir / "datastores" / "ds-vvol"
     ds_local.mkdir(parents=True, exist_ok=True)
     ds_vvol.mkdir(parents=True, exist_ok=True)
+    extra = {f"ds-local{i}": lab_dir / "datastores" / f"ds-local{i}"
+             for i in range(2, datastores + 2)}
+    for d in extra.values():
+        d.mkdir(parents=True, exist_ok=True)
     lun, lun_image, ds_san = _make_san(lab_dir, run, san_size)
 
     info_path = lab_dir / "vcsim.json"
     vcsim = _spawn([str(binary), "-listen", "127.0.0.1:0", "-user", USER,
                     "-password-file", str(lab_dir / "password"), "-hosts", str(hosts),
                     "-ds-local", str(ds_local), "-ds-san", str(ds_san), "-ds-vvol", str(ds_vvol),
+                    "-proxies", str(proxies),
+                    *[a for name, d in extra.items() for a in ("-ds", f"{name}={d}")],
                     "-info", str(info_path)], lab_dir / "vcsim.log")
     run.data["pids"]["vcsim"] = vcsim.pid
     run.save()
@@ -186,6 +199,7 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int) -> dict[str, Any]:
         {"name": "ds-san", "type": types["ds-san"], "dir": str(ds_san), "lun": lun,
          "lun_image": str(lun_image)},
         {"name": "ds-vvol", "type": types["ds-vvol"], "dir": str(ds_vvol)},
+        *({"name": name, "type": types[name], "dir": str(d)} for name, d in extra.items()),
     ]
     doc: dict[str, Any] = {
         "version": STATUS_VERSION,
@@ -203,6 +217,7 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int) -> dict[str, Any]:
         "hosts": vc["hosts"],
         "networks": vc["networks"],
         "proxy_vm": vc["proxy_vm"],
+        "proxy_vms": vc.get("proxy_vms") or [vc["proxy_vm"]],
         "datastores": datastores,
         "hostd_url": "",
         "hostd_token_file": str(lab_dir / "hostd.token"),
@@ -218,11 +233,12 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int) -> dict[str, Any]:
     _wait_for_file(url_path, hostd, lab_dir / "hostd.log", "host data services (hostd)")
     doc["hostd_url"] = url_path.read_text().strip()
     doc["pids"]["hostd"] = hostd.pid
-    # The proxy's own boot disk is thin: give it its size as a host would.
+    # The proxies' own boot disks are thin: give them their size as a host would.
     from vmrestore.transport.host import HostServices
 
-    HostServices(doc["hostd_url"], (lab_dir / "hostd.token").read_text().strip()).prepare_disk(
-        f"[ds-local] {vc['proxy_vm']}/{vc['proxy_vm']}.vmdk", 16 << 20, "thin")
+    hs = HostServices(doc["hostd_url"], (lab_dir / "hostd.token").read_text().strip())
+    for vm in doc["proxy_vms"]:
+        hs.prepare_disk(f"[ds-local] {vm}/{vm}.vmdk", 16 << 20, "thin")
     _write_private(lab_dir / "lab.json", json.dumps(doc, indent=2) + "\n")
     return doc
 

@@ -1,8 +1,8 @@
 // vmr-vcsim: the vmrestore lab's vCenter, built on govmomi's simulator package.
 //
 // It builds the lab's inventory (one datacenter, one cluster of N ESXi hosts,
-// three datastores backed by real local directories, two networks, the HotAdd
-// proxy VM), serves the vSphere API on 127.0.0.1 with the given credentials,
+// three datastores backed by real local directories plus any -ds NAME=DIR, two
+// networks, the HotAdd proxy VMs), serves the vSphere API on 127.0.0.1 with the given credentials,
 // writes a JSON description of what it built to -info once it is ready, and
 // runs until SIGTERM/SIGINT. The Python side (vmrestore.lab.lab) starts it;
 // this file is package data, built once and cached by vmrestore.lab.build.
@@ -55,11 +55,38 @@ type labInfo struct {
 	Networks   []string `json:"networks"`
 	ProxyVM    string   `json:"proxy_vm"`
 	ProxyMoref string   `json:"proxy_moref"`
+	ProxyVMs   []string `json:"proxy_vms"`
 	Pid        int      `json:"pid"`
 }
 
 type dsSpec struct {
 	name, typ, dir string
+}
+
+// dsFlags collects repeated -ds NAME=DIR flags: more local datastores (type VMFS).
+type dsFlags []dsSpec
+
+func (f *dsFlags) String() string { return fmt.Sprint(len(*f)) }
+
+func (f *dsFlags) Set(v string) error {
+	i := strings.Index(v, "=")
+	if i <= 0 || i == len(v)-1 {
+		return fmt.Errorf("want NAME=DIR, got %q", v)
+	}
+	*f = append(*f, dsSpec{v[:i], "VMFS", v[i+1:]})
+	return nil
+}
+
+// proxyNames: the first proxy keeps its name, the others get a number (vmr-proxy2, ...).
+func proxyNames(first string, n int) []string {
+	if first == "" || n < 1 {
+		return nil
+	}
+	names := []string{first}
+	for i := 2; i <= n; i++ {
+		names = append(names, fmt.Sprintf("%s%d", first, i))
+	}
+	return names
 }
 
 func fatal(format string, args ...interface{}) {
@@ -76,6 +103,9 @@ func main() {
 	dsSan := flag.String("ds-san", "", "directory backing datastore ds-san (the SAN LUN's mount point)")
 	dsVvol := flag.String("ds-vvol", "", "directory backing datastore ds-vvol (type VVOL)")
 	proxy := flag.String("proxy", "vmr-proxy", "name of the HotAdd proxy VM (empty: none)")
+	nproxies := flag.Int("proxies", 1, "proxy VMs: NAME, NAME2, NAME3, ... (one per host, round robin)")
+	var extra dsFlags
+	flag.Var(&extra, "ds", "another local datastore NAME=DIR (type VMFS; repeatable)")
 	infoPath := flag.String("info", "", "write the lab description JSON here when ready")
 	flag.Parse()
 
@@ -126,7 +156,8 @@ func main() {
 	if *dsVvol != "" {
 		specs = append(specs, dsSpec{"ds-vvol", "VVOL", *dsVvol})
 	}
-	info, err := build(ctx, c, specs, *proxy)
+	specs = append(specs, extra...)
+	info, err := build(ctx, c, specs, proxyNames(*proxy, *nproxies))
 	if err != nil {
 		fatal("building the lab inventory: %v", err)
 	}
@@ -156,7 +187,7 @@ func main() {
 	_ = c.Logout(ctx)
 }
 
-func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxyName string) (*labInfo, error) {
+func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxies []string) (*labInfo, error) {
 	finder := find.NewFinder(c.Client, true)
 	dc, err := finder.DefaultDatacenter(ctx)
 	if err != nil {
@@ -244,13 +275,16 @@ func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxyName str
 		info.Networks = append(info.Networks, n.GetInventoryPath()[strings.LastIndex(n.GetInventoryPath(), "/")+1:])
 	}
 
-	if proxyName != "" {
-		ref, err := createProxy(ctx, c, finder, folders, pool, hosts[0], proxyName)
+	for i, name := range proxies {
+		ref, err := createProxy(ctx, c, finder, folders, pool, hosts[i%len(hosts)], name)
 		if err != nil {
-			return nil, fmt.Errorf("proxy VM %s: %v", proxyName, err)
+			return nil, fmt.Errorf("proxy VM %s: %v", name, err)
 		}
-		info.ProxyVM = proxyName
-		info.ProxyMoref = ref.Value
+		if i == 0 {
+			info.ProxyVM = name
+			info.ProxyMoref = ref.Value
+		}
+		info.ProxyVMs = append(info.ProxyVMs, name)
 	}
 	return info, nil
 }
