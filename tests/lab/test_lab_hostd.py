@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import uuid
@@ -269,3 +270,35 @@ def test_unreachable_service_is_a_clear_error():
     with pytest.raises(HostServiceError) as e:
         HostServices(f"http://127.0.0.1:{port}", "t", timeout=5).info()
     assert e.value.kind == "unreachable" and str(port) in str(e.value)
+
+
+def test_attempt_fencing_revokes_the_stale_attachment(lab, lab_si, host_services):
+    """A higher attempt revokes a lower one's export and hot-add before it gets its own;
+    a lower attempt is refused; an fd the stale writer still holds cannot write."""
+    vm, (path,) = create_vm(lab_si, lab, _name("fence"), "ds-local", [(4 * MiB, "thin")])
+    h1 = host_services.hot_add(path, attempt=1)
+    fd = os.open(h1.device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"a" * 4096, 0)
+        ex2 = host_services.export_nbd(path, attempt=2)
+        assert ex2.attempt == 2
+        assert h1.id not in {x.id for x in host_services.hot_adds()}
+        with pytest.raises(OSError):  # the stale writer's open device is read-only now
+            os.pwrite(fd, b"b" * 4096, 4096)
+    finally:
+        os.close(fd)
+    with pytest.raises(HostServiceError) as e:
+        host_services.export_nbd(path, attempt=1)
+    assert e.value.kind == "stale"
+    ex3 = host_services.export_nbd(path, attempt=3)
+    assert ex2.id not in {x.id for x in host_services.exports()}
+    host_services.unexport_nbd(ex3.id)
+    (fence,) = [f for f in host_services.fences() if f["datastore_path"] == path]
+    assert fence["attempt"] == 3
+    log = fence["log"]
+    assert [(e["attempt"], e["kind"]) for e in log] == [(1, "hotadd"), (2, "export"),
+                                                        (3, "export")]
+    for a, b in itertools.pairwise(log):  # each revoked before the next was granted
+        assert a["revoked"] is not None and a["revoked"] <= b["granted"]
+    assert flat_file(lab, path).read_bytes()[:8192] == b"a" * 4096 + bytes(4096)
+    vm.Destroy_Task()

@@ -91,6 +91,13 @@ class Hostd:
         self.exports: dict[str, dict[str, Any]] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.hotadds: dict[str, dict[str, Any]] = {}
+        # Fencing per disk file: the highest attempt seen, and every attachment made for an
+        # attempt with its grant and revoke times (what `GET /v1/fences` shows).
+        self.fences: dict[str, dict[str, Any]] = {}
+        # Loop devices made read-only by a hot-remove; made writable again once unbound
+        # (a stale holder keeps one bound until it closes it), so that the next user of
+        # the device number does not inherit the flag.
+        self._fenced: set[str] = set()
         self._si: Any = None
         self.spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hostd-spawner")
         self._save()
@@ -98,7 +105,7 @@ class Hostd:
     # -- state -------------------------------------------------------------------------
     def _save(self) -> None:
         state = {"version": 1, "sock_dir": str(self.sock_dir), "exports": self.exports,
-                 "hotadds": self.hotadds}
+                 "hotadds": self.hotadds, "fences": self.fences}
         tmp = self.run_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.run_dir / "state.json")
@@ -207,12 +214,63 @@ class Hostd:
         return {"datastore_path": datastore_path, "size": st.st_size,
                 "allocated": st.st_blocks * 512}
 
+    # -- fencing ---------------------------------------------------------------------------
+    def _fence(self, datastore_path: str, path: Path, attempt: Any) -> None:
+        """Admit an attachment for ``attempt`` of the disk task writing ``path``.
+
+        A lower attempt than one already seen is refused (kind ``stale``); a
+        higher one first revokes every live export and hot-add of the file made
+        for a lower attempt, so a stale writer's connection or device is gone
+        before its successor can write. No attempt: no fencing (API v1 callers).
+        """
+        if attempt is None:
+            return
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+            raise bad(f"attempt must be a positive integer, not {attempt!r}")
+        with self.lock:
+            f = self.fences.setdefault(str(path), {"datastore_path": datastore_path,
+                                                   "attempt": 0, "log": []})
+            if attempt < f["attempt"]:
+                raise HostdError(409, "stale", f"{datastore_path}: attempt {attempt} is stale "
+                                 f"(attempt {f['attempt']} holds the disk)")
+            f["attempt"] = attempt
+            old_exports = [e for e, r in self.exports.items() if r["path"] == str(path)
+                           and r.get("attempt") is not None and r["attempt"] < attempt]
+            old_hotadds = [h for h, r in self.hotadds.items() if r["path"] == str(path)
+                           and r.get("attempt") is not None and r["attempt"] < attempt]
+            self._save()
+        for eid in old_exports:
+            with contextlib.suppress(HostdError):
+                self.unexport(eid)
+        for hid in old_hotadds:
+            with contextlib.suppress(HostdError):
+                self.hot_remove(hid)
+
+    def _fence_log(self, rec: dict[str, Any], kind: str, event: str) -> None:
+        """Record the grant or the revoke of an attempt's attachment (lock held)."""
+        f = self.fences.get(rec["path"])
+        if f is None or rec.get("attempt") is None:
+            return
+        if event == "granted":
+            f["log"].append({"attempt": rec["attempt"], "kind": kind, "id": rec["id"],
+                             "granted": time.time(), "revoked": None})
+        else:
+            for e in f["log"]:
+                if e["id"] == rec["id"] and e["revoked"] is None:
+                    e["revoked"] = time.time()
+
+    def list_fences(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [{"datastore_path": f["datastore_path"], "attempt": f["attempt"],
+                     "log": [dict(e) for e in f["log"]]} for f in self.fences.values()]
+
     # -- NBD -----------------------------------------------------------------------------
     def export(self, datastore_path: Any, tls: Any = False, readonly: Any = False,
-               transport: Any = "unix") -> dict[str, Any]:
+               transport: Any = "unix", attempt: Any = None) -> dict[str, Any]:
         if transport not in ("unix", "tcp"):
             raise bad(f"transport must be unix or tcp, not {transport!r}")
         _ds, path = self.resolve(datastore_path)
+        self._fence(datastore_path, path, attempt)
         size = path.stat().st_size
         if size == 0:
             raise refused(f"{datastore_path}: disk file is empty (not provisioned: "
@@ -230,7 +288,7 @@ class Hostd:
             opts.append("-r")
         opts += ["file", f"file={path}"]
         # A TCP port picked free may be taken before nbdkit binds it: try again.
-        for attempt in range(3 if transport == "tcp" else 1):
+        for try_no in range(3 if transport == "tcp" else 1):
             if transport == "unix":
                 sock = str(self.sock_dir / f"nbd-{eid}.sock")
                 listen = ["-U", sock]
@@ -241,7 +299,7 @@ class Hostd:
                 proc = self._start_nbdkit(eid, listen + opts, datastore_path)
                 break
             except HostdError:
-                if attempt == (2 if transport == "tcp" else 0):
+                if try_no == (2 if transport == "tcp" else 0):
                     if psk:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(psk)
@@ -258,11 +316,12 @@ class Hostd:
             uri += ("&" if "?" in uri else "?") + f"tls-psk-file={psk}"
         rec = {"id": eid, "uri": uri, "size": size, "tls": bool(tls), "readonly": bool(readonly),
                "psk_file": psk, "psk_identity": PSK_IDENTITY if tls else None, "socket": sock,
-               "host": host, "port": port}
+               "host": host, "port": port, "attempt": attempt}
         with self.lock:
             self.exports[eid] = {**rec, "pid": proc.pid, "path": str(path),
                                  "datastore_path": datastore_path}
             self.procs[eid] = proc
+            self._fence_log(self.exports[eid], "export", "granted")
             self._save()
         log.info("export %s: %s → %s", eid, datastore_path, uri)
         return rec
@@ -301,6 +360,9 @@ class Hostd:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        with self.lock:  # nbdkit is gone: nothing more can reach the disk through it
+            self._fence_log(rec, "export", "revoked")
+            self._save()
         for suffix in (".sock", ".psk", ".pid", ".log"):
             base = self.sock_dir if suffix == ".sock" else self.run_dir
             with contextlib.suppress(FileNotFoundError):
@@ -310,9 +372,9 @@ class Hostd:
 
     def list_exports(self) -> list[dict[str, Any]]:
         keys = ("id", "uri", "size", "tls", "readonly", "psk_file", "psk_identity", "socket",
-                "host", "port")
+                "host", "port", "attempt")
         with self.lock:
-            return [{k: e[k] for k in keys} for e in self.exports.values()]
+            return [{k: e.get(k) for k in keys} for e in self.exports.values()]
 
     # -- SAN -------------------------------------------------------------------------------
     def extents(self, datastore_path: Any) -> dict[str, Any]:
@@ -374,10 +436,12 @@ class Hostd:
             msg = getattr(task.info.error, "msg", None) or str(task.info.error)
             raise failed(f"{what}: {msg}")
 
-    def hot_add(self, datastore_path: Any, proxy_vm: Any = None) -> dict[str, Any]:
+    def hot_add(self, datastore_path: Any, proxy_vm: Any = None,
+                attempt: Any = None) -> dict[str, Any]:
         from pyVmomi import vim
 
         _ds, path = self.resolve(datastore_path)
+        self._fence(datastore_path, path, attempt)
         size = path.stat().st_size
         if size == 0:
             raise refused(f"{datastore_path}: disk file is empty (not provisioned)")
@@ -410,16 +474,19 @@ class Hostd:
                         and d.controllerKey == ctrl.key and d.unitNumber == unit), None)
             if key is None:
                 raise failed(f"hot-add of {datastore_path}: {proxy} does not show the disk")
+            _unfence_unbound(self._fenced)
             try:
                 dev = _sh(["losetup", "-f", "--show", str(path)], "attaching the disk").strip()
+                _sh(["blockdev", "--setrw", dev], "making the device writable")
             except HostdError:
                 self._remove_disk(vm, key, datastore_path, proxy)
                 raise
             hid = secrets.token_hex(4)
             rec = {"id": hid, "datastore_path": datastore_path, "device": dev, "size": size,
                    "proxy_vm": proxy, "disk_key": key, "controller_key": ctrl.key,
-                   "unit_number": unit}
+                   "unit_number": unit, "attempt": attempt}
             self.hotadds[hid] = {**rec, "path": str(path)}
+            self._fence_log(self.hotadds[hid], "hotadd", "granted")
             self._save()
         log.info("hot-add %s: %s → %s (%s key %d)", hid, datastore_path, dev, proxy, key)
         return rec
@@ -440,7 +507,12 @@ class Hostd:
             if rec is None:
                 raise not_found(f"no hot-added disk {hid!r}")
             dev = rec["device"]
-            # Flush what the proxy wrote through the device before detaching it.
+            # Fence first: read-only refuses further writes even through a descriptor the
+            # proxy still holds open (a detach alone waits for the last close). Then flush
+            # what it wrote and detach.
+            with contextlib.suppress(HostdError):
+                _sh(["blockdev", "--setro", dev], "fencing the device")
+            self._fence_log(rec, "hotadd", "revoked")
             with contextlib.suppress(OSError):
                 fd = os.open(dev, os.O_RDONLY)
                 try:
@@ -448,6 +520,8 @@ class Hostd:
                 finally:
                     os.close(fd)
             _detach(dev)
+            self._fenced.add(dev)
+            _unfence_unbound(self._fenced)
             try:
                 self._remove_disk(self._find_vm(rec["proxy_vm"]), rec["disk_key"],
                                   rec["datastore_path"], rec["proxy_vm"])
@@ -487,6 +561,7 @@ class Hostd:
 
     def shutdown(self) -> None:
         self.release_all()
+        _unfence_unbound(self._fenced)
         if self.sock_dir != self.run_dir:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
 
@@ -504,6 +579,14 @@ def _forget_cached(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def _unfence_unbound(devices: set[str]) -> None:
+    """Clear the read-only flag of fenced loop devices nobody holds any more."""
+    for dev in list(devices):
+        if not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file"):
+            subprocess.run(["blockdev", "--setrw", dev], capture_output=True)
+            devices.discard(dev)
 
 
 def _detach(dev: str) -> None:
@@ -577,7 +660,8 @@ class Handler(BaseHTTPRequestHandler):
                 return h.disk_info(body.get("datastore_path"))
             if route == ("POST", "exports") and not arg:
                 return h.export(body.get("datastore_path"), body.get("tls", False),
-                                body.get("readonly", False), body.get("transport", "unix"))
+                                body.get("readonly", False), body.get("transport", "unix"),
+                                body.get("attempt"))
             if route == ("GET", "exports") and not arg:
                 return h.list_exports()
             if route == ("DELETE", "exports") and arg:
@@ -585,11 +669,14 @@ class Handler(BaseHTTPRequestHandler):
             if route == ("POST", "extents"):
                 return h.extents(body.get("datastore_path"))
             if route == ("POST", "hotadd") and not arg:
-                return h.hot_add(body.get("datastore_path"), body.get("proxy_vm"))
+                return h.hot_add(body.get("datastore_path"), body.get("proxy_vm"),
+                                 body.get("attempt"))
             if route == ("GET", "hotadd") and not arg:
                 return h.list_hotadds()
             if route == ("DELETE", "hotadd") and arg:
                 return h.hot_remove(arg)
+            if route == ("GET", "fences") and not arg:
+                return h.list_fences()
             if route == ("POST", "release-all"):
                 return h.release_all()
         except OSError as e:

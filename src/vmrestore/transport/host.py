@@ -34,6 +34,7 @@ class NbdExport:
     socket: str | None       # unix socket path (transport "unix")
     host: str | None         # loopback TCP (transport "tcp")
     port: int | None
+    attempt: int | None = None  # the disk task attempt it was made for (fencing), if any
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class HotAdd:
     disk_key: int            # the VirtualDisk's key in the proxy VM
     controller_key: int
     unit_number: int
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,17 @@ class HostServices:
 
     # -- NBD (nbd / nbdssl transports) ---------------------------------------------------
     def export_nbd(self, datastore_path: str, *, tls: bool = False, readonly: bool = False,
-                   transport: str = "unix") -> NbdExport:
-        """Export the disk over NBD (TLS-PSK when tls); release with unexport_nbd."""
-        r = self._call("POST", "exports", {"datastore_path": datastore_path, "tls": tls,
-                                            "readonly": readonly, "transport": transport})
-        return NbdExport(**r)
+                   transport: str = "unix", attempt: int | None = None) -> NbdExport:
+        """Export the disk over NBD (TLS-PSK when tls); release with unexport_nbd.
+
+        ``attempt`` fences: the host refuses an attempt lower than one it saw for
+        this disk (kind "stale") and revokes a lower attempt's attachments first.
+        """
+        body: dict[str, Any] = {"datastore_path": datastore_path, "tls": tls,
+                                "readonly": readonly, "transport": transport}
+        if attempt is not None:
+            body["attempt"] = attempt
+        return NbdExport(**self._call("POST", "exports", body))
 
     def unexport_nbd(self, export_id: str) -> None:
         self._call("DELETE", f"exports/{export_id}")
@@ -144,11 +152,16 @@ class HostServices:
                          extents=[tuple(e) for e in r["extents"]])
 
     # -- HotAdd --------------------------------------------------------------------------
-    def hot_add(self, datastore_path: str, proxy_vm: str | None = None) -> HotAdd:
-        """Attach the disk to the proxy VM; returns the block device the proxy sees."""
+    def hot_add(self, datastore_path: str, proxy_vm: str | None = None,
+                attempt: int | None = None) -> HotAdd:
+        """Attach the disk to the proxy VM; returns the block device the proxy sees.
+
+        ``attempt`` fences as in :meth:`export_nbd`."""
         body: dict[str, Any] = {"datastore_path": datastore_path}
         if proxy_vm:
             body["proxy_vm"] = proxy_vm
+        if attempt is not None:
+            body["attempt"] = attempt
         return HotAdd(**self._call("POST", "hotadd", body))
 
     def hot_remove(self, hotadd_id: str) -> None:
@@ -157,6 +170,11 @@ class HostServices:
 
     def hot_adds(self) -> list[HotAdd]:
         return [HotAdd(**h) for h in self._call("GET", "hotadd")]
+
+    def fences(self) -> list[dict[str, Any]]:
+        """Per disk: the highest attempt seen and every attempt's attachments with their
+        grant and revoke times (the proof that two attempts never held a disk at once)."""
+        return list(self._call("GET", "fences"))
 
     def release_all(self) -> dict[str, int]:
         """Release every export and hot-added disk (cleanup after a failed restore, lab down)."""
