@@ -63,6 +63,8 @@ cdef extern from "writer.h" nogil:
         const char *cert_dir
         int tls_verify_peer
         uint64_t flush_every
+        uint32_t timeout_ms
+        int (*interrupted)() noexcept
     struct vmr_extent:
         uint64_t voff
         uint64_t len
@@ -159,6 +161,34 @@ class CoreError(Exception):
         self.sys_errno = sys_errno
 
 
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
+
+
+# A signal handler's exception (Ctrl-C: KeyboardInterrupt) caught while a C call
+# waited; the caller re-raises it once the call returned.
+cdef object _pending_signal = None
+
+
+cdef int _interrupted() noexcept nogil:
+    """Run Python's signal handlers from inside a blocking C wait (main thread only)."""
+    global _pending_signal
+    with gil:
+        try:
+            PyErr_CheckSignals()
+        except BaseException as exc:
+            _pending_signal = exc
+            return 1
+    return 0
+
+
+cdef _raise_pending_signal():
+    global _pending_signal
+    exc, _pending_signal = _pending_signal, None
+    if exc is not None:
+        raise exc
+
+
 cdef object _core_error(vmr_error *e):
     msg = e.msg.decode("utf-8", "replace")
     idx = None if e.plan_index < 0 else e.plan_index
@@ -207,7 +237,7 @@ cdef class Writer:
     @staticmethod
     def open_nbd(str uri, uint64_t size, uint32_t retries=3, uint32_t retry_delay_ms=200,
                  uint32_t flags=0, psk_file=None, tls_username=None, cert_dir=None,
-                 int tls_verify_peer=-1, uint64_t flush_every=0):
+                 int tls_verify_peer=-1, uint64_t flush_every=0, uint32_t timeout_ms=0):
         cdef Writer w = Writer.__new__(Writer)
         cdef vmr_error e
         cdef vmr_nbd_options o
@@ -226,9 +256,12 @@ cdef class Writer:
         o.cert_dir = <const char *>bcert if cert_dir else NULL
         o.tls_verify_peer = tls_verify_peer
         o.flush_every = flush_every
+        o.timeout_ms = timeout_ms
+        o.interrupted = _interrupted
         _error_init(&e)
         with nogil:
             rc = vmr_nbd_writer_open(&o, size, &w.wr, &e)
+        _raise_pending_signal()
         if rc != 0:
             raise _core_error(&e)
         w.opened = True

@@ -274,10 +274,14 @@ static void mark_done(struct vmr_pipeline *p, size_t idx)
 
 static void do_stop(struct vmr_pipeline *p)
 {
-    if (__atomic_exchange_n(&p->stop, 1, __ATOMIC_ACQ_REL) == 0 &&
-        p->src->ops->struct_size >= offsetof(struct vmr_source_ops, cancel) + sizeof(void *) &&
-        p->src->ops->cancel != NULL)
-        p->src->ops->cancel(p->src->s);   /* wake readers blocked on the network */
+    if (__atomic_exchange_n(&p->stop, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (p->src->ops->struct_size >= offsetof(struct vmr_source_ops, cancel) + sizeof(void *) &&
+            p->src->ops->cancel != NULL)
+            p->src->ops->cancel(p->src->s);   /* wake readers blocked on the network */
+        if (p->wr->ops->struct_size >= offsetof(struct vmr_writer_ops, cancel) + sizeof(void *) &&
+            p->wr->ops->cancel != NULL)
+            p->wr->ops->cancel(p->wr->w);     /* and lanes waiting for a silent target */
+    }
     /* wake everyone who might wait */
     pthread_mutex_lock(&p->slot_pool.mu);
     pthread_cond_broadcast(&p->slot_pool.cv);

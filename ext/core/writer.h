@@ -132,6 +132,10 @@ struct vmr_writer_ops {
     int (*poll)(void *lane, int timeout_ms, struct vmr_error *err);
 
     /* --- appended in later versions go below; check struct_size first --- */
+    /* Optional (may be NULL): the job stops (error or cancel). Requests still
+     * waiting for a target that does not answer fail soon after instead of at
+     * their deadline; any thread, at most once per job, the writer stays valid. */
+    void (*cancel)(void *w);
 };
 
 /* A writer instance: what constructors return and the pipeline consumes. */
@@ -209,6 +213,10 @@ struct vmr_nbd_options {
     int tls_verify_peer;    /* -1 = libnbd default */
     uint64_t flush_every;   /* early writeback: an unwaited flush per lane every this many
                              * bytes written (0 = only the final flush); writer_nbd.c */
+    uint32_t timeout_ms;    /* deadline of one request, flush or connection (0 = 30 s) */
+    /* Optional: asked while vmr_nbd_writer_open waits for the server; non-zero
+     * gives up (VMR_E_INTERRUPTED), so Ctrl-C stops a connection nobody answers. */
+    int (*interrupted)(void);
 };
 int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct vmr_writer *out,
                         struct vmr_error *err);

@@ -29,7 +29,18 @@
  * without waiting for it (at most one in flight per lane): the server's disk
  * writes back while we keep decompressing. Such a flush is a hint, not a
  * promise: its result is ignored, durability still comes from the final
- * flush (and a checkpoint's), which fails loudly. */
+ * flush (and a checkpoint's), which fails loudly.
+ *
+ * Bounded waits (timeout_ms, default 30 s): a server that stops answering
+ * (SIGSTOP, a hung host, a dead link without RST) must not hang a restore.
+ * Connecting (TCP + handshake + TLS) runs through nbd_aio_connect_uri and
+ * nbd_poll against that deadline; every request carries its own deadline, and
+ * one passing counts as a lost connection (ETIMEDOUT: reconnect, retry, then a
+ * TRANSPORT error saying how long nothing came); a flush waits the same way.
+ * A connection that timed out is closed without waiting for what it owes.
+ * cancel() (the pipeline stops: Ctrl-C or another lane's error) leaves a
+ * grace of CANCEL_GRACE_MS for answers still owed, then fails what is left,
+ * with no retry or reconnect. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <libnbd.h>
@@ -42,6 +53,7 @@
 
 enum { R_INFLIGHT = 1, R_OK = 2, R_FAILED = 3, R_RESUBMIT = 4 };
 enum { DRAIN_MS = 5000 }; /* how long a closing connection may take to answer what it owes */
+enum { DEFAULT_TIMEOUT_MS = 30000, CANCEL_GRACE_MS = 1000 };
 
 struct nbd_writer {
     char *uri, *psk_file, *tls_username, *cert_dir;
@@ -50,6 +62,9 @@ struct nbd_writer {
     uint64_t size;
     uint64_t flush_every;   /* bytes written between early-writeback flushes, 0 = never */
     int can_zero, can_fast_zero, can_trim, can_flush, can_multi_conn;
+    uint32_t timeout_ms;    /* deadline of one request / flush / connection */
+    int (*interrupted)(void);   /* only while opening (the caller's thread) */
+    uint64_t cancel_ns;     /* set once by cancel(): waits end CANCEL_GRACE_MS after it */
 };
 
 struct nreq {
@@ -63,6 +78,7 @@ struct nreq {
     int state;
     int err;
     uint32_t attempts;
+    uint64_t deadline_ns;     /* the server must have answered by then */
     struct vmr_completion cb;
 };
 
@@ -74,7 +90,40 @@ struct nbd_lane {
     int nactive;
     uint64_t unflushed;       /* bytes acknowledged since the last early-writeback flush */
     int bg_flush;             /* an early-writeback flush is in flight */
+    int stalled;              /* the server let a deadline pass: close without draining */
+    int flush_done, flush_err;  /* the waited flush of nw_flush (lane-owned: outlives a timeout) */
 };
+
+static uint64_t mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static int cancelled(struct nbd_writer *w)
+{
+    return __atomic_load_n(&w->cancel_ns, __ATOMIC_ACQUIRE) != 0;
+}
+
+/* When a wait that started now must end: its timeout, or the cancel grace. */
+static uint64_t wait_end(struct nbd_writer *w, uint64_t deadline_ns)
+{
+    uint64_t c = __atomic_load_n(&w->cancel_ns, __ATOMIC_ACQUIRE);
+    if (c && c + CANCEL_GRACE_MS * 1000000ull < deadline_ns)
+        return c + CANCEL_GRACE_MS * 1000000ull;
+    return deadline_ns;
+}
+
+/* Milliseconds to poll before `end` (at most cap); 0 when it has passed. */
+static int ms_left(uint64_t end, int cap)
+{
+    uint64_t now = mono_ns();
+    if (now >= end)
+        return 0;
+    uint64_t ms = (end - now + 999999) / 1000000;
+    return ms < (uint64_t)cap ? (int)ms : cap;
+}
 
 static void nbd_err(struct vmr_error *err, int code, uint64_t off, const char *what,
                     const char *uri)
@@ -96,7 +145,30 @@ static struct nbd_handle *connect_one(struct nbd_writer *w, struct vmr_error *er
               (w->tls_username && nbd_set_tls_username(h, w->tls_username) == -1) ||
               (w->cert_dir && nbd_set_tls_certificates(h, w->cert_dir) == -1) ||
               (w->tls_verify_peer >= 0 && nbd_set_tls_verify_peer(h, w->tls_verify_peer) == -1);
-    if (bad || nbd_connect_uri(h, w->uri) == -1) {
+    if (bad || nbd_aio_connect_uri(h, w->uri) == -1) {
+        nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "cannot connect", w->uri);
+        nbd_close(h);
+        return NULL;
+    }
+    /* TCP/unix connect, handshake and TLS, each step against one deadline */
+    uint64_t end = mono_ns() + (uint64_t)w->timeout_ms * 1000000ull;
+    while (nbd_aio_is_connecting(h)) {
+        int ms = ms_left(wait_end(w, end), 200);
+        if (ms == 0 || cancelled(w) || (w->interrupted && w->interrupted())) {
+            if (ms == 0 && !cancelled(w))
+                vmr_error_set(err, VMR_E_TRANSPORT, ETIMEDOUT, UINT64_MAX,
+                              "%s: cannot connect: the server did not answer in %u s", w->uri,
+                              (w->timeout_ms + 999) / 1000);
+            else
+                vmr_error_set(err, VMR_E_INTERRUPTED, EINTR, UINT64_MAX,
+                              "%s: connecting: interrupted", w->uri);
+            nbd_close(h);
+            return NULL;
+        }
+        if (nbd_poll(h, ms) == -1)
+            break;
+    }
+    if (!nbd_aio_is_ready(h)) {
         nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "cannot connect", w->uri);
         nbd_close(h);
         return NULL;
@@ -152,6 +224,7 @@ static void submit(struct nbd_lane *L, struct nreq *r)
     uint32_t f = (r->flags & VMR_F_FUA) && w->can_flush ? LIBNBD_CMD_FLAG_FUA : 0;
     int64_t c;
     r->state = R_INFLIGHT;
+    r->deadline_ns = mono_ns() + (uint64_t)w->timeout_ms * 1000000ull;
     if (L->h == NULL) {
         r->state = R_FAILED;
         r->err = ENOTCONN;
@@ -177,7 +250,7 @@ static void submit(struct nbd_lane *L, struct nreq *r)
  * transport error. Anything else came from a server that answered. */
 static int connection_lost(int e)
 {
-    return e == ENOTCONN || e == ESHUTDOWN;
+    return e == ENOTCONN || e == ESHUTDOWN || e == ETIMEDOUT;
 }
 
 /* Let the server answer what it still owes on a live connection (bounded), so
@@ -195,15 +268,33 @@ static void drain(struct nbd_handle *h, int timeout_ms)
     }
 }
 
-/* Drain, then disconnect cleanly when the connection is still usable; close. */
+/* Drain, then disconnect cleanly when the connection is still usable; close.
+ * Every wait is bounded by timeout_ms (nbd_shutdown would wait without one). */
 static int close_handle(struct nbd_handle *h, int timeout_ms)
 {
     int rc = 0;
     drain(h, timeout_ms);
-    if (nbd_aio_is_ready(h) && nbd_shutdown(h, 0) == -1)
-        rc = -1;
+    if (nbd_aio_is_ready(h)) {
+        if (nbd_aio_disconnect(h, 0) == -1) {
+            rc = -1;
+        } else {
+            uint64_t end = mono_ns() + (uint64_t)timeout_ms * 1000000ull;
+            int ms;
+            while (!nbd_aio_is_closed(h) && !nbd_aio_is_dead(h) && (ms = ms_left(end, 100)) > 0)
+                if (nbd_poll(h, ms) == -1)
+                    break;
+        }
+    }
     nbd_close(h);
     return rc;
+}
+
+/* How long a closing lane waits for what its server owes. */
+static int drain_ms(struct nbd_lane *L)
+{
+    if (L->stalled)
+        return 0;
+    return cancelled(L->w) ? CANCEL_GRACE_MS : DRAIN_MS;
 }
 
 /* Replace the lane's connection: requests still in flight are resubmitted. */
@@ -211,7 +302,7 @@ static int reconnect(struct nbd_lane *L, struct vmr_error *err)
 {
     struct nbd_writer *w = L->w;
     if (L->h)
-        drain(L->h, DRAIN_MS); /* answered requests keep their result */
+        drain(L->h, drain_ms(L)); /* answered requests keep their result */
     for (struct nreq *r = L->active; r; r = r->next)
         if (r->state == R_INFLIGHT)
             r->state = R_RESUBMIT;
@@ -219,7 +310,10 @@ static int reconnect(struct nbd_lane *L, struct vmr_error *err)
         close_handle(L->h, 0);
     L->h = NULL;
     L->bg_flush = 0;
+    L->stalled = 0;
     for (uint32_t attempt = 0; attempt < (w->retries ? w->retries : 1); attempt++) {
+        if (cancelled(w))
+            break;
         sleep_ms(w->retry_delay_ms * (attempt + 1));
         struct vmr_error e = {0};
         e.plan_index = -1;
@@ -270,11 +364,23 @@ static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
         if (rc == -1 || nbd_aio_is_dead(L->h) || nbd_aio_is_closed(L->h))
             broken = 1;
     }
+    int why = ENOTCONN;
+    if (!broken) {
+        /* a request whose deadline passed: the server stopped answering */
+        uint64_t now = mono_ns();
+        for (struct nreq *r = L->active; r; r = r->next)
+            if (r->state == R_INFLIGHT && now >= wait_end(w, r->deadline_ns))
+                broken = 1;
+        if (broken) {
+            why = ETIMEDOUT;
+            L->stalled = 1;
+        }
+    }
     if (broken) {
         for (struct nreq *r = L->active; r; r = r->next)
             if (r->state == R_INFLIGHT) {
                 r->state = R_FAILED;
-                r->err = ENOTCONN;
+                r->err = why;
             }
     }
     /* hand back finished requests; collect failures */
@@ -299,16 +405,23 @@ static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
                 continue;
             }
             r->attempts++;
-            if (r->attempts > w->retries) {
+            if (r->attempts > w->retries || cancelled(w)) {
                 *pp = r->next;
                 struct vmr_error e = {0};
                 e.plan_index = -1;
-                vmr_error_set(&e, connection_lost(r->err) ? VMR_E_TRANSPORT : VMR_E_TARGET,
+                char why_s[96];
+                if (r->err == ETIMEDOUT)
+                    snprintf(why_s, sizeof why_s, "the server did not answer in %u s",
+                             (w->timeout_ms + 999) / 1000);
+                else
+                    snprintf(why_s, sizeof why_s, "%s", strerror(r->err));
+                vmr_error_set(&e, cancelled(w) ? VMR_E_INTERRUPTED
+                                  : connection_lost(r->err) ? VMR_E_TRANSPORT : VMR_E_TARGET,
                               r->err,
                               r->offset,
                               "%s: %s %u bytes at disk offset %llu failed after %u attempts: %s",
                               w->uri, r->zero ? "zero of" : "write of", r->count,
-                              (unsigned long long)r->offset, r->attempts, strerror(r->err));
+                              (unsigned long long)r->offset, r->attempts, why_s);
                 report(L, r, &e);
                 continue;
             }
@@ -426,17 +539,56 @@ static int nw_zero(void *lane, uint32_t count, uint64_t off, uint32_t flags,
     return run_sync(lane, NULL, count, off, flags, 1, err);
 }
 
+static int on_flush(void *user_data, int *error)
+{
+    struct nbd_lane *L = user_data;
+    L->flush_err = *error;
+    L->flush_done = 1;
+    return 1;
+}
+
+/* A waited flush, bounded like a request. The server answering with an error is
+ * a TARGET error (its disk failed), a connection lost or silent a TRANSPORT one. */
 static int nw_flush(void *lane, uint32_t flags, struct vmr_error *err)
 {
     struct nbd_lane *L = lane;
-    if (!L->w->can_flush)
+    struct nbd_writer *w = L->w;
+    (void)flags;
+    if (!w->can_flush)
         return 0;
-    if (L->h == NULL || nbd_flush(L->h, 0) == -1) {
-        if (L->h == NULL)
-            vmr_error_set(err, VMR_E_TRANSPORT, ENOTCONN, UINT64_MAX, "%s: flush: not connected",
-                          L->w->uri);
-        else
-            nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "flush failed", L->w->uri);
+    if (L->h == NULL) {
+        vmr_error_set(err, VMR_E_TRANSPORT, ENOTCONN, UINT64_MAX, "%s: flush: not connected",
+                      w->uri);
+        return -1;
+    }
+    L->flush_done = 0;
+    L->flush_err = 0;
+    nbd_completion_callback cb = {.callback = on_flush, .user_data = L, .free = NULL};
+    if (nbd_aio_flush(L->h, cb, 0) == -1) {
+        nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "flush failed", w->uri);
+        return -1;
+    }
+    uint64_t end = mono_ns() + (uint64_t)w->timeout_ms * 1000000ull;
+    while (!L->flush_done) {
+        int ms = ms_left(wait_end(w, end), 1000);
+        if (ms == 0) {
+            L->stalled = 1;
+            vmr_error_set(err, cancelled(w) ? VMR_E_INTERRUPTED : VMR_E_TRANSPORT, ETIMEDOUT,
+                          UINT64_MAX, "%s: flush: the server did not answer in %u s", w->uri,
+                          (w->timeout_ms + 999) / 1000);
+            return -1;
+        }
+        if (nbd_poll(L->h, ms) == -1 || nbd_aio_is_dead(L->h) || nbd_aio_is_closed(L->h)) {
+            if (L->flush_done)
+                break;
+            nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "flush failed: connection lost", w->uri);
+            return -1;
+        }
+    }
+    if (L->flush_err) {
+        vmr_error_set(err, connection_lost(L->flush_err) ? VMR_E_TRANSPORT : VMR_E_TARGET,
+                      L->flush_err, UINT64_MAX, "%s: flush failed: %s", w->uri,
+                      strerror(L->flush_err));
         return -1;
     }
     return 0;
@@ -472,7 +624,7 @@ static int nw_close_lane(void *lane, struct vmr_error *err)
     int rc = 0;
     /* close first (draining what the server owes), then report what is left: the
      * completion callbacks must never see a freed request */
-    if (L->h && close_handle(L->h, DRAIN_MS) != 0) {
+    if (L->h && close_handle(L->h, drain_ms(L)) != 0) {
         nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "shutdown", L->w->uri);
         rc = -1;
     }
@@ -492,6 +644,14 @@ static int nw_can_fast_zero(void *w) { return ((struct nbd_writer *)w)->can_fast
 static int nw_can_trim(void *w) { return ((struct nbd_writer *)w)->can_trim; }
 static int nw_can_flush(void *w) { return ((struct nbd_writer *)w)->can_flush; }
 static int nw_can_multi_conn(void *w) { return ((struct nbd_writer *)w)->can_multi_conn; }
+
+static void nw_cancel(void *wp)
+{
+    struct nbd_writer *w = wp;
+    uint64_t zero = 0;
+    __atomic_compare_exchange_n(&w->cancel_ns, &zero, mono_ns(), 0, __ATOMIC_ACQ_REL,
+                                __ATOMIC_ACQUIRE);
+}
 
 static void nw_close(void *wp)
 {
@@ -522,6 +682,7 @@ static const struct vmr_writer_ops nbd_ops = {
     .submit_pwrite = nw_submit_pwrite,
     .submit_zero = nw_submit_zero,
     .poll = nw_poll,
+    .cancel = nw_cancel,
 };
 
 static char *dup_or_null(const char *s)
@@ -546,6 +707,8 @@ int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct
     w->retries = opt->retries;
     w->retry_delay_ms = opt->retry_delay_ms;
     w->flush_every = opt->flush_every;
+    w->timeout_ms = opt->timeout_ms ? opt->timeout_ms : DEFAULT_TIMEOUT_MS;
+    w->interrupted = opt->interrupted;
     /* a probe connection learns the export's size and what the server offers */
     struct nbd_handle *h = connect_one(w, err);
     if (h == NULL) {
@@ -559,8 +722,8 @@ int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct
     w->can_flush = nbd_can_flush(h) == 1;
     w->can_multi_conn = nbd_can_multi_conn(h) == 1;
     int ro = nbd_is_read_only(h) == 1;
-    nbd_shutdown(h, 0);
-    nbd_close(h);
+    close_handle(h, (int)w->timeout_ms);
+    w->interrupted = NULL; /* lanes connect from other threads */
     if (sz < 0) {
         vmr_error_set(err, VMR_E_TRANSPORT, 0, UINT64_MAX, "%s: cannot read the export size",
                       w->uri);

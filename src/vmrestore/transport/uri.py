@@ -17,7 +17,9 @@ URI forms (docs/core.md, "Targets"):
     ``connections=N`` (used when the server offers multi-conn),
     ``retries=N`` (attempts per failed request on a fresh connection, default 3),
     ``tls-verify-peer=0|1``, ``flush-every=MiB`` (early writeback: an unwaited
-    flush per connection every MiB written, 0 = only the final flush).
+    flush per connection every MiB written, 0 = only the final flush),
+    ``timeout=SECONDS`` (how long one request, flush or connection attempt
+    may wait for the server before it counts as lost, default 30).
 ``san:LUN?map=MAP.json`` (or ``san:?map=MAP.json``, LUN taken from the map)
     A raw LUN (block device or file) written at the disk's physical extents
     given by MAP.json: ``{"version": 1, "lun": PATH, "size": BYTES,
@@ -46,7 +48,8 @@ log = logging.getLogger("vmrestore.transport")
 
 MAP_VERSION = 1
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
-_OWN_NBD_PARAMS = ("connections", "retries", "tls-verify-peer", "flush-every")
+_OWN_NBD_PARAMS = ("connections", "retries", "tls-verify-peer", "flush-every", "timeout")
+DEFAULT_NBD_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,11 @@ def parse_target(uri: str) -> TargetSpec:
             raise UsageError(f"{uri}: {scheme} needs ?socket=PATH")
         if "unix" not in scheme and not parts.hostname:
             raise UsageError(f"{uri}: no host")
-        for k in ("connections", "retries", "flush-every"):
-            if k in own and not own[k].isdigit():
+        for k in ("connections", "retries", "flush-every", "timeout"):
+            if k in own and not (own[k].isdigit() and int(own[k]) < 1 << 31):
                 raise UsageError(f"{uri}: {k}= must be a number")
+        if own.get("timeout") == "0" or int(own.get("timeout", 1)) > 86400:
+            raise UsageError(f"{uri}: timeout= must be 1..86400 seconds")
         # built by hand: urlunsplit drops the '//' of nbd+unix:///export
         q = urlencode(rest, safe="/:@")
         nbd_uri = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{q}" if q else "")
@@ -166,6 +171,7 @@ class OpenOptions:
     retries: int = 3                  # NBD attempts per request on a fresh connection
     retry_delay_ms: int = 200
     flush_every_mib: int | None = None  # NBD early writeback; None: the measured default
+    timeout_s: float = DEFAULT_NBD_TIMEOUT_S  # NBD: one request/flush/connect may wait this long
 
 
 Opener = Callable[[TargetSpec, int, OpenOptions], Any]
@@ -195,7 +201,9 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
             w = pl.Writer.open_nbd(spec.nbd_uri, size, retries=retries,
                                    retry_delay_ms=o.retry_delay_ms, flags=flags,
                                    tls_verify_peer=-1 if verify is None else int(verify == "1"),
-                                   flush_every=every << 20)
+                                   flush_every=every << 20,
+                                   timeout_ms=int(1000 * float(spec.options.get(
+                                       "timeout", o.timeout_s))))
         elif spec.kind == "san":
             assert spec.map_path is not None
             doc = read_extent_map(spec.map_path)
