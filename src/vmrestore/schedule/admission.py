@@ -1,0 +1,364 @@
+"""Admission: which disk task may start now, where, and with which transport.
+
+Pure bookkeeping (no I/O, no Dask, no clock): the Dask runner and the
+scheduling simulator drive the same object. The policy and its reasons are in
+docs/scheduling.md; in short:
+
+* order: RTO tier, then most constrained (fewest live eligible proxies, in
+  powers of two), then longest first (bytes, or bytes / stream rate of the
+  task's preferred transport when ``Limits.stream_rates`` is given);
+* a task takes its most preferred option that is free now, falling back along
+  its option list (hotadd -> nbd);
+* a task that cannot start never blocks one behind it that can (the scan goes
+  on), but within one class of identical constraints only the head is tried.
+
+Tasks with identical constraints (options, host, datastore, repository) share
+one class with its own heap, so one call to ``grants()`` looks at each class
+at most once plus once per grant, never at every queued task.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from bisect import bisect_left, insort
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+from vmrestore.schedule.model import (
+    NBD_TRANSPORTS,
+    Grant,
+    Limits,
+    ProxySpec,
+    TaskSpec,
+    Usage,
+)
+
+_Sig = tuple[tuple[tuple[str, str], ...], str, str, str]
+
+
+class _Proxy:
+    __slots__ = ("alive", "spec", "used")
+
+    def __init__(self, spec: ProxySpec) -> None:
+        self.spec = spec
+        self.used = 0
+        self.alive = True
+
+
+class _Class:
+    """Queued tasks sharing (options, host, datastore, repo): interchangeable but for order."""
+
+    __slots__ = ("by_proxy", "cid", "constraint", "ds", "ds_cap", "entry", "heap", "host",
+                 "live", "options", "repo", "repo_cap")
+
+    def __init__(self, cid: int, sig: _Sig, limits: Limits) -> None:
+        self.cid = cid
+        self.options, self.host, self.ds, self.repo = sig
+        self.ds_cap = limits.datastores.get(self.ds, limits.per_datastore)
+        self.repo_cap = limits.repos.get(self.repo, limits.per_repo)
+        self.heap: list[tuple[int, float, int, str]] = []  # (tier, -work, seq, key)
+        self.entry: tuple[int, int, float, int, int] | None = None  # its place in the order
+        self.live: list[tuple[str, str]] = []
+        self.by_proxy: dict[str, list[tuple[int, str]]] = {}
+        self.constraint = 0
+
+    def refresh(self, proxies: dict[str, _Proxy]) -> None:
+        """Recompute the options usable now (live proxy offering the transport)."""
+        self.live = []
+        self.by_proxy = {}
+        for rank, (p, t) in enumerate(self.options):
+            px = proxies.get(p)
+            if px is not None and px.alive and t in px.spec.transports:
+                self.live.append((p, t))
+                self.by_proxy.setdefault(p, []).append((rank, t))
+        # Fewer eligible proxies = more constrained = earlier; bucketed in powers of two so
+        # that 50 vs 60 eligible proxies does not override largest-first.
+        n = len(self.by_proxy)
+        self.constraint = n.bit_length() if n else 1 << 30
+
+
+class Admission:
+    """Admission controller over proxies and limits; see the module docstring.
+
+    Not re-entrant across threads by itself: every public method takes one lock,
+    so a runner may call it from a callback thread and its event loop alike.
+    """
+
+    def __init__(self, proxies: Sequence[ProxySpec], limits: Limits | None = None,
+                 stream_rates: dict[str, float] | None = None) -> None:
+        self.limits = limits or Limits()
+        self._rates = dict(stream_rates or {})
+        self._lock = threading.Lock()
+        self._proxies: dict[str, _Proxy] = {}
+        self._free: dict[str, None] = {}  # live proxies with a free slot (ordered set)
+        for spec in proxies:
+            if spec.name in self._proxies:
+                raise ValueError(f"proxy {spec.name!r} listed twice")
+            self._proxies[spec.name] = _Proxy(spec)
+            self._mark(spec.name)
+        self._classes: dict[_Sig, _Class] = {}
+        self._by_cid: list[_Class] = []
+        self._order: list[tuple[int, int, float, int, int]] = []
+        self._queued: dict[str, tuple[int, _Class, TaskSpec]] = {}
+        self._running: dict[str, Grant] = {}
+        self._attempts: Counter[str] = Counter()
+        self._host_nbd: Counter[str] = Counter()
+        self._ds: Counter[str] = Counter()
+        self._repo: Counter[str] = Counter()
+        self._seq = 0
+        self._vc = threading.Condition()
+        self._vc_used = 0
+
+    # --- queue --------------------------------------------------------------------------
+
+    def add(self, tasks: Iterable[TaskSpec]) -> None:
+        """Queue tasks; a key already queued or running is an error."""
+        with self._lock:
+            for t in tasks:
+                self._enqueue(t)
+
+    def cancel(self, key: str) -> bool:
+        """Drop a queued task (e.g. its VM failed); False if it is not queued."""
+        with self._lock:
+            item = self._queued.pop(key, None)
+            if item is None:
+                return False
+            self._reorder(item[1])
+            return True
+
+    def grants(self) -> list[Grant]:
+        """Every queued task that may start now, in order; their resources are taken."""
+        out: list[Grant] = []
+        with self._lock:
+            order, free, lim_nbd = self._order, self._free, self.limits.nbd_per_host
+            i = 0
+            while free and i < len(order):
+                c = self._by_cid[order[i][4]]
+                if ((c.ds_cap is not None and self._ds[c.ds] >= c.ds_cap)
+                        or (c.repo_cap is not None and self._repo[c.repo] >= c.repo_cap)):
+                    i += 1
+                    continue
+                host_ok = lim_nbd is None or self._host_nbd[c.host] < lim_nbd
+                choice = self._pick(c, host_ok)
+                if choice is None:
+                    i += 1
+                    continue
+                key = heapq.heappop(c.heap)[3]
+                _, _, task = self._queued.pop(key)
+                del order[i]
+                c.entry = None
+                self._reorder(c)  # its new head sorts at or after i
+                out.append(self._take(task, *choice))
+        return out
+
+    def _pick(self, c: _Class, host_ok: bool) -> tuple[str, str] | None:
+        """The class's most preferred option that is free now, or None."""
+        free = self._free
+        if len(free) < len(c.live):
+            best: tuple[int, str, str] | None = None
+            for p in free:
+                for rank, t in c.by_proxy.get(p, ()):
+                    if host_ok or t not in NBD_TRANSPORTS:
+                        if best is None or rank < best[0]:
+                            best = (rank, p, t)
+                        break
+            return None if best is None else (best[1], best[2])
+        for p, t in c.live:
+            if p in free and (host_ok or t not in NBD_TRANSPORTS):
+                return p, t
+        return None
+
+    # --- running grants ----------------------------------------------------------------
+
+    def release(self, grant: Grant) -> bool:
+        """The grant's task finished or failed for good: free its resources.
+
+        False (and nothing changes) if ``grant`` is not the task's current
+        attempt, e.g. it was already requeued by ``proxy_lost``.
+        """
+        with self._lock:
+            return self._drop(grant)
+
+    def requeue(self, grant: Grant, task: TaskSpec | None = None) -> bool:
+        """Its worker died or it must run elsewhere: free its resources and queue it again.
+
+        ``task`` (same key) replaces the spec, e.g. with ``size`` reduced to the
+        bytes left after the last durable checkpoint. False if ``grant`` is stale.
+        """
+        with self._lock:
+            if not self._drop(grant):
+                return False
+            new = task or grant.task
+            if new.key != grant.task.key:
+                raise ValueError(f"requeue of {grant.task.key!r} with task {new.key!r}")
+            self._enqueue(new)
+            return True
+
+    def proxy_lost(self, name: str) -> list[Grant]:
+        """Proxy gone: its running grants are requeued (returned) and it gets no more tasks.
+
+        Its options stay in the tasks (a ``proxy_added`` of the same name makes
+        them usable again); queued tasks left with no live option are reported
+        by ``unplaceable()``.
+        """
+        with self._lock:
+            px = self._proxies.get(name)
+            if px is None or not px.alive:
+                return []
+            px.alive = False
+            self._free.pop(name, None)
+            lost = sorted((g for g in self._running.values() if g.proxy == name),
+                          key=lambda g: g.task.key)
+            for g in lost:
+                self._drop(g)
+            self._refresh_all()
+            for g in lost:
+                self._enqueue(g.task)
+            return lost
+
+    def proxy_added(self, spec: ProxySpec) -> None:
+        """A proxy joined (or came back, possibly with other slots/transports)."""
+        with self._lock:
+            px = self._proxies.get(spec.name)
+            if px is None:
+                px = self._proxies[spec.name] = _Proxy(spec)
+            px.spec, px.alive = spec, True
+            self._mark(spec.name)
+            self._refresh_all()
+
+    # --- vCenter control operations ----------------------------------------------------
+
+    def vcenter_acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take one of ``Limits.vcenter_ops`` slots; False if not blocking (or timed out)."""
+        with self._vc:
+            if blocking:
+                ok = self._vc.wait_for(lambda: self._vc_used < self.limits.vcenter_ops, timeout)
+            else:
+                ok = self._vc_used < self.limits.vcenter_ops
+            if ok:
+                self._vc_used += 1
+            return ok
+
+    def vcenter_release(self) -> None:
+        with self._vc:
+            if self._vc_used <= 0:
+                raise ValueError("vcenter_release without a matching acquire")
+            self._vc_used -= 1
+            self._vc.notify()
+
+    @contextmanager
+    def vcenter_op(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold one vCenter operation slot for the block (waits for one)."""
+        if not self.vcenter_acquire(True, timeout):
+            raise TimeoutError(f"no vCenter operation slot free within {timeout} s")
+        try:
+            yield
+        finally:
+            self.vcenter_release()
+
+    # --- views ---------------------------------------------------------------------------
+
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def running(self) -> list[Grant]:
+        with self._lock:
+            return list(self._running.values())
+
+    def unplaceable(self) -> list[TaskSpec]:
+        """Queued tasks none of whose options is on a live proxy offering that transport."""
+        with self._lock:
+            return [t for _, c, t in self._queued.values() if not c.live]
+
+    def usage(self) -> Usage:
+        with self._lock:
+            return Usage(
+                slots={n: p.used for n, p in self._proxies.items() if p.used or p.alive},
+                slot_capacity={n: p.spec.slots for n, p in self._proxies.items() if p.alive},
+                nbd_per_host={k: v for k, v in self._host_nbd.items() if v},
+                per_datastore={k: v for k, v in self._ds.items() if v},
+                per_repo={k: v for k, v in self._repo.items() if v},
+                vcenter_ops=self._vc_used,
+                queued=len(self._queued),
+                running=len(self._running),
+                unplaceable=sum(1 for _, c, _ in self._queued.values() if not c.live),
+            )
+
+    # --- internals (lock held) -----------------------------------------------------------
+
+    def _mark(self, name: str) -> None:
+        px = self._proxies[name]
+        if px.alive and px.used < px.spec.slots:
+            self._free[name] = None
+        else:
+            self._free.pop(name, None)
+
+    def _enqueue(self, t: TaskSpec) -> None:
+        if t.key in self._queued or t.key in self._running:
+            raise ValueError(f"task {t.key!r} is already queued or running")
+        sig = (t.options, t.host, t.datastore, t.repo)
+        c = self._classes.get(sig)
+        if c is None:
+            c = self._classes[sig] = _Class(len(self._by_cid), sig, self.limits)
+            self._by_cid.append(c)
+            c.refresh(self._proxies)
+        rate = self._rates.get(t.options[0][1]) if t.options and self._rates else None
+        work = t.size / rate if rate else float(t.size)
+        self._seq += 1
+        self._queued[t.key] = (self._seq, c, t)
+        heapq.heappush(c.heap, (t.tier, -work, self._seq, t.key))
+        self._reorder(c)
+
+    def _reorder(self, c: _Class) -> None:
+        """Put the class at the place of its (valid) head task in the order."""
+        heap = c.heap
+        while heap:
+            item = self._queued.get(heap[0][3])
+            if item is not None and item[0] == heap[0][2]:
+                break
+            heapq.heappop(heap)  # cancelled or superseded entry
+        entry = (heap[0][0], c.constraint, heap[0][1], heap[0][2], c.cid) if heap else None
+        if entry == c.entry:
+            return
+        if c.entry is not None:
+            del self._order[bisect_left(self._order, c.entry)]
+        c.entry = entry
+        if entry is not None:
+            insort(self._order, entry)
+
+    def _refresh_all(self) -> None:
+        """Recompute every class's live options and constraint, then the whole order."""
+        self._order = []
+        for c in self._by_cid:
+            c.refresh(self._proxies)
+            c.entry = None
+            self._reorder(c)
+
+    def _take(self, task: TaskSpec, proxy: str, transport: str) -> Grant:
+        px = self._proxies[proxy]
+        px.used += 1
+        self._mark(proxy)
+        if transport in NBD_TRANSPORTS:
+            self._host_nbd[task.host] += 1
+        self._ds[task.datastore] += 1
+        self._repo[task.repo] += 1
+        self._attempts[task.key] += 1
+        g = Grant(task=task, proxy=proxy, transport=transport, attempt=self._attempts[task.key])
+        self._running[task.key] = g
+        return g
+
+    def _drop(self, g: Grant) -> bool:
+        cur = self._running.get(g.task.key)
+        if cur is None or cur.attempt != g.attempt or cur.proxy != g.proxy:
+            return False
+        del self._running[g.task.key]
+        px = self._proxies[g.proxy]
+        px.used -= 1
+        self._mark(g.proxy)
+        if g.transport in NBD_TRANSPORTS:
+            self._host_nbd[g.task.host] -= 1
+        self._ds[g.task.datastore] -= 1
+        self._repo[g.task.repo] -= 1
+        return True
