@@ -20,6 +20,7 @@ CORE_SOURCES = [
     "ext/core/writer_file.c",
     "ext/core/writer_nbd.c",
     "ext/core/codec.c",
+    "ext/core/compare.c",
 ]
 # Appended by other areas (one line each, with the owner in a comment).
 EXTRA_SOURCES: list[str] = [

@@ -3,7 +3,9 @@
  * tests/test_faults_core.py::test_pipeline_under_asan.
  *
  * usage: core_asan_driver PLAN.bin SOURCE TARGET SIZE [cancel_after_ms] [nbd-uri]
- * PLAN.bin holds struct vmr_plan_entry records (PLAN_DTYPE bytes). */
+ * PLAN.bin holds struct vmr_plan_entry records (PLAN_DTYPE bytes).
+ * VMR_ASAN_COMPARE=1 in the environment: quick rollback (compare mode) into an
+ * existing target, which is then opened without creating it. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,8 @@ int main(int argc, char **argv)
     int fd = open(argv[2], O_RDONLY);
     uint64_t size = strtoull(argv[4], NULL, 10);
     int cancel_ms = argc > 5 ? atoi(argv[5]) : -1;
+    const char *cmp_env = getenv("VMR_ASAN_COMPARE");
+    int compare = cmp_env != NULL && strcmp(cmp_env, "1") == 0;
     struct vmr_error err;
     memset(&err, 0, sizeof err);
     err.plan_index = -1;
@@ -42,7 +46,8 @@ int main(int argc, char **argv)
                                     .tls_verify_peer = -1, .flush_every = 1u << 20};
         rc = vmr_nbd_writer_open(&o, size, &wr, &err);
     } else {
-        rc = vmr_file_writer_open(argv[3], size, VMR_FILE_CREATE | VMR_FILE_FORCE, &wr, &err);
+        rc = vmr_file_writer_open(argv[3], size, (compare ? 0 : VMR_FILE_CREATE) | VMR_FILE_FORCE,
+                                  &wr, &err);
     }
     if (rc != 0) {
         fprintf(stderr, "open: %s\n", err.msg);
@@ -51,7 +56,8 @@ int main(int argc, char **argv)
     struct vmr_source src;
     vmr_fd_source_open(&fd, 1, &src, &err);
     struct vmr_pipeline_config cfg = {.readers = 2, .threads = 3, .lanes = 2,
-                                      .queue_depth = 4, .buffers = 5};
+                                      .queue_depth = 4, .buffers = 5,
+                                      .compare = (uint32_t)compare};
     struct vmr_pipeline *p = vmr_pipeline_create(plan, n, &src, &wr, &cfg, &err);
     if (!p) {
         fprintf(stderr, "create: %s\n", err.msg);
@@ -72,9 +78,12 @@ int main(int argc, char **argv)
     struct vmr_counters c;
     vmr_pipeline_counters(p, &c);
     int code = vmr_pipeline_error(p, &err);
-    printf("code=%d prefix=%llu written=%llu zeroed=%llu skipped=%llu msg=%s\n", code,
+    printf("code=%d prefix=%llu written=%llu zeroed=%llu skipped=%llu compared=%llu "
+           "differ=%llu same=%llu msg=%s\n", code,
            (unsigned long long)c.completed_prefix, (unsigned long long)c.bytes_written,
-           (unsigned long long)c.bytes_zeroed, (unsigned long long)c.bytes_skipped, err.msg);
+           (unsigned long long)c.bytes_zeroed, (unsigned long long)c.bytes_skipped,
+           (unsigned long long)c.cmp_entries, (unsigned long long)c.cmp_differ,
+           (unsigned long long)c.bytes_same, err.msg);
     vmr_pipeline_destroy(p);
     src.ops->close(src.s);
     wr.ops->close(wr.w);

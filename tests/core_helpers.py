@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support import need, need_root, need_tool
+from support import ROOT, need, need_root, need_tool
 
 MiB = 1 << 20
 
@@ -94,6 +94,26 @@ def synth_plan(data: bytes, src_path: Path, block_size: int = MiB, codec: str = 
         for k, v in e.items():
             plan[i][k] = v
     return plan
+
+
+ASAN_OPTIONS = "detect_leaks=1:abort_on_error=0:exitcode=99"
+
+
+def build_asan_driver(tmp: Path) -> Path:
+    """tests/core_asan_driver.c + the core's C files, built with ASan+LSan (no Python)."""
+    need_tool("gcc", "pkg-config")
+    exe = tmp / "driver"
+    libs = subprocess.run(["pkg-config", "--cflags", "--libs", "libzstd", "liblz4",
+                           "libxxhash", "libnbd"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    core = ROOT / "ext" / "core"
+    subprocess.run(["gcc", "-g", "-O1", "-fsanitize=address", "-fno-omit-frame-pointer",
+                    "-std=gnu11", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                    f"-I{core}", str(ROOT / "tests" / "core_asan_driver.c"),
+                    *(str(core / f) for f in ("pipeline.c", "compare.c", "writer_file.c",
+                                              "writer_nbd.c", "codec.c")),
+                    "-o", str(exe), *libs], check=True)
+    return exe
 
 
 def allocated(path: Path) -> int:

@@ -12,8 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from core_helpers import MiB, backup, make_image, nbdkit, restore_cli, synth_plan
-from support import ROOT, need_tool
+from core_helpers import (
+    ASAN_OPTIONS,
+    MiB,
+    backup,
+    build_asan_driver,
+    make_image,
+    nbdkit,
+    restore_cli,
+    synth_plan,
+)
+from support import need_tool
 
 
 @pytest.fixture
@@ -123,17 +132,8 @@ def test_pipeline_under_asan(tmp_path: Path) -> None:
     data = make_image(tmp_path / "disk.img", 20, block_size=256 * 1024, seed=42, tail=512)
     plan = synth_plan(data, tmp_path / "src.bin", block_size=256 * 1024)
     (tmp_path / "plan.bin").write_bytes(plan.tobytes())
-    exe = tmp_path / "driver"
-    libs = subprocess.run(["pkg-config", "--cflags", "--libs", "libzstd", "liblz4",
-                           "libxxhash", "libnbd"], capture_output=True, text=True,
-                          check=True).stdout.split()
-    core = ROOT / "ext" / "core"
-    subprocess.run(["gcc", "-g", "-O1", "-fsanitize=address", "-fno-omit-frame-pointer",
-                    "-std=gnu11", "-pthread", "-Wall", f"-I{core}",
-                    str(ROOT / "tests" / "core_asan_driver.c"), str(core / "pipeline.c"),
-                    str(core / "writer_file.c"), str(core / "writer_nbd.c"),
-                    str(core / "codec.c"), "-o", str(exe), *libs], check=True)
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99"}
+    exe = build_asan_driver(tmp_path)
+    env = {**os.environ, "ASAN_OPTIONS": ASAN_OPTIONS}
     common = [str(tmp_path / "plan.bin"), str(tmp_path / "src.bin")]
     # full run to a file, a cancelled run, and a run through NBD
     r = subprocess.run([str(exe), *common, str(tmp_path / "o.img"), str(len(data))],

@@ -41,6 +41,9 @@ cdef extern from "writer.h" nogil:
         int (*can_multi_conn)(void *w)
         void (*close)(void *w)
         void *poll
+        uint32_t struct_size
+        void *open_read
+        void *close_read
     struct vmr_writer:
         const vmr_writer_ops *ops
         void *w
@@ -107,6 +110,7 @@ cdef extern from "pipeline.h" nogil:
         uint32_t queue_depth
         uint32_t buffers
         uint32_t disk
+        uint32_t compare
     struct vmr_counters:
         uint64_t bytes_read
         uint64_t bytes_decompressed
@@ -121,6 +125,12 @@ cdef extern from "pipeline.h" nogil:
         uint64_t entries_total
         uint64_t elapsed_ns
         uint32_t readers, threads, lanes, queue_depth, buffers, running
+        uint64_t cmp_entries
+        uint64_t cmp_differ
+        uint64_t cmp_bytes_read
+        uint64_t cmp_known_zero
+        uint64_t bytes_same
+        uint64_t compare_ns
     struct vmr_pipeline:
         pass
     vmr_pipeline *vmr_pipeline_create(const vmr_plan_entry *plan, size_t n, vmr_source *src,
@@ -323,7 +333,13 @@ cdef class Writer:
             "flush": bool(self.wr.ops.can_flush(self.wr.w)),
             "multi_conn": bool(self.wr.ops.can_multi_conn(self.wr.w)),
             "async": self.wr.ops.poll != NULL,
+            "read": self.can_read(),
         }
+
+    cdef bint can_read(self):
+        # mirrors VMR_WRITER_CAN_READ (writer.h): the read side was appended to the table
+        return (self.wr.ops.struct_size >= sizeof(vmr_writer_ops) and
+                self.wr.ops.open_read != NULL and self.wr.ops.close_read != NULL)
 
 
 cdef int _open_repo_source(dict repo, vmr_source *out, vmr_error *e) except -2:
@@ -391,7 +407,7 @@ cdef class Pipeline:
 
     def __cinit__(self, plan, fds, Writer writer not None, uint32_t readers=0,
                   uint32_t threads=0, uint32_t lanes=0, uint32_t queue_depth=0,
-                  uint32_t buffers=0, uint32_t disk=0, dict repo=None):
+                  uint32_t buffers=0, uint32_t disk=0, dict repo=None, bint compare=False):
         cdef vmr_error e
         cdef vmr_pipeline_config cfg
         cdef size_t nf = len(fds)
@@ -429,6 +445,7 @@ cdef class Pipeline:
         cfg.queue_depth = queue_depth
         cfg.buffers = buffers
         cfg.disk = disk
+        cfg.compare = 1 if compare else 0
         n = view.shape[0] // 56
         pp = <const vmr_plan_entry *>&view[0] if n else NULL
         _error_init(&e)
@@ -518,6 +535,12 @@ cdef class Pipeline:
             "queue_depth": c.queue_depth,
             "buffers": c.buffers,
             "running": bool(c.running),
+            "cmp_entries": c.cmp_entries,
+            "cmp_differ": c.cmp_differ,
+            "cmp_bytes_read": c.cmp_bytes_read,
+            "cmp_known_zero": c.cmp_known_zero,
+            "bytes_same": c.bytes_same,
+            "compare_ns": c.compare_ns,
         }
 
     def source_stats(self):

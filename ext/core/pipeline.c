@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "codec.h"
+#include "compare.h"
 
 #define MAX_THREADS 64
 #define MAX_BLOCK (64u << 20)
@@ -437,6 +438,40 @@ static void reader_hinted(struct vmr_pipeline *p, void *rh)
     }
 }
 
+/* Compare mode: does the target already hold entry i (compare.h)? The target
+ * is read into a slot's aligned buffer and hashed there. 1 = it does (the
+ * entry is done), 0 = restore it, -1 = stop. */
+static int compare_first(struct vmr_pipeline *p, void *ch, size_t i)
+{
+    const struct vmr_plan_entry *pe = &p->plan[i];
+    struct slot *s = pool_get(p, &p->slot_pool);
+    if (s == NULL)
+        return -1;
+    struct vmr_error e;
+    error_init(&e);
+    struct vmr_cmp_cost cost = {0, 0};
+    uint64_t t0 = now_ns();
+    int rc = vmr_compare_entry(p->wr->ops, ch, pe, s->buf, p->blk_cap, &cost, &e);
+    ADD(p->c.compare_ns, now_ns() - t0);
+    pool_put(&p->slot_pool, s);
+    ADD(p->c.cmp_bytes_read, cost.bytes_read);
+    ADD(p->c.cmp_known_zero, cost.bytes_known_zero);
+    if (rc < 0) {
+        if (e.code == VMR_OK)
+            e.code = VMR_E_TARGET;
+        fail(p, &e, (int64_t)i, pe->dst_off);
+        return -1;
+    }
+    ADD(p->c.cmp_entries, 1);
+    if (rc == VMR_CMP_SAME) {
+        ADD(p->c.bytes_same, pe->length);
+        mark_done(p, i);
+        return 1;
+    }
+    ADD(p->c.cmp_differ, 1);
+    return 0;
+}
+
 static void *reader_main(void *arg)
 {
     struct vmr_pipeline *p = arg;
@@ -444,17 +479,28 @@ static void *reader_main(void *arg)
     struct vmr_error e;
     error_init(&e);
     void *rh = p->src->ops->open_reader(p->src->s, ri, &e);
-    if (rh == NULL) {
+    void *ch = NULL;   /* compare mode: this reader's read handle on the target */
+    if (rh != NULL && p->cfg.compare &&
+        (ch = p->wr->ops->open_read(p->wr->w, ri, &e)) == NULL) {
+        if (e.code == VMR_OK)
+            e.code = VMR_E_TARGET;
         fail(p, &e, -1, UINT64_MAX);
-    } else if (p->src->lookahead > 0 && p->src->ops->hint != NULL) {
+    } else if (rh == NULL) {
+        fail(p, &e, -1, UINT64_MAX);
+    } else if (p->src->lookahead > 0 && p->src->ops->hint != NULL && !p->cfg.compare) {
         reader_hinted(p, rh);
     } else {
         while (!LOAD(p->stop)) {
             size_t i = __atomic_fetch_add(&p->next_entry, 1, __ATOMIC_RELAXED);
-            if (i >= p->n || read_entry(p, rh, i) != 0)
+            if (i >= p->n)
+                break;
+            int same = ch != NULL ? compare_first(p, ch, i) : 0;
+            if (same < 0 || (same == 0 && read_entry(p, rh, i) != 0))
                 break;
         }
     }
+    if (ch != NULL)
+        p->wr->ops->close_read(ch);
     if (rh != NULL)
         p->src->ops->close_reader(rh);
     if (__atomic_sub_fetch(&p->readers_left, 1, __ATOMIC_ACQ_REL) == 0)
@@ -796,6 +842,13 @@ struct vmr_pipeline *vmr_pipeline_create(const struct vmr_plan_entry *plan, size
                       wr->ops->abi_version, VMR_WRITER_ABI_VERSION);
         return NULL;
     }
+    if (cfg->compare && (!VMR_WRITER_CAN_READ(wr->ops) || wr->target_zeroed)) {
+        vmr_error_set(err, VMR_E_INTERNAL, 0, UINT64_MAX,
+                      "disk %u: quick rollback needs a target it can read (writer '%s' %s)",
+                      cfg->disk, wr->ops->name,
+                      wr->target_zeroed ? "is marked as reading zeros" : "has no read side");
+        return NULL;
+    }
     uint64_t tsize = wr->ops->get_size(wr->w);
     size_t blk = 4096, cb = 0;
     int any_compressed = 0;
@@ -1094,6 +1147,12 @@ void vmr_pipeline_counters(struct vmr_pipeline *p, struct vmr_counters *out)
     out->lanes = p->cfg.lanes;
     out->queue_depth = p->cfg.queue_depth;
     out->buffers = (uint32_t)p->nslots;
+    out->cmp_entries = LOAD(p->c.cmp_entries);
+    out->cmp_differ = LOAD(p->c.cmp_differ);
+    out->cmp_bytes_read = LOAD(p->c.cmp_bytes_read);
+    out->cmp_known_zero = LOAD(p->c.cmp_known_zero);
+    out->bytes_same = LOAD(p->c.bytes_same);
+    out->compare_ns = LOAD(p->c.compare_ns);
 }
 
 int vmr_pipeline_error(struct vmr_pipeline *p, struct vmr_error *out)

@@ -55,6 +55,8 @@ struct vmr_pipeline_config {
     uint32_t queue_depth;  /* async requests in flight per lane (default 16) */
     uint32_t buffers;      /* slots in the pool (0 = auto from the above) */
     uint32_t disk;         /* disk index, for messages only */
+    uint32_t compare;      /* 1: quick rollback, write only entries the target does not
+                            * already hold (compare.h; the writer needs its read side) */
 };
 
 struct vmr_counters {
@@ -71,6 +73,13 @@ struct vmr_counters {
     uint64_t entries_total;
     uint64_t elapsed_ns;          /* since start (until finish when done) */
     uint32_t readers, threads, lanes, queue_depth, buffers, running;
+    /* compare mode (quick rollback) */
+    uint64_t cmp_entries;         /* plan entries compared with the target */
+    uint64_t cmp_differ;          /* of those, entries the target did not hold */
+    uint64_t cmp_bytes_read;      /* bytes read from the target to compare */
+    uint64_t cmp_known_zero;      /* zero-run bytes the target reported as holes (not read) */
+    uint64_t bytes_same;          /* bytes the target already held (not written) */
+    uint64_t compare_ns;          /* busy time of the compare (target read + hash), summed */
 };
 
 struct vmr_pipeline;

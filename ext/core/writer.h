@@ -136,7 +136,23 @@ struct vmr_writer_ops {
      * waiting for a target that does not answer fail soon after instead of at
      * their deadline; any thread, at most once per job, the writer stays valid. */
     void (*cancel)(void *w);
+
+    /* The read side (compare stage of a quick rollback, compare.c): optional,
+     * open_read/pread/close_read all NULL or all set. One read handle per
+     * pipeline reader thread, used by that thread only; it reads what the
+     * target holds now. known_zero (optional, may be NULL): 1 when
+     * [offset, offset+count) is known to read as zeros without reading it
+     * (a hole: NBD block status, SEEK_DATA), 0 when not known. */
+    void *(*open_read)(void *w, int index, struct vmr_error *err);
+    int (*pread)(void *rh, void *buf, uint32_t count, uint64_t offset, struct vmr_error *err);
+    int (*known_zero)(void *rh, uint64_t offset, uint64_t count);
+    void (*close_read)(void *rh);
 };
+
+/* 1 when the writer offers the read side (built with a header that has it, and set). */
+#define VMR_WRITER_CAN_READ(ops)                                                              \
+    ((ops)->struct_size >= offsetof(struct vmr_writer_ops, close_read) + sizeof(void *) &&   \
+     (ops)->open_read != NULL && (ops)->pread != NULL && (ops)->close_read != NULL)
 
 /* A writer instance: what constructors return and the pipeline consumes. */
 struct vmr_writer {

@@ -213,6 +213,92 @@ static int fio_flush(struct fio *f, struct vmr_error *err)
     return 0;
 }
 
+/* -------------------------------------------------------------- read side
+ * The compare stage of a quick rollback (compare.c) reads what the target
+ * holds now. A read handle is its own pair of read-only descriptors: O_DIRECT
+ * when aligned (a hot-added disk's loop device must not answer from a cache
+ * older than the datastore file), buffered otherwise. The SAN writer reads
+ * the LUN at the disk's extents. */
+
+struct rfd {
+    int fd, fd_direct;
+    const char *path;
+    const struct san_writer *san;   /* SAN: map disk offsets onto the LUN */
+};
+
+static void *rfd_open(const char *path, const struct san_writer *san, struct vmr_error *err)
+{
+    struct rfd *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "out of memory");
+        return NULL;
+    }
+    r->path = path;
+    r->san = san;
+    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (r->fd < 0) {
+        vmr_error_set(err, VMR_E_TARGET, errno, UINT64_MAX, "%s: cannot open for reading: %s",
+                      path, strerror(errno));
+        free(r);
+        return NULL;
+    }
+    r->fd_direct = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+    return r;
+}
+
+static void rfd_close(void *rh)
+{
+    struct rfd *r = rh;
+    if (r->fd_direct >= 0)
+        close(r->fd_direct);
+    close(r->fd);
+    free(r);
+}
+
+/* Read exactly count bytes at the file offset off (EOF inside the range is an error). */
+static int rfd_read_at(struct rfd *r, void *buf, uint32_t count, uint64_t off,
+                       uint64_t disk_off, struct vmr_error *err)
+{
+    int fd = r->fd;
+    if (r->fd_direct >= 0 && ((uintptr_t)buf % VMR_ALIGN) == 0 && off % 4096 == 0 &&
+        count % 4096 == 0)
+        fd = r->fd_direct;
+    size_t done = 0;
+    while (done < count) {
+        ssize_t k = pread(fd, (char *)buf + done, count - done, (off_t)(off + done));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && errno == EINVAL && fd == r->fd_direct) {
+            fd = r->fd;
+            continue;
+        }
+        if (k <= 0) {
+            int e = k < 0 ? errno : 0;
+            vmr_error_set(err, VMR_E_TARGET, e, disk_off + done,
+                          "%s: read of %u bytes at offset %llu failed: %s", r->path, count,
+                          (unsigned long long)(off + done), e ? strerror(e) : "end of file");
+            return -1;
+        }
+        done += (size_t)k;
+    }
+    return 0;
+}
+
+static int fr_pread(void *rh, void *buf, uint32_t count, uint64_t off, struct vmr_error *err)
+{
+    return rfd_read_at(rh, buf, count, off, off, err);
+}
+
+/* A regular file's hole reads as zeros: SEEK_DATA finds no data inside the range. */
+static int fr_known_zero(void *rh, uint64_t off, uint64_t count)
+{
+    struct rfd *r = rh;
+    off_t d = lseek(r->fd, (off_t)off, SEEK_DATA);
+    if (d < 0)
+        return errno == ENXIO;   /* no data at or after off */
+    return (uint64_t)d >= off + count;
+}
+
 /* ------------------------------------------------------------ file writer */
 
 struct file_writer {
@@ -251,6 +337,11 @@ static int fw_flush(void *lane, uint32_t flags, struct vmr_error *err)
     return fio_flush(&((struct file_writer *)lane)->io, err);
 }
 
+static void *fw_open_read(void *w, int i, struct vmr_error *err)
+{
+    return rfd_open(((struct file_writer *)w)->path, NULL, err);
+}
+
 static const struct vmr_writer_ops file_ops = {
     .abi_version = VMR_WRITER_ABI_VERSION,
     .struct_size = sizeof(struct vmr_writer_ops),
@@ -267,6 +358,10 @@ static const struct vmr_writer_ops file_ops = {
     .pwrite = fw_pwrite,
     .zero = fw_zero,
     .flush = fw_flush,
+    .open_read = fw_open_read,
+    .pread = fr_pread,
+    .known_zero = fr_known_zero,
+    .close_read = rfd_close,
 };
 
 int vmr_file_writer_open(const char *path, uint64_t size, uint32_t flags, struct vmr_writer *out,
@@ -381,6 +476,39 @@ static int sw_flush(void *lane, uint32_t flags, struct vmr_error *err)
     return fio_flush(&((struct san_writer *)lane)->io, err);
 }
 
+static void *sw_open_read(void *w, int i, struct vmr_error *err)
+{
+    struct san_writer *sw = w;
+    return rfd_open(sw->path, sw, err);
+}
+
+/* Read [off, off+count) of the disk from the LUN, extent by extent. */
+static int sr_pread(void *rh, void *buf, uint32_t count, uint64_t off, struct vmr_error *err)
+{
+    struct rfd *r = rh;
+    const struct san_writer *sw = r->san;
+    size_t i = san_find(sw, off);
+    uint64_t done = 0;
+    while (done < count) {
+        uint64_t v = off + done;
+        if (i >= sw->n || v < sw->map[i].voff || v - sw->map[i].voff >= sw->map[i].len) {
+            vmr_error_set(err, VMR_E_TARGET, 0, v, "%s: disk offset %llu is outside the extent map",
+                          sw->path, (unsigned long long)v);
+            return -1;
+        }
+        const struct vmr_extent *x = &sw->map[i];
+        uint64_t in = v - x->voff;
+        uint64_t k = x->len - in;
+        if (k > count - done)
+            k = count - done;
+        if (rfd_read_at(r, (char *)buf + done, (uint32_t)k, x->loff + in, v, err) != 0)
+            return -1;
+        done += k;
+        i++;
+    }
+    return 0;
+}
+
 static const struct vmr_writer_ops san_ops = {
     .abi_version = VMR_WRITER_ABI_VERSION,
     .struct_size = sizeof(struct vmr_writer_ops),
@@ -397,6 +525,10 @@ static const struct vmr_writer_ops san_ops = {
     .pwrite = sw_pwrite,
     .zero = sw_zero,
     .flush = sw_flush,
+    .open_read = sw_open_read,
+    .pread = sr_pread,
+    .known_zero = NULL,
+    .close_read = rfd_close,
 };
 
 int vmr_san_writer_open(const char *lun_path, const struct vmr_extent *map, size_t n,

@@ -133,7 +133,8 @@ static void nbd_err(struct vmr_error *err, int code, uint64_t off, const char *w
     vmr_error_set(err, code, e, off, "%s: %s: %s", uri, what, m ? m : strerror(e ? e : EIO));
 }
 
-static struct nbd_handle *connect_one(struct nbd_writer *w, struct vmr_error *err)
+/* alloc: also ask for the base:allocation context (block status, read side) */
+static struct nbd_handle *connect_ctx(struct nbd_writer *w, int alloc, struct vmr_error *err)
 {
     struct nbd_handle *h = nbd_create();
     if (h == NULL) {
@@ -141,6 +142,7 @@ static struct nbd_handle *connect_one(struct nbd_writer *w, struct vmr_error *er
         return NULL;
     }
     int bad = nbd_set_uri_allow_local_file(h, true) == -1 ||
+              (alloc && nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1) ||
               (w->psk_file && nbd_set_tls_psk_file(h, w->psk_file) == -1) ||
               (w->tls_username && nbd_set_tls_username(h, w->tls_username) == -1) ||
               (w->cert_dir && nbd_set_tls_certificates(h, w->cert_dir) == -1) ||
@@ -174,6 +176,11 @@ static struct nbd_handle *connect_one(struct nbd_writer *w, struct vmr_error *er
         return NULL;
     }
     return h;
+}
+
+static struct nbd_handle *connect_one(struct nbd_writer *w, struct vmr_error *err)
+{
+    return connect_ctx(w, 0, err);
 }
 
 static void sleep_ms(uint32_t ms)
@@ -663,6 +670,167 @@ static void nw_close(void *wp)
     free(w);
 }
 
+/* Read side (compare stage, compare.c): one connection of its own per reader
+ * thread, one request at a time (the readers are the parallelism). It only
+ * reads, and reads each block before the pipeline writes it, so it needs no
+ * multi-conn from the server. Every wait is bounded like the writer's
+ * (timeout_ms, cancel grace); a lost or silent connection is replaced and the
+ * read repeated, up to `retries` attempts. */
+struct nbd_reader {
+    struct nbd_writer *w;
+    struct nbd_handle *h;
+    int alloc;               /* the server answers base:allocation block status */
+};
+
+struct rd_cmd {
+    int done, err;
+};
+
+static int rd_complete(void *data, int *error)
+{
+    struct rd_cmd *c = data;
+    c->done = 1;
+    c->err = *error;
+    return 1;
+}
+
+/* Wait for c; 0 = answered (c->err: the server's errno), -1 = the connection is
+ * lost or silent past the deadline (then *why is ENOTCONN or ETIMEDOUT). */
+static int rd_wait(struct nbd_reader *r, struct rd_cmd *c, int *why)
+{
+    uint64_t end = mono_ns() + (uint64_t)r->w->timeout_ms * 1000000ull;
+    while (!c->done) {
+        int ms = ms_left(wait_end(r->w, end), 200);
+        if (ms == 0) {
+            *why = ETIMEDOUT;
+            return -1;
+        }
+        if (nbd_poll(r->h, ms) == -1 || nbd_aio_is_dead(r->h) || nbd_aio_is_closed(r->h)) {
+            if (c->done)
+                break;
+            *why = ENOTCONN;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void *nw_open_read(void *wp, int index, struct vmr_error *err)
+{
+    struct nbd_reader *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "out of memory");
+        return NULL;
+    }
+    r->w = wp;
+    r->h = connect_ctx(r->w, 1, err);
+    if (r->h == NULL) {
+        free(r);
+        return NULL;
+    }
+    r->alloc = nbd_can_meta_context(r->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+    return r;
+}
+
+static void rd_drop(struct nbd_reader *r)
+{
+    if (r->h)
+        nbd_close(r->h);   /* lost or silent: nothing is owed that we still wait for */
+    r->h = NULL;
+}
+
+static void nw_close_read(void *rh)
+{
+    struct nbd_reader *r = rh;
+    if (r->h)
+        close_handle(r->h, DRAIN_MS);
+    free(r);
+}
+
+static int nw_read(void *rh, void *buf, uint32_t count, uint64_t off, struct vmr_error *err)
+{
+    struct nbd_reader *r = rh;
+    uint32_t tries = r->w->retries ? r->w->retries : 1;
+    int e = ENOTCONN;
+    for (uint32_t attempt = 1;; attempt++) {
+        if (r->h == NULL) {
+            struct vmr_error ce = {0};
+            r->h = connect_ctx(r->w, 1, &ce);
+        }
+        if (r->h != NULL) {
+            struct rd_cmd c = {0, 0};
+            nbd_completion_callback cb = {.callback = rd_complete, .user_data = &c, .free = NULL};
+            if (nbd_aio_pread(r->h, buf, count, off, cb, 0) == -1) {
+                e = nbd_get_errno() ? nbd_get_errno() : EIO;
+                if (nbd_aio_is_dead(r->h) || nbd_aio_is_closed(r->h))
+                    e = ENOTCONN;
+            } else if (rd_wait(r, &c, &e) == 0) {
+                if (c.err == 0)
+                    return 0;
+                e = c.err;
+            }
+            if (connection_lost(e) || e == ETIMEDOUT)
+                rd_drop(r);
+        }
+        if (attempt >= tries || cancelled(r->w)) {
+            int lost = connection_lost(e) || e == ETIMEDOUT;
+            vmr_error_set(err, lost ? VMR_E_TRANSPORT : VMR_E_TARGET, e, off,
+                          "%s: read of %u bytes at disk offset %llu failed after %u attempts: %s",
+                          r->w->uri, count, (unsigned long long)off, attempt, strerror(e));
+            return -1;
+        }
+        sleep_ms(r->w->retry_delay_ms * attempt);
+    }
+}
+
+struct zero_scan {
+    uint64_t next;           /* first offset not yet known to be zero */
+    int not_zero;
+};
+
+static int on_extent(void *data, const char *ctx, uint64_t off, uint32_t *entries, size_t n,
+                     int *error)
+{
+    struct zero_scan *z = data;
+    if (strcmp(ctx, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
+        return 0;
+    for (size_t i = 0; i + 1 < n && !z->not_zero; i += 2) {
+        if (!(entries[i + 1] & LIBNBD_STATE_ZERO))
+            z->not_zero = 1;
+        else
+            z->next = off + entries[i];
+        off += entries[i];
+    }
+    return 0;
+}
+
+/* 1 when block status says the range reads as zeros; 0 when not, or not known
+ * (no answer: the range is then read, which decides). */
+static int nw_known_zero(void *rh, uint64_t off, uint64_t count)
+{
+    struct nbd_reader *r = rh;
+    if (!r->alloc || r->h == NULL)
+        return 0;
+    struct zero_scan z = {off, 0};
+    while (!z.not_zero && z.next < off + count) {
+        uint64_t at = z.next;
+        uint64_t len = off + count - at > (1u << 30) ? (1u << 30) : off + count - at;
+        struct rd_cmd c = {0, 0};
+        int why = 0;
+        nbd_extent_callback ecb = {.callback = on_extent, .user_data = &z, .free = NULL};
+        nbd_completion_callback cb = {.callback = rd_complete, .user_data = &c, .free = NULL};
+        if (nbd_aio_block_status(r->h, len, at, ecb, cb, 0) == -1)
+            return 0;
+        if (rd_wait(r, &c, &why) != 0) {
+            rd_drop(r);   /* the next read reconnects */
+            return 0;
+        }
+        if (c.err != 0 || z.next <= at)
+            return 0;     /* an error, or no progress: not known */
+    }
+    return !z.not_zero;
+}
+
 static const struct vmr_writer_ops nbd_ops = {
     .abi_version = VMR_WRITER_ABI_VERSION,
     .struct_size = sizeof(struct vmr_writer_ops),
@@ -683,6 +851,10 @@ static const struct vmr_writer_ops nbd_ops = {
     .submit_zero = nw_submit_zero,
     .poll = nw_poll,
     .cancel = nw_cancel,
+    .open_read = nw_open_read,
+    .pread = nw_read,
+    .known_zero = nw_known_zero,
+    .close_read = nw_close_read,
 };
 
 static char *dup_or_null(const char *s)

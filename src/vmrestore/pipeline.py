@@ -64,6 +64,9 @@ DEFAULT_NBD_CONNECTIONS = 1
 # NBD early writeback (writer_nbd.c): one unwaited flush per connection every N MiB
 # written, so the server's disk writes back while we decompress (docs/core.md sweep).
 DEFAULT_NBD_FLUSH_EVERY_MIB = 64
+# Quick rollback (compare mode): each reader thread reads and hashes the target's blocks
+# with its own read handle (an NBD connection), so readers are the compare's parallelism.
+DEFAULT_COMPARE_READERS = 4
 
 
 @dataclass(frozen=True)
@@ -100,20 +103,31 @@ class Counters:
     buffers: int
     running: bool
     bytes_total: int = 0          # logical bytes the plan covers (computed once, in Python)
+    # compare mode (quick rollback, ext/core/compare.h); all 0 otherwise
+    cmp_entries: int = 0          # plan entries compared with the target
+    cmp_differ: int = 0           # of those, entries the target did not hold (then restored)
+    cmp_bytes_read: int = 0       # bytes read from the target to compare
+    cmp_known_zero: int = 0       # zero-run bytes the target reported as holes (not read)
+    bytes_same: int = 0           # bytes the target already held (not written)
+    compare_ns: int = 0           # busy time of the compare stage (read + hash), summed
 
     @property
     def bytes_done(self) -> int:
-        """Logical disk bytes finished: written + zeroed + skipped (known zero)."""
-        return self.bytes_written + self.bytes_zeroed + self.bytes_skipped
+        """Logical disk bytes finished: written + zeroed + skipped (known zero) + already
+        held by the target (compare mode)."""
+        return self.bytes_written + self.bytes_zeroed + self.bytes_skipped + self.bytes_same
 
     @property
     def busy_ns(self) -> dict[str, float]:
         """Busy time per stage, normalised by its thread count (comparable to elapsed)."""
-        return {
+        out = {
             "read": self.read_ns / max(1, self.readers),
             "decompress": self.decompress_ns / max(1, self.threads),
             "write": self.write_ns / max(1, self.lanes),
         }
+        if self.cmp_entries:
+            out["compare"] = self.compare_ns / max(1, self.readers)
+        return out
 
     @property
     def busy(self) -> dict[str, float]:
@@ -176,12 +190,18 @@ class Job:
 
     def __init__(self, plan: np.ndarray, sources: Sequence[str], writer: Any, *,
                  disk: int = 0, settings: Settings | None = None,
-                 repo: dict[str, Any] | None = None) -> None:
+                 repo: dict[str, Any] | None = None, compare: bool = False) -> None:
         """``repo``: read from repository-agent sockets instead of local files.
 
         A dict built by vmrestore.mover.repo_source (fds, handles, readers, ...);
         the sockets belong to the job from here on. ``sources`` then only names
         the chain files in messages.
+
+        ``compare``: quick rollback. The target already holds a version of the
+        disk: each entry is first read from it and hashed (XXH3-128, the backup's
+        checksum; zero runs must read as zeros) and only entries that differ are
+        restored. Needs a writer with a read side (``capabilities()["read"]``)
+        that is not marked as reading zeros; give it ``plan.compare_plan(...)``.
         """
         s = settings or Settings()
         self._cv = threading.Condition()
@@ -203,12 +223,15 @@ class Job:
             lanes = s.lanes or (DEFAULT_NBD_CONNECTIONS if caps["async"] else DEFAULT_FILE_LANES)
             if not caps["multi_conn"]:
                 lanes = 1
+            readers = s.readers or (DEFAULT_COMPARE_READERS if compare else DEFAULT_READERS)
+            if compare and repo is not None:
+                readers = int(repo["readers"])
             try:
                 self._p = _pipeline.Pipeline(
                     self.plan.view(np.uint8), self._fds, writer,
-                    readers=s.readers or DEFAULT_READERS, threads=s.threads or DEFAULT_THREADS,
+                    readers=readers, threads=s.threads or DEFAULT_THREADS,
                     lanes=lanes, queue_depth=s.queue_depth or DEFAULT_QUEUE_DEPTH,
-                    buffers=s.buffers, disk=disk, repo=repo)
+                    buffers=s.buffers, disk=disk, repo=repo, compare=compare)
             except CoreError as e:
                 raise_core_error(e, disk, self.sources)
         except BaseException:

@@ -15,6 +15,7 @@ block bytes. Two levels:
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from vmrestore.errors import UsageError
+from vmrestore.errors import TargetError, UsageError
+from vmrestore.plan import compare_plan
 
 MiB = 1 << 20
 
@@ -61,6 +63,13 @@ class RestoreResult:
     refetches: int = 0
     connections: int = 0
     tls: bool = False
+    # Quick rollback (compare=True): the target was compared block by block first.
+    quick_rollback: bool = False
+    compared_entries: int = 0    # plan entries compared (data blocks + zero blocks)
+    differing_entries: int = 0   # of those, entries the target did not hold (restored)
+    compare_read_bytes: int = 0  # bytes read from the target to compare
+    known_zero_bytes: int = 0    # zero bytes the target reported as holes (not read)
+    bytes_same: int = 0          # bytes the target already held (not written)
 
     @property
     def wire_ratio(self) -> float:
@@ -86,23 +95,39 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
              capacity: int | None = None, force: bool = True,
              target_zeroed: bool | None = None, threads: int = 0, queue_depth: int = 0,
              lanes: int = 0, readers: int = 0, buffers: int = 0, direct: bool = True,
-             retries: int = 3,
+             retries: int = 3, compare: bool = False,
              on_counters: Callable[[Any], None] | None = None,
              on_start: Callable[[Any], None] | None = None,
              interval: float = 0.25) -> RestoreResult:
-    """Run a plan (slice) into target; writes in place (force=True) unless told otherwise."""
+    """Run a plan (slice) into target; writes in place (force=True) unless told otherwise.
+
+    ``compare``: quick rollback of an existing target (give ``plan.compare_plan``):
+    only the entries the target does not already hold are written.
+    """
     from vmrestore import pipeline as pl
     from vmrestore.transport.uri import OpenOptions, open_target, parse_target
 
     spec = parse_target(target)
     size = capacity if capacity is not None else _plan_end(plan)
     t0 = time.monotonic()
+    if compare:
+        if target_zeroed:
+            raise UsageError("a quick rollback compares with what the target holds: "
+                             "--target-zeroed does not apply")
+        target_zeroed = False
+        if spec.kind == "file" and not os.path.exists(spec.path or ""):
+            raise TargetError(f"{spec.path}: does not exist; a quick rollback compares with an "
+                              "existing disk")
     writer = open_target(spec, size, OpenOptions(force=force, target_zeroed=target_zeroed,
                                                  direct=direct, retries=retries))
     try:
+        if compare and not writer.capabilities()["read"]:
+            raise UsageError(f"{target}: the {writer.name} target cannot be read back, so a "
+                             "quick rollback cannot compare it (use a full overwrite)")
         settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
                                queue_depth=queue_depth, buffers=buffers)
-        with pl.Job(plan, sources, writer, disk=disk, settings=settings) as job:
+        with pl.Job(plan, sources, writer, disk=disk, settings=settings,
+                    compare=compare) as job:
             c = job.run(on_counters, interval, on_start=on_start)
         name = writer.name
         note = writer.note
@@ -119,7 +144,10 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
         completed_prefix=c.completed_prefix,
         settings={"readers": c.readers, "threads": c.threads, "lanes": c.lanes,
                   "queue_depth": c.queue_depth, "buffers": c.buffers},
-        notes=[note] if note else [])
+        notes=[note] if note else [], quick_rollback=compare,
+        compared_entries=c.cmp_entries, differing_entries=c.cmp_differ,
+        compare_read_bytes=c.cmp_bytes_read, known_zero_bytes=c.cmp_known_zero,
+        bytes_same=c.bytes_same)
 
 
 def _plan_end(plan: np.ndarray) -> int:
@@ -130,10 +158,14 @@ def _plan_end(plan: np.ndarray) -> int:
 
 def restore_disk(backup: str, disk: int, target: str, *, point: str | None = None,
                  force: bool = False, target_zeroed: bool | None = None,
-                 start_entry: int = 0, **kwargs: Any) -> RestoreResult:
+                 start_entry: int = 0, compare: bool = False,
+                 **kwargs: Any) -> RestoreResult:
     """Restore disk ``disk`` of the restore point ``backup`` (its chain resolved) to target.
 
     ``point`` selects an earlier point of the chain (id prefix or file name).
+    ``compare``: quick rollback of an existing target: the plan becomes
+    ``plan.compare_plan`` (its entries, also for ``start_entry``) and only what
+    differs is written.
     ``start_entry`` resumes: only ``plan[start_entry:]`` runs. Other keyword
     arguments go to :func:`run_plan` (threads, queue_depth, lanes, on_counters, ...).
 
@@ -146,6 +178,9 @@ def restore_disk(backup: str, disk: int, target: str, *, point: str | None = Non
     from vmrestore.mover.client import is_repo_url
 
     if is_repo_url(backup):
+        if compare:
+            raise UsageError("a quick rollback from repo:// runs in 'vmrestore restore "
+                             "--original --quick-rollback'; restore-disk compares local backups")
         return _restore_from_agent(backup, disk, target, point=point, force=force,
                                    target_zeroed=target_zeroed, start_entry=start_entry,
                                    **kwargs)
@@ -158,11 +193,12 @@ def restore_disk(backup: str, disk: int, target: str, *, point: str | None = Non
         dp = build_plan(chain, disk)
     finally:
         full.close()
-    if not 0 <= start_entry <= len(dp.plan):
-        raise UsageError(f"start entry {start_entry} outside the plan (0..{len(dp.plan)})")
-    return run_plan(dp.plan[start_entry:], dp.sources, target, disk=disk,
-                    capacity=dp.capacity, force=force or start_entry > 0,
-                    target_zeroed=target_zeroed, **kwargs)
+    plan = compare_plan(dp.plan, dp.block_size) if compare else dp.plan
+    if not 0 <= start_entry <= len(plan):
+        raise UsageError(f"start entry {start_entry} outside the plan (0..{len(plan)})")
+    return run_plan(plan[start_entry:], dp.sources, target, disk=disk,
+                    capacity=dp.capacity, force=force or start_entry > 0 or compare,
+                    target_zeroed=target_zeroed, compare=compare, **kwargs)
 
 
 def _restore_from_agent(url: str, disk: int, target: str, *, token_file: str | None = None,

@@ -66,6 +66,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-zeroed", action="store_true",
                    help="the target already reads as zeros: skip zero ranges")
     p.add_argument("--no-direct", action="store_true", help="do not use O_DIRECT")
+    p.add_argument("--quick-rollback", action="store_true",
+                   help="the target already holds a version of this disk: read and hash "
+                        "each block of it (the backup's XXH3-128) and write only the blocks "
+                        "that differ (zero blocks that read as zeros are skipped); the "
+                        "target must exist and be readable (file, device, NBD, SAN)")
+    p.add_argument("--readers", type=int, default=0, metavar="N",
+                   help="reader threads; with --quick-rollback each also reads and hashes "
+                        "the target through its own handle (default 1, 4 with "
+                        "--quick-rollback)")
     p.add_argument("--token-file", metavar="F",
                    help="repo://: the per-job token (default $VMRESTORE_REPO_TOKEN)")
     p.add_argument("--agent-connections", type=int, default=0, metavar="N",
@@ -84,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from vmrestore.ui import Display
 
     for name in ("threads", "queue_depth", "connections", "buffers", "agent_connections",
-                 "retries"):
+                 "retries", "readers"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if args.disk < 0:
@@ -104,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         elif args.token_file or args.agent_connections or args.client:
             raise UsageError("--token-file, --agent-connections and --client need a "
                              "repo:// source")
-        new_file = _new_local_file(args.target)
+        if args.quick_rollback:
+            extra["compare"] = True
+        if args.readers:
+            extra["readers"] = args.readers
+        new_file = None if args.quick_rollback else _new_local_file(args.target)
         try:
             res = restore_disk(args.backup, args.disk, args.target, point=args.point,
                                force=args.force,
@@ -125,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
               f"{res.seconds:.2f} s ({res.mb_per_s:.1f} MiB/s); written {res.bytes_written}, "
               f"zeroed {res.bytes_zeroed}, skipped {res.bytes_skipped}; busy: {busy}; "
               f"peak RSS {res.peak_rss >> 20} MiB", file=sys.stderr)
+        if res.quick_rollback:
+            print(f"  quick rollback: {res.compared_entries} entries compared, "
+                  f"{res.differing_entries} differed and were restored; "
+                  f"{res.compare_read_bytes} bytes read from the target, "
+                  f"{res.known_zero_bytes} known zero (holes), {res.bytes_same} already "
+                  "held", file=sys.stderr)
         if res.source == "repository":
             print(f"  from the agent: {res.wire_bytes} bytes on the wire for "
                   f"{res.capacity} logical ({res.wire_ratio:.3f}), {res.reconnects} "
