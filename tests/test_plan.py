@@ -77,7 +77,8 @@ def test_two_terabyte_disk_plans_without_a_python_loop_per_block() -> None:
 
     small = _fake_map(4, 4, seed=3)
     lines_small = _python_lines(lambda: plan_from_map(*small, 4 * MIB, MIB))
-    lines_big = _python_lines(lambda: plan_from_map(kind, point, extent, tables, nblocks * MIB, MIB))
+    big = (kind, point, extent, tables)
+    lines_big = _python_lines(lambda: plan_from_map(*big, nblocks * MIB, MIB))
     assert lines_big <= lines_small + 16, (lines_small, lines_big)
 
 
