@@ -13,6 +13,7 @@ APT_PACKAGES=(
   libnbd-bin nbdkit qemu-utils
   golang-go golang-github-vmware-govmomi-dev
   e2fsprogs util-linux kmod gnutls-bin procps time
+  chromium
 )
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -59,16 +59,24 @@ def test_parse_size(compare: ModuleType) -> None:
 
 
 def test_target_ratios_met_and_missed(compare: ModuleType) -> None:
-    def row(key: str, best: float) -> dict[str, object]:
-        return {"key": key, "best_s": best, "peak_rss_kib": 100 << 10}
+    def row(key: str, best: float, cache: str = "warm") -> dict[str, object]:
+        return {"key": key, "best_s": best, "peak_rss_kib": 100 << 10, "cache": cache}
 
-    fast = [row("nbd/vmrestore", 1.0), row("nbd/qemu-img", 3.0), row("nbd/nbdcopy-qemu-nbd", 2.0),
-            row("nbd/nbdcopy-raw", 0.9), row("loop/vmrestore", 1.3), row("loop/dd-raw", 1.0)]
-    status = {t["target"]: t["status"] for t in compare._targets(fast)}
-    assert list(status.values()) == ["met", "met", "met", "missed", "met"]
-    slow = [dict(r, best_s=r["best_s"] * 10) if "vmrestore" in r["key"] else r for r in fast]
-    assert [t["status"] for t in compare._targets(slow)][:4] == ["missed"] * 4
-    partial = compare._targets([row("nbd/qemu-img", 3.0)])
+    fast = [row("nbd/vmrestore", 1.0), row("nbd/qemu-img", 3.0), row("nbd/nbdcopy-qemu-nbd", 2.5),
+            row("nbd/nbdcopy-raw", 0.9), row("loop/vmrestore", 1.0), row("loop/qemu-img", 2.0),
+            row("loop/dd-raw", 1.1)]
+    got = compare._targets(fast, ("warm",))
+    status = {t["target"]: t["status"] for t in got}
+    assert list(status.values()) == ["met", "met", "missed", "met", "met"]
+    nbd_peer = got[0]
+    assert nbd_peer["against"] == "nbd/nbdcopy-qemu-nbd" and nbd_peer["ratio"] == 0.4
+    cold = [dict(r, cache="cold", best_s=r["best_s"] * (3 if "vmrestore" in r["key"] else 1))
+            for r in fast]
+    both = compare._targets(fast + cold, ("warm", "cold"))
+    assert [(t["case"], t["status"]) for t in both if "compressed" in t["target"]] == [
+        ("warm", "met"), ("cold", "missed"), ("warm", "met"), ("cold", "missed")]
+    assert [t["case"] for t in both if "nbdcopy --flush" in t["target"]] == ["warm"]
+    partial = compare._targets([row("nbd/qemu-img", 3.0)], ("warm",))
     assert {t["status"] for t in partial} == {"n/a"}
 
 
@@ -100,11 +108,13 @@ def test_compare_smoke_every_row_verified(compare: ModuleType, tmp_path: Path) -
     need_root()
     need_tool(*PEERS)
     proc = run_cli("bench", "compare", "--size", "32M", "--runs", "1", "--json",
-                   "--no-drop-caches", "--workdir", str(tmp_path), timeout=300)
+                   "--workdir", str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    rows = {r["key"]: r for r in report["results"]}
-    assert set(rows) == {c.key for c in compare.build_cases()}
+    assert list(report["cases"]) == ["warm", "cold"]
+    every = {(r["cache"], r["key"]) for r in report["results"]}
+    assert every == {(c, k.key) for c in ("warm", "cold") for k in compare.build_cases()}
+    rows = {r["key"]: r for r in report["results"] if r["cache"] == "cold"}
     ran = [r for r in rows.values() if not r["skipped"]]
     for r in ran:
         assert not r["error"], r
@@ -116,9 +126,12 @@ def test_compare_smoke_every_row_verified(compare: ModuleType, tmp_path: Path) -
     assert {"nbd/qemu-img", "nbd/nbdcopy-qemu-nbd", "nbd/nbdcopy-raw", "loop/qemu-img",
             "loop/dd-raw"} <= {r["key"] for r in ran}
     table = compare.render(report)
+    warm = {r["key"]: r for r in report["results"] if r["cache"] == "warm"}
     for r in ran:
-        assert f"| {r['target']} | {r['tool']} | {r['best_s']:.2f} |" in table
-    assert "| issue 4 target |" in table
+        assert f"| {r['target']} | {r['tool']} | {warm[r['key']]['best_s']:.2f} |" in table
+        assert f" {r['best_s']:.2f} | " in table
+    assert "warm: s" in table and "cold: s" in table and "caches dropped" in table
+    assert "| issue 12 target | case |" in table
     assert _leftovers(tmp_path) == []
     assert not (tmp_path / "disk.raw").exists()  # cleaned up without --keep
     need(not report["image"]["vmrestore"], f"vmrestore rows: {report['image']['vmrestore']}")

@@ -22,6 +22,7 @@ from vmrestore.errors import Interrupted, VmrError
 # Order shown in --help. A module that does not exist yet is skipped.
 COMMANDS = (
     "restore",
+    "report",
     "backup",
     "verify",
     "inspect",

@@ -46,6 +46,7 @@ from vmrestore.errors import (
 )
 from vmrestore.job import RestoreJob
 from vmrestore.report import PHASES, Report
+from vmrestore.timeline import role_busy
 
 log = logging.getLogger("vmrestore.restore")
 
@@ -595,7 +596,8 @@ class Orchestrator:
             rd.resumed_from = out.resumed_bytes
             rd.wire_bytes = out.wire_bytes
             rd.seconds = out.seconds
-            rd.busy = self._busy(mode, out.busy)
+            rd.busy = role_busy(mode, out.busy)
+            rd.timeline = out.timeline
             st.update(status="done", transport=mode)
             self.state.save()
             self.say(f"disk {t.index}: {mode}, {rd.bytes_written / (1 << 20):.1f} MiB written, "
@@ -613,18 +615,6 @@ class Orchestrator:
         u = RepoURL.parse(self.job.repository)
         url = str(RepoURL(u.host, u.port, self.chain.point.path, u.tls, u.ca))
         return url + (f"?ca={u.ca}" if u.ca else "")
-
-    @staticmethod
-    def _busy(mode: str, stage: dict[str, float]) -> dict[str, float]:
-        """Stage busy fractions -> where the time went (source/proxy/network/target).
-
-        The writer stage is network time for nbd/nbdssl (the host's own disk
-        write is behind the socket) and target time for san/hotadd (local I/O).
-        """
-        write = stage.get("write", 0.0)
-        return {"source": stage.get("read", 0.0), "proxy": stage.get("decompress", 0.0),
-                "network": write if mode in ("nbd", "nbdssl") else 0.0,
-                "target": write if mode in ("san", "hotadd") else 0.0}
 
     def _attach(self, t: Any, base: str, mode: str) -> _Attachment:
         """Make the base disk writable from the proxy by `mode`; recorded for rollback."""

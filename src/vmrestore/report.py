@@ -49,6 +49,8 @@ class DiskReport:
     wire_bytes: int = 0  # from a repository agent: bytes received over the network (0: local)
     seconds: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target, 0..1
+    # Counter samples over time (vmrestore.timeline; docs/restore.md "Timeline").
+    timeline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mbps(self) -> float:
@@ -113,6 +115,7 @@ class Report:
                 "seconds": round(d.seconds, 3),
                 "mb_per_s": round(d.mbps, 1),
                 "busy": {k: round(v, 3) for k, v in d.busy.items()},
+                "timeline": d.timeline,
             } for d in sorted(self.disks, key=lambda d: d.disk)],
             "rollback": self.rollback, "kept": self.kept, "events": self.events,
         }
@@ -136,7 +139,7 @@ def from_dict(d: dict[str, Any]) -> Report:
             status=x["status"], bytes_written=x["bytes_written"],
             bytes_zeroed=x["bytes_zeroed"], bytes_skipped=x["bytes_skipped"],
             resumed_from=x["resumed_from"], wire_bytes=x.get("wire_bytes", 0),
-            seconds=x["seconds"], busy=x["busy"]))
+            seconds=x["seconds"], busy=x["busy"], timeline=x.get("timeline") or {}))
     return r
 
 

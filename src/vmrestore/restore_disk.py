@@ -26,6 +26,7 @@ import numpy as np
 
 from vmrestore.errors import TargetError, UsageError
 from vmrestore.plan import compare_plan
+from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
 
 MiB = 1 << 20
 
@@ -53,6 +54,7 @@ class RestoreResult:
     completed_prefix: int
     settings: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timeline: dict[str, Any] = field(default_factory=dict)  # vmrestore.timeline samples
     # From a repository agent (repo://): what crossed the network (docs/protocol.md).
     source: str = "local"        # local | repository
     resumed_bytes: int = 0       # covered by plan entries before start_entry
@@ -98,7 +100,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
              retries: int = 3, compare: bool = False,
              on_counters: Callable[[Any], None] | None = None,
              on_start: Callable[[Any], None] | None = None,
-             interval: float = 0.25) -> RestoreResult:
+             interval: float = SAMPLE_INTERVAL) -> RestoreResult:
     """Run a plan (slice) into target; writes in place (force=True) unless told otherwise.
 
     ``compare``: quick rollback of an existing target (give ``plan.compare_plan``):
@@ -118,6 +120,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
         if spec.kind == "file" and not os.path.exists(spec.path or ""):
             raise TargetError(f"{spec.path}: does not exist; a quick rollback compares with an "
                               "existing disk")
+    sampler = Sampler(spec.transport)
     writer = open_target(spec, size, OpenOptions(force=force, target_zeroed=target_zeroed,
                                                  direct=direct, retries=retries))
     try:
@@ -128,7 +131,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
                                queue_depth=queue_depth, buffers=buffers)
         with pl.Job(plan, sources, writer, disk=disk, settings=settings,
                     compare=compare) as job:
-            c = job.run(on_counters, interval, on_start=on_start)
+            c = job.run(sampler.segment(on_counters), interval, on_start=on_start)
         name = writer.name
         note = writer.note
     finally:
@@ -147,7 +150,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
         notes=[note] if note else [], quick_rollback=compare,
         compared_entries=c.cmp_entries, differing_entries=c.cmp_differ,
         compare_read_bytes=c.cmp_bytes_read, known_zero_bytes=c.cmp_known_zero,
-        bytes_same=c.bytes_same)
+        bytes_same=c.bytes_same, timeline=sampler.as_dict())
 
 
 def _plan_end(plan: np.ndarray) -> int:

@@ -147,12 +147,13 @@ def test_report_table_of_a_failure_names_phase_and_rollback() -> None:
 
 
 def test_busy_mapping_by_transport() -> None:
-    from vmrestore.orchestrator import Orchestrator
+    from vmrestore.timeline import role_busy
 
     stage = {"read": 0.1, "decompress": 0.4, "write": 0.8}
-    assert Orchestrator._busy("nbd", stage) == {"source": 0.1, "proxy": 0.4, "network": 0.8,
-                                                "target": 0.0}
-    assert Orchestrator._busy("hotadd", stage)["target"] == 0.8
+    assert role_busy("nbd", stage) == {"source": 0.1, "proxy": 0.4, "network": 0.8,
+                                       "target": 0.0}
+    assert role_busy("hotadd", stage)["target"] == 0.8
+    assert role_busy("san", stage)["network"] == 0.0
 
 
 def test_restore_help_is_instant_and_lists_options() -> None:

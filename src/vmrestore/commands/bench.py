@@ -59,8 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Generate one sample disk (40% zero, 30% text-like, 30% random 1 MiB blocks), "
             "back it up with vmrestore and as a compressed qcow2, then time every tool putting "
             "it into an nbdkit file target (unix socket) and a loop device, best of N, checking "
-            "the target's bytes after every run. Drops the page cache before each timed run "
-            "when root. Cleans up servers, sockets and loop devices, also on Ctrl-C."
+            "the target's bytes after every run. Two cases side by side in one run: caches "
+            "warm (inputs read into the page cache) and caches dropped (root). Every tool "
+            "flushes the target. Cleans up servers, sockets and loop devices, also on Ctrl-C."
         ),
     )
     c.add_argument("--size", default="2G", help="logical disk size (default 2G; multiple of 1M)")
@@ -69,8 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="where images and targets go (default: a new dir in /var/tmp)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--keep", action="store_true", help="keep images, targets and logs")
+    c.add_argument("--cases", default="warm,cold", metavar="LIST",
+                   help="cache cases to run side by side: warm (inputs read into the page "
+                        "cache first), cold (caches dropped; root) (default warm,cold)")
     c.add_argument("--no-drop-caches", action="store_true",
-                   help="do not drop the page cache before each run (it is dropped when root)")
+                   help="never drop the page cache: only the warm case runs")
     c.add_argument("--only", action="append", metavar="KEY",
                    help="run only these rows: nbd, loop, or e.g. nbd/qemu-img (repeatable)")
     c.add_argument("--seed", type=int, default=1, help="sample image seed (default 1)")

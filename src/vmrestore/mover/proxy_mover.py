@@ -30,6 +30,8 @@ from typing import IO, Any
 
 from vmrestore.checkpoint import Checkpointer
 from vmrestore.errors import UsageError, VmrError
+from vmrestore.timeline import Sampler
+from vmrestore.transport.uri import parse_target
 
 JOB_VERSION = 1
 EVENT_VERSION = 1
@@ -241,6 +243,7 @@ def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
     t0 = time.monotonic()
     rp = plan_remote(url, token, dj.disk, point=job.point, client=job.client)
     pg = _Progress(job, dj, emit, rp.plan.plan)
+    sampler = Sampler(parse_target(dj.target).transport)
     results = []
     wire = rp.metadata_bytes
     reconnects = refetches = 0
@@ -251,7 +254,8 @@ def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
             start_entry=a, end_entry=b, threads=job.threads or 0,
             queue_depth=job.queue_depth or 0, retries=job.retries,
             connections=job.connections, client=job.client, remote_plan=rp,
-            on_counters=lambda c, a=a: pg.progress(a, c), on_checkpoint=pg.checkpoint,
+            on_counters=sampler.segment(lambda c, a=a: pg.progress(a, c)),
+            on_checkpoint=pg.checkpoint,
             checkpoint_interval=job.checkpoint_interval)
         pg.checkpoint(b)  # the run ended with a final flush of every lane
         results.append(res)
@@ -266,7 +270,8 @@ def _run_remote(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
     out.update(source="repository", resumed_bytes=pg.done_at(dj.start_entry),
                wire_bytes=wire, metadata_bytes=rp.metadata_bytes,
                stored_bytes=sum(r.stored_bytes for r in results),
-               reconnects=reconnects, refetches=refetches, entries=pg.entries)
+               reconnects=reconnects, refetches=refetches, entries=pg.entries,
+               timeline=sampler.as_dict())
     logical = out["bytes_written"] + out["bytes_zeroed"] + out["bytes_skipped"]
     out["wire_ratio"] = round(wire / logical, 4) if logical else 0.0
     return out
@@ -318,6 +323,7 @@ def _run_local(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
     finally:
         full.close()
     pg = _Progress(job, dj, emit, dp.plan)
+    sampler = Sampler(parse_target(dj.target).transport)
     results = []
     for a, b in _slices(job, dj, pg.entries):
         with Checkpointer(job.checkpoint_interval, pg.checkpoint, base=a,
@@ -326,14 +332,15 @@ def _run_local(job: Job, dj: DiskJob, emit: Emit) -> dict[str, Any]:
                               capacity=dp.capacity, force=job.force or a > 0 or bool(results),
                               target_zeroed=dj.target_zeroed, threads=job.threads or 0,
                               queue_depth=job.queue_depth or 0,
-                              on_counters=lambda c, a=a: pg.progress(a, c),
+                              on_counters=sampler.segment(lambda c, a=a: pg.progress(a, c)),
                               on_start=ckpt.start)
         pg.checkpoint(b)  # run_plan ended with a final flush of every lane
         results.append(res)
         _stall(job, dj, b, pg.entries)
     out = _sum(results, dj, results[0], t0)
     out.update(source="local", disk=dj.disk, target=dj.target, entries=pg.entries,
-               resumed_bytes=pg.done_at(dj.start_entry), capacity=dp.capacity)
+               resumed_bytes=pg.done_at(dj.start_entry), capacity=dp.capacity,
+               timeline=sampler.as_dict())
     return out
 
 

@@ -299,7 +299,7 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                       buffers: int = 0, direct: bool = True, retries: int = RETRIES,
                       connections: int = DEFAULT_CONNECTIONS, client: str | None = None,
                       on_counters: Callable[[Any], None] | None = None,
-                      interval: float = 0.25, end_entry: int | None = None,
+                      interval: float = 0.1, end_entry: int | None = None,
                       remote_plan: RemotePlan | None = None,
                       on_checkpoint: Callable[[int], None] | None = None,
                       checkpoint_interval: float = 1.0) -> Any:
@@ -314,6 +314,7 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     """
     from vmrestore import pipeline as pl
     from vmrestore.restore_disk import MiB, RestoreResult, peak_rss
+    from vmrestore.timeline import Sampler
     from vmrestore.transport.uri import OpenOptions, open_target, parse_target
 
     t0 = time.monotonic()
@@ -324,6 +325,7 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
         raise UsageError(f"plan slice {start_entry}..{end} outside the plan "
                          f"(0..{len(dp.plan)})")
     spec = parse_target(target)
+    sampler = Sampler(spec.transport)
     writer = open_target(spec, dp.capacity, OpenOptions(
         force=force or start_entry > 0, target_zeroed=target_zeroed, direct=direct,
         retries=3))
@@ -332,8 +334,8 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                                queue_depth=queue_depth, buffers=buffers)
         run = run_repo_plan(dp.plan[start_entry:end], dp.sources, rp.sums, writer, url, token,
                             disk=disk, settings=settings, per_reader=connections,
-                            retries=retries, client=client, on_counters=on_counters,
-                            interval=interval,
+                            retries=retries, client=client,
+                            on_counters=sampler.segment(on_counters), interval=interval,
                             on_checkpoint=(None if on_checkpoint is None else
                                            lambda p: on_checkpoint(start_entry + p)),
                             checkpoint_interval=checkpoint_interval)
@@ -356,4 +358,4 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
         notes=[note] if note else [], source="repository", resumed_bytes=resumed,
         wire_bytes=rp.metadata_bytes + run.wire_bytes, stored_bytes=run.stored_bytes,
         metadata_bytes=rp.metadata_bytes, reconnects=run.reconnects, refetches=run.refetches,
-        connections=run.connections, tls=False)
+        connections=run.connections, tls=False, timeline=sampler.as_dict())

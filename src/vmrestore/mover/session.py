@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmrestore.checkpoint import Checkpointer
+from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
 
 log = logging.getLogger("vmrestore.mover")
 
@@ -80,6 +81,7 @@ class DiskOutcome:
     entries: int = 0
     busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target 0..1
     wire_bytes: int = 0  # received from a repository agent (0 for a local backup)
+    timeline: dict[str, Any] = field(default_factory=dict)  # vmrestore.timeline samples
 
 
 def slices(start: int, total: int, stall: float) -> list[tuple[int, int]]:
@@ -154,6 +156,7 @@ class InProcessMovers:
 
         busy_ns: dict[str, float] = {}
         elapsed_ns = 0.0
+        sampler = Sampler(job.transport)
         parts = slices(job.start_entry, total, job.stall)
         for a, b in parts:
             writer = open_target(job.target, dp.capacity,
@@ -170,7 +173,7 @@ class InProcessMovers:
                     with Checkpointer(job.checkpoint_interval, record, base=a,
                                       name=f"ckpt-disk{job.disk}") as ckpt:
                         ckpt.start(pj)
-                        c = pj.run(on_counters)
+                        c = pj.run(sampler.segment(on_counters), SAMPLE_INTERVAL)
             finally:
                 writer.close()
             record(b)  # the run ended with a final flush: all of [a, b) is durable
@@ -188,6 +191,7 @@ class InProcessMovers:
         out.seconds = time.monotonic() - t0
         if elapsed_ns > 0:
             out.busy = {k: min(1.0, v / elapsed_ns) for k, v in busy_ns.items()}
+        out.timeline = sampler.as_dict()
         if progress is not None:
             progress(DiskProgress(job.disk, dp.capacity, dp.capacity))
         return out
@@ -234,6 +238,7 @@ def _restore_from_agent(job: DiskJob,
                       wire_bytes=rp.metadata_bytes)
     busy_ns: dict[str, float] = {}
     elapsed_ns = 0.0
+    sampler = Sampler(job.transport)
     parts = slices(job.start_entry, total, job.stall)
     for a, b in parts:
         def on_counters(c: Any, a: int = a) -> None:
@@ -243,7 +248,7 @@ def _restore_from_agent(job: DiskJob,
         res = restore_repo_disk(url, token, job.disk, job.target, start_entry=a, end_entry=b,
                                 target_zeroed=job.target_zeroed, threads=job.threads or 0,
                                 queue_depth=job.queue_depth or 0, force=True,
-                                on_counters=on_counters, remote_plan=rp,
+                                on_counters=sampler.segment(on_counters), remote_plan=rp,
                                 on_checkpoint=record,
                                 checkpoint_interval=job.checkpoint_interval)
         record(b)  # the run ended with a final flush: all of [a, b) is durable
@@ -261,6 +266,7 @@ def _restore_from_agent(job: DiskJob,
     out.seconds = time.monotonic() - t0
     if elapsed_ns > 0:
         out.busy = {k: min(1.0, v / elapsed_ns) for k, v in busy_ns.items()}
+    out.timeline = sampler.as_dict()
     if progress is not None:
         progress(DiskProgress(job.disk, rp.plan.capacity, rp.plan.capacity))
     return out
@@ -368,7 +374,8 @@ class SubprocessMovers:
             resumed_bytes=int(done.get("resumed_bytes", 0)),
             seconds=float(done.get("seconds", 0.0)), entries=entries_total[0],
             busy={k: float(v) for k, v in (done.get("busy") or {}).items()},
-            wire_bytes=int(done.get("wire_bytes", 0)))
+            wire_bytes=int(done.get("wire_bytes", 0)),
+            timeline=done.get("timeline") or {})
 
 
 def default_session() -> MoverSession:
