@@ -165,6 +165,20 @@ def test_not_a_backup_is_named_as_such(tmp_path: Path) -> None:
         _one_line_error(run_cli(cmd, str(img)), 3, str(img), "not a vmrestore backup")
 
 
+def test_missing_backup_is_a_source_error_everywhere_printed_once(tmp_path: Path) -> None:
+    """One failure, one exit code (5, SourceError) from every command, and its message once."""
+    gone = str(tmp_path / "gone.vmrb")
+    img = str(_image(tmp_path / "d.img", 1))
+    st = str(tmp_path / "st")
+    for argv in (["verify", gone], ["inspect", gone],
+                 ["restore-disk", gone, "--disk", "0", "--to", str(tmp_path / "t.img")],
+                 ["backup", "create", "--disk", img, "--parent", gone, "-o", str(tmp_path / "o")],
+                 ["restore", "--backup", gone, "--state-dir", st, "-q"]):
+        r = run_cli(*argv)
+        _one_line_error(r, 5, gone)
+        assert r.stderr.count("cannot open backup") == 1, (argv, r.stderr)
+
+
 def test_restore_wrong_arguments(backup: Path, tmp_path: Path) -> None:
     b = str(backup)
     pw = _pw(tmp_path)
@@ -175,7 +189,7 @@ def test_restore_wrong_arguments(backup: Path, tmp_path: Path) -> None:
         (["--backup", b, "--disk-datastore", "9=ds"], 2, "no disk 9"),
         (["--backup", b, "--proxy", "nosuch"], 2, "proxy 'nosuch' not in the infrastructure"),
         (["--backup", b, "--infra", infra], 2, "field 'slots' must be an integer"),
-        (["--backup", str(tmp_path / "none.vmrb")], 3, "cannot open backup"),
+        (["--backup", str(tmp_path / "none.vmrb")], 5, "cannot open backup"),
     ]
     for args, code, text in cases:
         _one_line_error(run_cli("restore", *args, *common), code, text)

@@ -15,6 +15,7 @@ import pytest
 from core_helpers import (
     ASAN_OPTIONS,
     MiB,
+    Nbdkit,
     backup,
     build_asan_driver,
     make_image,
@@ -73,6 +74,35 @@ def test_injected_write_errors_are_never_silent(tmp_path: Path,
     assert r.returncode == 6, r.stderr  # TargetError: the server said EIO
     assert "disk offset" in r.stderr and "Input/output error" in r.stderr
     assert "cannot connect" not in r.stderr
+
+
+def test_final_flush_answered_eio_is_a_target_error(tmp_path: Path,
+                                                    backed_up: tuple[bytes, Path]) -> None:
+    """docs/core.md: an error the server answered is the target's (6), also for the flush."""
+    data, bk = backed_up
+    # nbdkit's error filter cannot fail flushes (1.32): a sh plugin server that takes the
+    # writes and answers every flush with EIO.
+    script = tmp_path / "eio-flush.sh"
+    script.write_text(f"""#!/bin/sh
+case "$1" in
+  get_size) echo {len(data)} ;;
+  can_write|can_flush|can_zero) exit 0 ;;
+  pwrite) cat >/dev/null ;;
+  zero) ;;
+  pread) head -c "$3" /dev/zero ;;
+  flush) echo "EIO flush refused" >&2; exit 1 ;;
+  *) exit 2 ;;
+esac
+""")
+    script.chmod(0o755)
+    srv = Nbdkit(tmp_path, script, plugin="sh")
+    try:
+        r = restore_cli(str(bk), "--disk", "0", "--to", srv.uri + "&retries=1", "-q")
+    finally:
+        srv.stop()
+    assert r.returncode == 6, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "flush" in lines[0] and "Input/output error" in lines[0], lines
 
 
 def test_sporadic_write_errors_are_retried_or_reported(tmp_path: Path,

@@ -30,6 +30,7 @@ cdef extern from "writer.h" nogil:
         int sys_errno
         int64_t plan_index
         uint64_t offset
+        uint32_t vendor_code
         char msg[512]
     struct vmr_writer_ops:
         const char *name
@@ -160,15 +161,21 @@ F_FORCE = VMR_FILE_FORCE
 
 
 class CoreError(Exception):
-    """An error from the C core: (code, message, plan index, disk offset)."""
+    """An error from the C core: (class code, message, plan index, disk offset, errno, vendor code).
 
-    def __init__(self, code, message, plan_index=None, offset=None, sys_errno=0):
+    ``code`` is the class (E_SOURCE, E_TARGET, ...); ``vendor_code`` the failed
+    vendor library's own code (VixError), 0 when none. vmrestore.errors.from_core
+    is the one place that turns it into a typed error.
+    """
+
+    def __init__(self, code, message, plan_index=None, offset=None, sys_errno=0, vendor_code=0):
         super().__init__(message)
         self.code = code
         self.message = message
         self.plan_index = plan_index
         self.offset = offset
         self.sys_errno = sys_errno
+        self.vendor_code = vendor_code
 
 
 cdef extern from "Python.h":
@@ -203,7 +210,8 @@ cdef object _core_error(vmr_error *e):
     msg = e.msg.decode("utf-8", "replace")
     idx = None if e.plan_index < 0 else e.plan_index
     off = None if e.offset == <uint64_t>-1 else e.offset
-    return CoreError(e.code or VMR_E_INTERNAL, msg or "unknown core error", idx, off, e.sys_errno)
+    return CoreError(e.code or VMR_E_INTERNAL, msg or "unknown core error", idx, off, e.sys_errno,
+                     e.vendor_code)
 
 
 cdef void _error_init(vmr_error *e) noexcept nogil:

@@ -76,12 +76,17 @@ enum vmr_errcode {
 
 /* An error with where it happened. plan_index / offset are -1 / UINT64_MAX
  * when unknown; the pipeline fills them in for the entry being written when
- * a writer leaves them unset. */
+ * a writer leaves them unset. `code` is the error's class (which side failed);
+ * `vendor_code` is the code of a vendor library that failed (VixDiskLib's
+ * VixError, low 16 bits), 0 when none did: Python turns a non-zero one into
+ * VddkError whatever the class (docs/errors.md). */
+
 struct vmr_error {
     int code;             /* enum vmr_errcode */
     int sys_errno;        /* errno when a system call failed, else 0 */
     int64_t plan_index;   /* index of the plan entry, -1 if none */
     uint64_t offset;      /* disk byte offset, UINT64_MAX if none */
+    uint32_t vendor_code; /* vendor library's error code (VixError & 0xFFFF), 0 if none */
     char msg[512];
 };
 

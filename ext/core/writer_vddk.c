@@ -87,6 +87,7 @@ static void vddk_error(struct vddk_writer *w, struct vmr_error *err, VixError e,
 {
     char *text = w->fn.get_error_text ? w->fn.get_error_text(e, NULL) : NULL;
     int code = is_transport_error(e) ? VMR_E_TRANSPORT : VMR_E_TARGET;
+    int fresh = err != NULL && err->code == VMR_OK;
     if (count)
         vmr_error_set(err, code, 0, offset,
                       "disk %s: %s of %u bytes at offset %llu failed: %s (VixError %llu)",
@@ -95,6 +96,8 @@ static void vddk_error(struct vddk_writer *w, struct vmr_error *err, VixError e,
     else
         vmr_error_set(err, code, 0, offset, "disk %s: %s failed: %s (VixError %llu)", w->disk,
                       call, text ? text : "unknown error", (unsigned long long)(e & 0xFFFF));
+    if (fresh)
+        err->vendor_code = (uint32_t)(e & 0xFFFF);
     if (text && w->fn.free_error_text)
         w->fn.free_error_text(text);
 }

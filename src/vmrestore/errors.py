@@ -8,6 +8,10 @@ without parsing text. Messages are one line and say what and where
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
 
 class VmrError(Exception):
     """Base of all expected errors; never shown with a traceback."""
@@ -80,10 +84,11 @@ class VddkError(VmrError):
 
     exit_code = 10
 
-    def __init__(self, message: str, code: int = 0, text: str = "") -> None:
+    def __init__(self, message: str, code: int = 0, text: str = "", kind: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.text = text  # the library's own text for code (GetErrorText)
+        self.kind = kind  # which side failed, when the core knows: "target", "transport"
 
 
 class MoverError(VmrError):
@@ -124,3 +129,73 @@ class HostServiceError(TransportError):
     def __init__(self, message: str, kind: str = "failed") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+# --- the one translation of core errors ---------------------------------------------------
+# The core's error classes (enum vmr_errcode, ext/core/writer.h); vmrestore.pipeline checks
+# at import that the compiled module agrees.
+CORE_CLASSES: dict[int, tuple[str, type[VmrError]]] = {
+    1: ("checksum", ChecksumError),
+    2: ("source", SourceError),
+    3: ("target", TargetError),
+    4: ("transport", TransportError),
+    5: ("interrupted", Interrupted),
+    6: ("internal", VmrError),
+}
+
+
+def from_core(e: Any, *, disk: int | None = None, sources: Sequence[str] = (),
+              where: str = "") -> VmrError:
+    """The typed error for a core error (vmrestore._pipeline.CoreError), by its class code.
+
+    A non-zero ``vendor_code`` (a VixDiskLib failure) is a VddkError whatever the
+    class, so the same library failure exits 10 from every command; otherwise the
+    class decides. ``sources`` turns "chain file N" into the file's path; ``disk``
+    and ``where`` prefix the message (once) so it names what failed.
+    """
+    msg = str(getattr(e, "message", "") or e)
+    if sources:
+        msg = re.sub(r"chain file (\d+)",
+                     lambda m: sources[int(m.group(1))] if int(m.group(1)) < len(sources)
+                     else m.group(0), msg)
+    offset = getattr(e, "offset", None)
+    if disk is not None and not msg.startswith("disk "):
+        at = f" (disk offset {offset})" if offset is not None and str(offset) not in msg else ""
+        msg = f"disk {disk}: {msg}{at}"
+    if where and not msg.startswith(where):
+        msg = f"{where}: {msg}"
+    kind, cls = CORE_CLASSES.get(int(getattr(e, "code", 6) or 6), CORE_CLASSES[6])
+    vendor = int(getattr(e, "vendor_code", 0) or 0)
+    err: VmrError = (VddkError(msg, code=vendor, kind=kind) if vendor and kind != "interrupted"
+                     else cls(msg))
+    err.plan_index = getattr(e, "plan_index", None)  # type: ignore[attr-defined]
+    err.offset = offset  # type: ignore[attr-defined]
+    return err
+
+
+def from_exit(exit_code: int, message: str, kind: str = "", vendor_code: int = 0) -> VmrError:
+    """The typed error another vmrestore process reported (exit code, class name).
+
+    Used where a child's error crosses a process boundary (the proxy-side mover's
+    JSON events): the class named by ``kind`` when it is one of ours, else the
+    most general class with that exit code.
+    """
+    cls = globals().get(kind)
+    if isinstance(cls, type) and issubclass(cls, VmrError) and cls.exit_code == exit_code:
+        if cls is VddkError:
+            return VddkError(message, code=vendor_code)
+        try:
+            return cls(message)
+        except TypeError:  # pragma: no cover - a class with required extra arguments
+            pass
+    for c in _BY_EXIT:
+        if c.exit_code == exit_code:
+            return c(message)
+    return MoverError(message)
+
+
+# The class used for each exit code when only the code is known (the first listed wins).
+_BY_EXIT: tuple[type[VmrError], ...] = (
+    UsageError, FormatError, ChecksumError, SourceError, TargetError, TransportError,
+    VSphereError, LabError, VddkError, MoverError, Interrupted,
+)

@@ -166,7 +166,8 @@ class Orchestrator:
         self.report.status = "failed"
         self.report.failed_phase = phase
         self.report.error = err
-        self.say(f"phase {phase} failed: {err}")
+        # Recorded, not shown: the report's last line and the CLI edge's one-line error say it.
+        self.report.events.append(f"phase {phase} failed: {err}")
         if self.job.keep_on_failure:
             self._release_attachments()
             if self.vm is not None:

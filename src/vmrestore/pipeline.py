@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,14 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from vmrestore.errors import (
-    ChecksumError,
-    Interrupted,
-    SourceError,
-    TargetError,
-    TransportError,
-    VmrError,
-)
+from vmrestore.errors import CORE_CLASSES, Interrupted, SourceError, VmrError, from_core
 from vmrestore.plan import PLAN_DTYPE, PLAN_VERSION
 
 try:
@@ -45,6 +37,11 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 log = logging.getLogger("vmrestore.pipeline")
 
 assert _pipeline.PLAN_VERSION == PLAN_VERSION, "ext/core/pipeline.h and plan.py disagree"
+_CORE_CODES = {_pipeline.E_CHECKSUM: "checksum", _pipeline.E_SOURCE: "source",
+               _pipeline.E_TARGET: "target", _pipeline.E_TRANSPORT: "transport",
+               _pipeline.E_INTERRUPTED: "interrupted", _pipeline.E_INTERNAL: "internal"}
+assert _CORE_CODES == {k: v[0] for k, v in CORE_CLASSES.items()}, \
+    "ext/core/writer.h and errors.CORE_CLASSES disagree"
 
 Writer = _pipeline.Writer
 CoreError = _pipeline.CoreError
@@ -147,26 +144,8 @@ def _counters(raw: dict[str, Any], total: int) -> Counters:
 
 
 def core_error(e: CoreError, disk: int, sources: Sequence[str] = ()) -> VmrError:
-    """The vmrestore.errors exception for a core error; messages name disk and file."""
-    msg = str(e.message)
-    msg = re.sub(r"chain file (\d+)",
-                 lambda m: sources[int(m.group(1))] if int(m.group(1)) < len(sources)
-                 else m.group(0), msg)
-    if not msg.startswith("disk "):
-        where = f" (disk offset {e.offset})" if e.offset is not None and \
-            str(e.offset) not in msg else ""
-        msg = f"disk {disk}: {msg}{where}"
-    cls: type[VmrError] = {
-        _pipeline.E_CHECKSUM: ChecksumError,
-        _pipeline.E_SOURCE: SourceError,
-        _pipeline.E_TARGET: TargetError,
-        _pipeline.E_TRANSPORT: TransportError,
-        _pipeline.E_INTERRUPTED: Interrupted,
-    }.get(e.code, VmrError)
-    err = cls(msg)
-    err.plan_index = e.plan_index  # type: ignore[attr-defined]
-    err.offset = e.offset  # type: ignore[attr-defined]
-    return err
+    """The vmrestore.errors exception for a core error (errors.from_core: the one translation)."""
+    return from_core(e, disk=disk, sources=sources)
 
 
 def raise_core_error(e: CoreError, disk: int, sources: Sequence[str] = ()) -> NoReturn:

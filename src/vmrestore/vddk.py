@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrestore.errors import UsageError, VddkError
+from vmrestore.errors import UsageError, VddkError, from_core
 
 log = logging.getLogger("vmrestore.vddk")
 
@@ -493,20 +493,6 @@ class VddkWriter:
     target: Any  # transport.vddk_uri.VddkTarget
 
 
-def _core_error(e: Exception, where: str) -> Exception:
-    """A CoreError from the pipeline -> the typed error (VddkError when VDDK said so)."""
-    from vmrestore import errors
-
-    code = getattr(e, "code", 0)
-    msg = f"{where}: {e}"
-    m = re.search(r"\(VixError (\d+)\)", str(e))
-    if m and code in (3, 4):
-        return VddkError(msg, code=int(m.group(1)))
-    cls = {1: errors.ChecksumError, 2: errors.SourceError, 3: errors.TargetError,
-           4: errors.TransportError, 5: errors.Interrupted}.get(code, errors.VmrError)
-    return cls(msg)
-
-
 def _writer_class() -> type:
     """A core Writer subclass whose close() also ends the VDDK session behind it.
 
@@ -564,9 +550,12 @@ def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None
             if info.size < size:
                 raise TargetError(f"{target.label}: the disk holds {info.size} bytes, "
                                   f"the restore needs {size}")
-            w = _pipeline.open_vddk_writer(
-                disk.writer_args(), info.size, target.disk_path, max_request,
-                _pipeline.F_TARGET_ZEROED if zeroed else 0, _writer_class())
+            try:
+                w = _pipeline.open_vddk_writer(
+                    disk.writer_args(), info.size, target.disk_path, max_request,
+                    _pipeline.F_TARGET_ZEROED if zeroed else 0, _writer_class())
+            except _pipeline.CoreError as e:
+                raise from_core(e, where=target.label) from None
             log.info("%s: VixDiskLib transport %s", target.label, disk.transport_mode)
             try:
                 yield VddkWriter(w, disk.transport_mode, info, target)
@@ -618,8 +607,11 @@ def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
         fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in dp.sources]
         with open_writer(target, dp.capacity, libdir=libdir, max_request=max_request) as vw:
             t0 = time.monotonic()
-            pipe = _pipeline.Pipeline(dp.plan, fds, vw.writer, threads=threads,
-                                      queue_depth=queue_depth, disk=disk)
+            try:
+                pipe = _pipeline.Pipeline(dp.plan, fds, vw.writer, threads=threads,
+                                          queue_depth=queue_depth, disk=disk)
+            except _pipeline.CoreError as e:
+                raise from_core(e, where=f"disk {disk} -> {target.label}") from None
             try:
                 pipe.start()
                 try:
@@ -632,7 +624,7 @@ def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
                     raise
                 err = pipe.error()
                 if err is not None:
-                    raise _core_error(err, f"disk {disk} -> {target.label}")
+                    raise from_core(err, where=f"disk {disk} -> {target.label}")
                 c = pipe.counters()
             finally:
                 pipe.close()

@@ -131,13 +131,15 @@ def test_cli_restore_disk(sim, source):
     assert flat.read_bytes() == data
 
 
-def test_cli_fault_is_one_line_exit_10(sim, source):
+@pytest.mark.parametrize("command", [["vddk", "restore-disk"], ["restore-disk", "--disk", "0"]])
+def test_cli_fault_is_one_line_exit_10(sim, source, command):
+    """One VixDiskLib write failure, one exit code (10) from both commands that can meet it."""
     bk, _ = source
     sim.disk(size=SIZE)
     env = sim_env(sim)
     env["VMRESTORE_VDDK_SIM_FAIL"] = "write:5:8"
-    proc = subprocess.run([sys.executable, "-m", "vmrestore", "vddk", "restore-disk", str(bk),
-                           "--to", sim.uri(), "-q"],
+    proc = subprocess.run([sys.executable, "-m", "vmrestore", *command, str(bk),
+                           "--to", sim.uri(libdir=str(sim.libdir)), "-q"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 10
     lines = proc.stderr.strip().splitlines()
@@ -166,6 +168,7 @@ def test_restore_disk_api_failure_runs_cleanup(sim, source, monkeypatch):
     bk, _ = source
     sim.disk(size=SIZE)
     monkeypatch.setenv("VMRESTORE_VDDK_SIM_FAIL", "write:2:8")
-    with pytest.raises(VmrError, match=r"VixError 8"):
+    with pytest.raises(VmrError, match=r"VixError 8") as ei:
         restore_disk(str(bk), 0, sim.uri(libdir=str(sim.libdir)))
+    assert isinstance(ei.value, VddkError) and ei.value.code == 8  # same class as vddk restore-disk
     assert sim.calls()[-1] == "VixDiskLib_Cleanup"

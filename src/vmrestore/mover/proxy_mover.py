@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from vmrestore.checkpoint import Checkpointer
-from vmrestore.errors import UsageError, VmrError
+from vmrestore.errors import UsageError, VddkError, VmrError
 from vmrestore.timeline import Sampler
 from vmrestore.transport.uri import parse_target
 
@@ -157,8 +157,11 @@ class JsonLines:
 
 def _error_event(e: BaseException, disk: int | None) -> dict[str, Any]:
     code = e.exit_code if isinstance(e, VmrError) else 1
-    return {"event": "error", "disk": disk, "kind": type(e).__name__, "exit_code": code,
-            "message": str(e)}
+    ev = {"event": "error", "disk": disk, "kind": type(e).__name__, "exit_code": code,
+          "message": str(e)}
+    if getattr(e, "code", None) and isinstance(e, VddkError):
+        ev["vendor_code"] = e.code
+    return ev
 
 
 class _Progress:

@@ -36,6 +36,7 @@ import numpy as np
 from vmrestore import core
 from vmrestore.errors import (
     AuthenticationError,
+    ChainError,
     ChecksumError,
     MoverError,
     ProtocolError,
@@ -259,7 +260,7 @@ def _fetcher(sh: _Shared, connector: Connector, sources: list[str], sums: dict[s
         for i, rel in enumerate(sources):
             f = c.open(rel)
             if f.footer_sum != sums[rel]:
-                raise MoverError(f"{rel} on the agent is not the restore point that was "
+                raise ChainError(f"{rel} on the agent is not the restore point that was "
                                  "planned (footer checksum differs)")
             files[i] = f
         return c

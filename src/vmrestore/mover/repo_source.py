@@ -41,6 +41,7 @@ import numpy as np
 from vmrestore.checkpoint import Checkpointer
 from vmrestore.errors import (
     AuthenticationError,
+    ChainError,
     ChecksumError,
     MoverError,
     RemoteError,
@@ -139,7 +140,7 @@ def open_data_connections(url: RepoURL, token: bytes, sources: list[str],
             for rel in sources:
                 f = c.open(rel)
                 if f.footer_sum != sums[rel]:
-                    raise MoverError(f"{rel} on the agent is not the restore point that was "
+                    raise ChainError(f"{rel} on the agent is not the restore point that was "
                                      "planned (footer checksum differs)")
                 handles.append(f.handle)
         max_ranges = min(c.max_ranges for c in conns)
@@ -242,8 +243,6 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
         except (AuthenticationError, RemoteError):
             raise
         except (MoverError, OSError) as e:
-            if "footer checksum" in str(e):
-                raise             # another restore point: not something a retry fixes
             failures += 1
             last_err = e
             continue

@@ -360,13 +360,10 @@ class SubprocessMovers:
         res = run_proxy_mover(spec, on_event=on_event)
         if not res.ok:
             err = (res.errors or [{}])[-1]
-            classes: dict[int, type[errors.VmrError]] = {
-                2: errors.UsageError, 3: errors.FormatError, 4: errors.ChecksumError,
-                5: errors.SourceError, 6: errors.TargetError, 7: errors.TransportError,
-                11: errors.MoverError, 130: errors.Interrupted}
             msg = err.get("message") or f"proxy mover {res.status} (exit {res.exit_code}): " \
                 f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}"
-            raise classes.get(res.exit_code, errors.MoverError)(msg)
+            raise errors.from_exit(res.exit_code, msg, str(err.get("kind") or ""),
+                                   int(err.get("vendor_code") or 0))
         return DiskOutcome(
             job.disk, bytes_written=int(done.get("bytes_written", 0)),
             bytes_zeroed=int(done.get("bytes_zeroed", 0)),

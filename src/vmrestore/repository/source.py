@@ -16,7 +16,7 @@ import stat
 import struct
 from typing import Protocol, runtime_checkable
 
-from vmrestore.errors import FormatError
+from vmrestore.errors import SourceError
 
 BLKGETSIZE64 = 0x80081272
 
@@ -65,16 +65,16 @@ class FileSource:
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise FormatError(f"{self.path}: cannot open backup: {e.strerror}") from e
+            raise SourceError(f"{self.path}: cannot open backup: {e.strerror}") from None
         self.size = device_size(self.fd)
 
     def pread(self, length: int, offset: int) -> bytes:
         try:
             return os.pread(self.fd, length, offset)
         except OSError as e:
-            raise FormatError(
+            raise SourceError(
                 f"{self.path}: read of {length} bytes at offset {offset} failed: {e.strerror}"
-            ) from e
+            ) from None
 
     def sibling(self, name: str) -> FileSource:
         p = os.path.join(os.path.dirname(self.path), os.path.basename(name))

@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
 
-from vmrestore.errors import TargetError, UsageError
+from vmrestore.errors import TargetError, UsageError, from_core
 
 log = logging.getLogger("vmrestore.transport")
 
@@ -219,7 +219,7 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
         else:  # pragma: no cover - parse_target refuses these
             raise UsageError(f"{spec.uri}: no writer for {spec.kind}")
     except pl.CoreError as e:
-        raise pl.core_error(e, 0).__class__(f"{e.message}") from None
+        raise from_core(e) from None
     if o.target_zeroed is False:
         w.target_zeroed = False
     if w.note:

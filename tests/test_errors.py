@@ -1,0 +1,48 @@
+"""The error model (docs/errors.md): core errors translated in one place, one exit code each."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmrestore import errors
+from vmrestore.pipeline import CoreError, _pipeline
+
+
+@pytest.mark.parametrize(("code", "cls", "exit_code"), [
+    (_pipeline.E_CHECKSUM, errors.ChecksumError, 4),
+    (_pipeline.E_SOURCE, errors.SourceError, 5),
+    (_pipeline.E_TARGET, errors.TargetError, 6),
+    (_pipeline.E_TRANSPORT, errors.TransportError, 7),
+    (_pipeline.E_INTERRUPTED, errors.Interrupted, 130),
+    (_pipeline.E_INTERNAL, errors.VmrError, 1),
+])
+def test_core_class_decides_the_type(code: int, cls: type, exit_code: int) -> None:
+    e = errors.from_core(CoreError(code, "chain file 1: read failed", 7, 4096),
+                         disk=2, sources=["a.vmrb", "b.vmrb"])
+    assert type(e) is cls and e.exit_code == exit_code
+    assert str(e) == "disk 2: b.vmrb: read failed (disk offset 4096)"
+    assert e.plan_index == 7 and e.offset == 4096  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("code", [_pipeline.E_TARGET, _pipeline.E_TRANSPORT])
+def test_a_vendor_code_is_a_vddk_error_whatever_the_class(code: int) -> None:
+    e = errors.from_core(CoreError(code, "disk x: write failed (VixError 8)", None, None, 0, 8),
+                         where="disk 0 -> vddk")
+    assert isinstance(e, errors.VddkError) and e.exit_code == 10 and e.code == 8
+    assert e.kind == ("target" if code == _pipeline.E_TARGET else "transport")
+    assert str(e).startswith("disk 0 -> vddk: disk x:")
+
+
+def test_cancel_stays_an_interrupt_even_with_a_vendor_code() -> None:
+    e = errors.from_core(CoreError(_pipeline.E_INTERRUPTED, "interrupted", None, None, 0, 3))
+    assert type(e) is errors.Interrupted
+
+
+def test_child_errors_keep_their_class_across_the_process_boundary() -> None:
+    assert type(errors.from_exit(5, "m", "SourceError")) is errors.SourceError
+    assert type(errors.from_exit(3, "m", "ChainError")) is errors.ChainError
+    v = errors.from_exit(10, "m", "VddkError", 8)
+    assert isinstance(v, errors.VddkError) and v.code == 8
+    # a class name that does not match the code is not trusted; the code decides
+    assert type(errors.from_exit(6, "m", "SourceError")) is errors.TargetError
+    assert type(errors.from_exit(1, "m", "")) is errors.MoverError  # a crashed child
