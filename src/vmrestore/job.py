@@ -64,6 +64,13 @@ class RestoreJob:
     # Who writes the disks: vmrestore's own writers, or VMware's VixDiskLib (vddk).
     disk_library: str = "native"
     vddk_libdir: str | None = None  # None: $VMRESTORE_VDDK_LIBDIR, or vddk_sim on the lab
+    # Restore to the original location (original.py): the VM the backup was taken of,
+    # rolled back in place; found by instance UUID, then name (``name``), or this moref.
+    original: bool = False
+    original_vm: str | None = None
+    quick_rollback: bool = False  # write only the blocks that differ (compare first)
+    keep_config: bool = False  # keep the VM's CPU, memory and NICs as they are
+    force: bool = False  # power the original VM off when it is on
     # Failure handling.
     resume: bool = False
     keep_on_failure: bool = False
@@ -91,9 +98,10 @@ _STR_FIELDS = {
     "backup", "repository", "token_file", "point", "vcenter", "user", "password_file",
     "thumbprint", "ca_file",
     "datacenter", "name", "folder", "host", "resource_pool", "datastore", "proxy", "infra",
-    "state_dir", "vddk_libdir",
+    "state_dir", "vddk_libdir", "original_vm",
 }
-_BOOL_FIELDS = {"power_on", "resume", "keep_on_failure", "json", "insecure"}
+_BOOL_FIELDS = {"power_on", "resume", "keep_on_failure", "json", "insecure", "original",
+                "quick_rollback", "keep_config", "force"}
 _INT_FIELDS = {"threads", "queue_depth"}
 
 
@@ -290,6 +298,23 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
     for k, v in job.network_map.items():
         if not k or not v:
             raise bad("network_map", f"empty network name in {k!r}={v!r}")
+    if not job.original:
+        for key in ("original_vm", "quick_rollback", "keep_config", "force"):
+            if getattr(job, key):
+                raise bad(key, "only with 'original' (restore to the original VM)")
+    else:
+        for key in ("datastore", "folder", "host", "resource_pool"):
+            if getattr(job, key):
+                raise bad(key, "not with 'original': the VM stays where it is")
+        if job.disk_datastores:
+            raise bad("disk_datastores", "not with 'original': the VM keeps its disks")
+        if job.disk_format != "same":
+            raise bad("disk_format", "not with 'original': the VM keeps its disks")
+        if job.keep_config and job.network_map:
+            raise bad("network_map", "not with 'keep_config' (the NICs are kept as they are)")
+        if job.disk_library != "native":
+            raise bad("disk_library", "restore to the original VM writes with vmrestore's own "
+                      "writers in this build")
     return job
 
 

@@ -103,6 +103,7 @@ class Orchestrator:
         self.ds_types: dict[str, str] = {}
         self.luns: dict[str, str] = {}
         self.proxy: infra_mod.Proxy | None = None
+        self.original: Any = None  # original.Original when rolling back the original VM
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -192,6 +193,9 @@ class Orchestrator:
     def rollback(self) -> None:
         """Remove what this job created (from the ledger), newest first."""
         self._release_attachments()
+        if self.job.original:
+            self._rollback_original()
+            return
         vm = self.vm
         if vm is None and self.state is not None and self.state.data.get("created", {}).get("vm"):
             vm = self.session.vm_by_moref(self.state.data["created"]["vm"]["moref"])
@@ -218,6 +222,32 @@ class Orchestrator:
                 if cleanup.delete_datastore_dir(self.session, self.dc, ds_path):
                     self.report.rollback.append(f"deleted {ds_path}")
             self.state.data["created"]["dirs"] = []
+            self.state.save()
+
+    def _rollback_original(self) -> None:
+        """The original VM is never removed: revert it to the safety snapshot (the disks and
+        configuration as they were), and power it on again if this job powered it off."""
+        from vmrestore import original as orig
+        from vmrestore.vsphere import power
+
+        rec = self.state.data.get("original", {}) if self.state is not None else {}
+        if not rec.get("moref"):
+            return
+        if self.session is None:
+            raise VSphereError(f"VM {rec.get('name')} ({rec['moref']}): no vCenter connection "
+                               "to revert it to its safety snapshot")
+        vm = self.session.vm_by_moref(rec["moref"])
+        if rec.get("snapshot"):
+            orig.revert(self.session, vm, rec["snapshot"], self.hostd, rec.get("files", []))
+            self.report.rollback.append(f"reverted VM {rec.get('name')} ({rec['moref']}) to its "
+                                        "safety snapshot and removed it: disks and "
+                                        "configuration as before the rollback")
+            rec.pop("snapshot")
+            self.state.save()
+        if rec.get("powered_off"):
+            power.power_on(self.session, vm)
+            self.report.rollback.append(f"powered VM {rec.get('name')} on again")
+            rec["powered_off"] = False
             self.state.save()
 
     def _release_attachments(self) -> None:
@@ -389,18 +419,22 @@ class Orchestrator:
         self.dc = s.datacenter(job.datacenter or (self.lab.datacenter if self.lab and
                                                   not job.vcenter else None))
         self.report.datacenter = self.dc.name
+        if job.original:
+            self._locate_original()
         dss = {name: s.datastore(self.dc, name) for name in self.layout.datastores}
         self.ds_types = {name: ds.summary.type for name, ds in dss.items()}
-        for n in self.layout.nics:
+        for n in self.layout.nics if not job.keep_config else ():
             s.network(self.dc, n.network)
         self._folder = s.folder(self.dc, job.folder)
-        self._host = s.host(self.dc, job.host, dss[self.layout.datastore])
+        self._host = (self.original.vm.runtime.host if self.original is not None else
+                      s.host(self.dc, job.host, dss[self.layout.datastore]))
         for name, ds in dss.items():
             if ds not in self._host.datastore:
                 raise VSphereError(f"host {self._host.name} does not mount datastore {name}")
         self._pool = s.resource_pool(self.dc, self._host, job.resource_pool)
         self.report.host = self._host.name
-        if not job.resume and s.find_vm(self.dc, self.layout.name) is not None:
+        if not job.resume and not job.original and \
+                s.find_vm(self.dc, self.layout.name) is not None:
             raise VSphereError(f"a VM named {self.layout.name!r} already exists in datacenter "
                                f"{self.dc.name} (choose another with --name)")
 
@@ -420,6 +454,31 @@ class Orchestrator:
         self.say(f"phase 1 initialize: proxy {self.report.proxy}, {s.about} at {target.url}, "
                  f"movers {self._movers.name}; {modes}")
         return f"proxy {self.proxy.name}; {modes}"
+
+    def _locate_original(self) -> None:
+        """--original: the VM to roll back, checked (disks, power) before anything changes."""
+        from vmrestore import original as orig
+
+        if self.job.quick_rollback and os.environ.get("VMRESTORE_MOVER") == "subprocess":
+            raise UsageError("--quick-rollback runs in the in-process mover in this build "
+                             "(unset VMRESTORE_MOVER=subprocess)")
+        rec = self.state.data.get("original") if self.job.resume else None
+        o = orig.locate(self.session, self.dc, self.chain.vm_config, self.layout, self.job, rec)
+        self.original = o
+        self.report.vm_name, self.report.vm_moref = o.name, o.moref
+        self.report.original = {**o.as_dict(), "mode": "quick rollback" if
+                                self.job.quick_rollback else "overwrite every block",
+                                "config": "kept" if self.job.keep_config else "backup's",
+                                "config_changes": []}
+        for t in self.layout.disks:
+            d = self.report.disk(t.index)
+            d.datastore, d.file, d.provisioning = t.datastore, t.file_name, t.provisioning
+        self.state.data["original"] = {**(rec or {}), "moref": o.moref, "name": o.name,
+                                       "found_by": o.found_by,
+                                       "files": [d.file_name for d in o.disks]}
+        self.state.save()
+        self.say(f"original VM {o.name} ({o.moref}) found by {o.found_by}: {o.power_state}, "
+                 f"{len(o.disks)} disk(s) matching the backup")
 
     def _luns(self) -> dict[str, str]:
         """Datastore -> the LUN behind it, as the host reports (SAN candidates)."""
@@ -442,6 +501,8 @@ class Orchestrator:
     def restore_config(self) -> str:
         from vmrestore.vsphere.vmconfig import create_vm
 
+        if self.original is not None:
+            return self._config_original()
         created = self.state.data.setdefault("created", {})
         if self.job.resume and created.get("vm"):
             self.vm = self.session.vm_by_moref(created["vm"]["moref"])
@@ -477,6 +538,33 @@ class Orchestrator:
                  f"{self._host.name}: {L.num_cpus} vCPU, {L.memory_mb} MB, {fmts}; {nets}")
         return f"VM {L.name} ({self.vm._moId}); {fmts}; networks {nets}"
 
+    def _config_original(self) -> str:
+        """Phase 2 of --original: the VM exists; power it off if allowed, say what the
+        configuration will get back (applied in phase 5, once the data is right)."""
+        from vmrestore import original as orig
+        from vmrestore.vsphere import power
+
+        o, rec = self.original, self.state.data["original"]
+        self.vm = o.vm
+        parts = []
+        if o.vm.runtime.powerState != "poweredOff":
+            self.say(f"phase 2 config: VM {o.name} is {o.vm.runtime.powerState}: powering it "
+                     "off (--force)")
+            power.power_off(self.session, o.vm)
+            rec["powered_off"] = True
+            self.state.save()
+            parts.append(f"powered off (was {o.power_state})")
+        else:
+            self.say(f"phase 2 config: VM {o.name} is powered off")
+        if self.job.keep_config:
+            parts.append("configuration kept (--keep-config)")
+        else:
+            changes = orig.config_changes(o.vm, self.layout)
+            self.report.original["config_changes"] = changes
+            parts.append("configuration to restore: " + ("; ".join(changes) or "no change"))
+        self.say(f"phase 2 config: {', '.join(parts)}")
+        return f"VM {o.name} ({o.moref}); " + ", ".join(parts)
+
     def _make_dirs(self, created: dict[str, Any]) -> None:
         """Create the VM's directory on each disk datastore; the ones that did not exist
         before are recorded as ours (rollback deletes them, and only them)."""
@@ -505,6 +593,8 @@ class Orchestrator:
             self.say(f"phase 3 snapshot: not taken, datastore {', '.join(vvol)} is VVOL "
                      "(VDDK limitation)")
             return self.report.snapshot
+        if self.original is not None:
+            return self._safety_snapshot()
         if snapshots.has_snapshot(self.vm):
             self.report.phases["snapshot"].status = "resumed"
             self.report.snapshot = "taken (earlier run)"
@@ -516,6 +606,27 @@ class Orchestrator:
         self.report.snapshot = "taken"
         self.say(f"phase 3 snapshot: created {snapshots.SNAPSHOT_NAME} on {self.layout.name}")
         return f"snapshot {snapshots.SNAPSHOT_NAME} created"
+
+    def _safety_snapshot(self) -> str:
+        from vmrestore import original as orig
+        from vmrestore.vsphere import disks as vdisks
+
+        rec = self.state.data["original"]
+        if rec.get("snapshot"):
+            self.report.phases["snapshot"].status = "resumed"
+            self.report.snapshot = "safety snapshot taken (earlier run)"
+            return f"safety snapshot {rec['snapshot']} from the interrupted run"
+        rec["snapshot"] = orig.take_safety_snapshot(self.session, self.vm, self.hostd,
+                                                    rec["files"])
+        self.state.save()
+        # The VM now runs on the snapshot's deltas: the rollback writes those (current) files.
+        now = sorted(vdisks.vm_disks(self.vm), key=lambda d: (d.controller_key, d.unit))
+        for t, d in zip(self.layout.disks, now, strict=True):
+            t.file_name = d.file_name
+        self.report.snapshot = "safety snapshot taken"
+        self.say(f"phase 3 snapshot: safety snapshot {orig.SAFETY_SNAPSHOT} of {self.vm.name}: "
+                 "a failure reverts to it")
+        return f"safety snapshot {orig.SAFETY_SNAPSHOT} ({rec['snapshot']})"
 
     # --- phase 4 ----------------------------------------------------------------------
 
@@ -530,6 +641,13 @@ class Orchestrator:
                 rd.status = "skipped"
                 rd.history.append("written by the interrupted run")
                 rd.transport = st.get("transport", rd.transport)
+                continue
+            if self.original is not None:
+                # The original VM's current file (the safety snapshot's delta): a revert
+                # drops every write of the rollback. The disk exists: nothing to prepare.
+                rd.file = t.file_name
+                self._restore_one(t, t.file_name, rd, st)
+                total += rd.bytes_written + rd.bytes_zeroed
                 continue
             vd = vdisks.disk_for_file(self.vm, t.file_name)
             base = vd.base_file
@@ -570,7 +688,10 @@ class Orchestrator:
                                   transport=mode, start_entry=start, checkpoint=str(ckpt_path),
                                   token_file=self.job.token_file,
                                   threads=self.job.threads, queue_depth=self.job.queue_depth,
-                                  stall=self.faults["stall"])
+                                  stall=self.faults["stall"],
+                                  target_zeroed=self.original is None,
+                                  compare=self.original is not None and
+                                  self.job.quick_rollback)
                     if start:
                         self.say(f"disk {t.index}: resuming at plan entry {start} "
                                  f"({ck.bytes_done / (1 << 20):.1f} MiB already durable)")
@@ -599,6 +720,8 @@ class Orchestrator:
             rd.seconds = out.seconds
             rd.busy = role_busy(mode, out.busy)
             rd.timeline = out.timeline
+            if self.original is not None:
+                rd.rollback = self._rollback_figures(t, out)
             st.update(status="done", transport=mode)
             self.state.save()
             self.say(f"disk {t.index}: {mode}, {rd.bytes_written / (1 << 20):.1f} MiB written, "
@@ -606,6 +729,23 @@ class Orchestrator:
                      f"{rd.bytes_skipped / (1 << 20):.1f} MiB skipped, {rd.mbps:.1f} MB/s")
             return
         raise last_err or TransportError(f"disk {t.index}: no transport left")
+
+    def _rollback_figures(self, t: Any, out: Any) -> dict[str, Any]:
+        """What the rollback of one disk did, next to what a full overwrite would do."""
+        fig = {"mode": "quick rollback" if self.job.quick_rollback else "overwrite",
+               "blocks_compared": out.compared, "blocks_differing": out.differing,
+               "blocks_written": out.differing if self.job.quick_rollback else out.entries,
+               "bytes_read": out.compare_read, "known_zero_bytes": out.known_zero,
+               "bytes_written": out.bytes_written + out.bytes_zeroed,
+               "bytes_same": out.same, "seconds": round(out.seconds, 3),
+               "full_overwrite_bytes": t.capacity}
+        if self.job.quick_rollback:
+            self.say(f"disk {t.index}: quick rollback compared {out.compared} blocks "
+                     f"({out.compare_read / (1 << 20):.1f} MiB read, "
+                     f"{out.known_zero / (1 << 20):.1f} MiB known zero), {out.differing} "
+                     f"differed: {fig['bytes_written'] / (1 << 20):.1f} MiB written of "
+                     f"{t.capacity / (1 << 20):.1f} MiB a full overwrite writes")
+        return fig
 
     def _point_source(self) -> str:
         """What the proxy-side mover reads: the chosen point's file, or its repo:// URL."""
@@ -681,6 +821,8 @@ class Orchestrator:
     def commit(self) -> str:
         from vmrestore.vsphere import power, snapshots
 
+        if self.original is not None:
+            return self._commit_original()
         parts = []
         if snapshots.has_snapshot(self.vm):
             snapshots.remove_all(self.session, self.vm)
@@ -696,4 +838,31 @@ class Orchestrator:
             self.say(f"phase 5 commit: {self.layout.name} powered on")
         self.state.data["status"] = "done"
         self.state.save()
+        return ", ".join(parts) or "nothing to commit"
+
+    def _commit_original(self) -> str:
+        """The data is right: restore the configuration, merge the safety snapshot."""
+        from vmrestore import original as orig
+        from vmrestore.vsphere import power
+
+        rec, parts = self.state.data["original"], []
+        if not self.job.keep_config:
+            changes = orig.apply_config(self.session, self.dc, self.vm, self.layout)
+            self.report.original["config_changes"] = changes
+            parts.append("configuration restored: " + ("; ".join(changes) or "no change"))
+        if rec.get("snapshot"):
+            orig.remove_safety_snapshot(self.session, self.vm, rec["snapshot"], self.hostd,
+                                        rec["files"])
+            rec.pop("snapshot")
+            self.state.save()
+            self.report.snapshot = "safety snapshot removed (merged)"
+            parts.append("safety snapshot removed")
+        if self.job.power_on:
+            power.power_on(self.session, self.vm)
+            self.report.powered_on = True
+            parts.append("powered on")
+        rec["powered_off"] = False
+        self.state.data["status"] = "done"
+        self.state.save()
+        self.say(f"phase 5 commit: {self.vm.name}: {', '.join(parts) or 'nothing to do'}")
         return ", ".join(parts) or "nothing to commit"

@@ -51,6 +51,7 @@ class DiskReport:
     busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target, 0..1
     # Counter samples over time (vmrestore.timeline; docs/restore.md "Timeline").
     timeline: dict[str, Any] = field(default_factory=dict)
+    rollback: dict[str, Any] | None = None  # --original: compared/differing/written figures
 
     @property
     def mbps(self) -> float:
@@ -81,6 +82,7 @@ class Report:
     rollback: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    original: dict[str, Any] | None = None  # --original: the VM found, mode, config changes
 
     def disk(self, index: int) -> DiskReport:
         for d in self.disks:
@@ -116,8 +118,10 @@ class Report:
                 "mb_per_s": round(d.mbps, 1),
                 "busy": {k: round(v, 3) for k, v in d.busy.items()},
                 "timeline": d.timeline,
+                "original": d.rollback,
             } for d in sorted(self.disks, key=lambda d: d.disk)],
             "rollback": self.rollback, "kept": self.kept, "events": self.events,
+            "original": self.original,
         }
 
 
@@ -178,6 +182,20 @@ def format_table(r: Report) -> str:
             lines.append(f"from the repository agent: {_mib(wire)} on the wire for "
                          f"{_mib(logical)} logical ({wire / logical if logical else 0:.3f})")
         lines.append("(sizes in MiB)")
+    if r.original is not None:
+        lines.append("")
+        lines.append(f"original VM {r.original['name']} ({r.original['moref']}), found by "
+                     f"{r.original['found_by']}: {r.original['mode']}; configuration "
+                     f"{r.original['config']}: "
+                     f"{'; '.join(r.original['config_changes']) or 'no change'}")
+        for d in sorted(r.disks, key=lambda d: d.disk):
+            f = d.rollback
+            if f and f["mode"] == "quick rollback":
+                lines.append(f"disk {d.disk}: {f['blocks_compared']} blocks compared, "
+                             f"{f['blocks_differing']} differing and written "
+                             f"({_mib(f['bytes_written'])} MiB of {_mib(f['full_overwrite_bytes'])}"
+                             f" MiB a full overwrite writes), {_mib(f['bytes_read'])} MiB read, "
+                             f"{f['seconds']:.2f} s")
     lines.append("")
     if r.status == "ok":
         lines.append(f"OK in {r.seconds:.1f} s: VM {r.vm_name!r} restored"

@@ -22,6 +22,8 @@ examples:
   vmrestore restore --backup inc1.vmrb --vcenter https://vc.example/sdk \\
       --user restore@vsphere.local --password-file /etc/vmrestore/vc.pw --transport nbd
   vmrestore restore job.yaml --resume       continue a killed run from its checkpoint
+  vmrestore restore --backup inc1.vmrb --original --quick-rollback
+                                            roll web01 back, writing only changed blocks
 
 The report (a table, or --json) names each phase's outcome and, per disk, the transport
 used and why. Exit codes: 0 restored; 2 bad arguments or job file; 3 broken backup;
@@ -82,6 +84,24 @@ def register(sub: Any) -> None:
                     help="connect NICs on network SRC to DST (repeatable; default: same network)")
     am.add_argument("--power-on", action="store_true", default=None,
                     help="power the VM on at the end")
+    og = p.add_argument_group("restore to the original VM (roll it back in place)")
+    og.add_argument("--original", action="store_true", default=None,
+                    help="roll back the VM the backup was taken of instead of creating one: "
+                    "found by the backup's instance UUID, then by name (--name overrides); "
+                    "it must have the backup's disks (count, capacities) and be powered off; "
+                    "a safety snapshot is taken first and reverted to if the rollback fails")
+    og.add_argument("--original-vm", metavar="MOREF",
+                    help="with --original: the VM by managed object id (e.g. vm-42), when "
+                    "several match")
+    og.add_argument("--quick-rollback", action="store_true", default=None,
+                    help="with --original: read each block of the VM's disks, compare it with "
+                    "the backup's checksum and write only the blocks that differ (default: "
+                    "overwrite every block)")
+    og.add_argument("--keep-config", action="store_true", default=None,
+                    help="with --original: keep the VM's CPU, memory and NICs (default: "
+                    "restore the backup's; the report lists what changed)")
+    og.add_argument("--force", action="store_true", default=None,
+                    help="with --original: power the VM off when it is on (default: refuse)")
     tr = p.add_argument_group("data movement")
     tr.add_argument("--transport", choices=("auto", "san", "hotadd", "nbd", "nbdssl"),
                     default=None,

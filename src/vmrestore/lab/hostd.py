@@ -208,6 +208,35 @@ class Hostd:
         _forget_cached(path)
         return self.disk_info(datastore_path)
 
+    def disk_snapshot(self, datastore_path: Any, op: Any) -> dict[str, Any]:
+        """The data side of a VM snapshot, which the simulator does not keep.
+
+        On a real host a snapshot switches the disk to a delta file: reverting
+        drops the delta, removing it merges the delta in. The simulator keeps
+        running on the base file, so the lab keeps a copy of the disk at the
+        snapshot (``keep``), copies it back in place on ``revert`` (same inode:
+        exports and hot-adds stay valid) and deletes it on ``drop``. A real
+        host's services answer these as no-ops.
+        """
+        if op not in ("keep", "revert", "drop"):
+            raise bad(f"op must be keep, revert or drop, not {op!r}")
+        _ds, path = self.resolve(datastore_path)
+        saved = path.with_name(f".{path.name}.snapshot")
+        if op == "keep":
+            _sh(["cp", "--reflink=auto", "--sparse=always", str(path), str(saved)],
+                f"keep {datastore_path} at the snapshot")
+        elif not saved.exists():
+            raise not_found(f"{datastore_path}: no snapshot copy to {op}")
+        elif op == "revert":
+            _forget_cached(path)
+            _sh(["cp", "--reflink=auto", "--sparse=always", str(saved), str(path)],
+                f"revert {datastore_path} to the snapshot")
+            _forget_cached(path)
+            saved.unlink()
+        else:
+            saved.unlink()
+        return {"datastore_path": datastore_path, "op": op, "emulated": True}
+
     def disk_info(self, datastore_path: Any) -> dict[str, Any]:
         _ds, path = self.resolve(datastore_path)
         st = path.stat()
@@ -656,6 +685,8 @@ class Handler(BaseHTTPRequestHandler):
                                       body.get("provisioning"))
             if route == ("POST", "disks/sync"):
                 return h.sync_disk(body.get("datastore_path"))
+            if route == ("POST", "disks/snapshot"):
+                return h.disk_snapshot(body.get("datastore_path"), body.get("op"))
             if route == ("POST", "disks/info"):
                 return h.disk_info(body.get("datastore_path"))
             if route == ("POST", "exports") and not arg:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from vmrestore.checkpoint import Checkpointer
 from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
+from vmrestore.plan import compare_plan
 
 log = logging.getLogger("vmrestore.mover")
 
@@ -55,6 +56,9 @@ class DiskJob:
     threads: int | None = None
     queue_depth: int | None = None
     token_file: str | None = None  # repo:// backups: the agent's token (else $VMRESTORE_REPO_TOKEN)
+    # Quick rollback: the target holds a version of the disk; compare each entry and write
+    # only what differs (plan.compare_plan; checkpoints count entries of that plan).
+    compare: bool = False
     # Test-only (VMRESTORE_FAULT=stall:data:SECONDS): run the plan in small slices with a
     # checkpoint and a pause after each, so a test can kill -9 the run mid-data.
     stall: float = 0.0
@@ -82,6 +86,13 @@ class DiskOutcome:
     busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target 0..1
     wire_bytes: int = 0  # received from a repository agent (0 for a local backup)
     timeline: dict[str, Any] = field(default_factory=dict)  # vmrestore.timeline samples
+    # quick rollback (compare): entries compared / differing, target bytes read to compare,
+    # zero bytes the target reported as holes, bytes it already held
+    compared: int = 0
+    differing: int = 0
+    compare_read: int = 0
+    known_zero: int = 0
+    same: int = 0
 
 
 def slices(start: int, total: int, stall: float) -> list[tuple[int, int]]:
@@ -133,13 +144,18 @@ class InProcessMovers:
         from vmrestore.transport.uri import OpenOptions, open_target
 
         if is_repo_url(job.backup):
+            if job.compare:
+                from vmrestore.errors import UsageError
+
+                raise UsageError(f"disk {job.disk}: a quick rollback reads a local backup in "
+                                 "this build (use --backup, or a full overwrite)")
             return _restore_from_agent(job, progress)
         chain = open_chain(job.backup)
         try:
             dp = build_plan(chain, job.disk)
         finally:
             chain.close()
-        plan = dp.plan
+        plan = compare_plan(dp.plan, dp.block_size) if job.compare else dp.plan
         total = len(plan)
         digest = plan_digest(plan)
         ends = plan["length"].cumsum()
@@ -147,6 +163,8 @@ class InProcessMovers:
         ckpt_path = Path(job.checkpoint) if job.checkpoint else None
         out = DiskOutcome(job.disk, resumed_bytes=done_before)
         settings = pl.Settings(threads=job.threads or 0, queue_depth=job.queue_depth or 0)
+        if job.compare:
+            job.target_zeroed = False
         t0 = time.monotonic()
 
         def record(prefix_abs: int) -> None:
@@ -163,7 +181,7 @@ class InProcessMovers:
                                  OpenOptions(target_zeroed=job.target_zeroed))
             try:
                 with pl.Job(plan[a:b], dp.sources, writer, disk=job.disk,
-                            settings=settings) as pj:
+                            settings=settings, compare=job.compare) as pj:
 
                     def on_counters(c: pl.Counters, a: int = a) -> None:
                         if progress is not None:
@@ -181,6 +199,11 @@ class InProcessMovers:
             out.bytes_zeroed += c.bytes_zeroed
             out.bytes_skipped += c.bytes_skipped
             out.entries += b - a
+            out.compared += c.cmp_entries
+            out.differing += c.cmp_differ
+            out.compare_read += c.cmp_bytes_read
+            out.known_zero += c.cmp_known_zero
+            out.same += c.bytes_same
             elapsed_ns += c.elapsed_ns
             for k, v in c.busy_ns.items():
                 busy_ns[k] = busy_ns.get(k, 0.0) + v
@@ -325,6 +348,9 @@ class SubprocessMovers:
         from vmrestore.jobstate import Checkpoint, write_checkpoint
         from vmrestore.mover.launcher import run_proxy_mover
 
+        if job.compare:
+            raise errors.UsageError(f"disk {job.disk}: a quick rollback runs in the in-process "
+                                    "mover in this build (VMRESTORE_MOVER=in-process)")
         repo = job.backup.startswith(("repo://", "repos://"))
         settings: dict[str, Any] = {
             "progress_interval": min(job.checkpoint_interval, 0.5), "threads": job.threads,

@@ -121,6 +121,14 @@ class HostServices:
         """
         return DiskInfo(**self._call("POST", "disks/sync", {"datastore_path": datastore_path}))
 
+    def disk_snapshot(self, datastore_path: str, op: str) -> None:
+        """The data side of a VM snapshot where the host does not keep deltas (the lab).
+
+        op: keep (at snapshot creation), revert (at RevertToSnapshot), drop (at
+        removal). A real host keeps deltas itself: its services answer no-op.
+        """
+        self._call("POST", "disks/snapshot", {"datastore_path": datastore_path, "op": op})
+
     def disk_info(self, datastore_path: str) -> DiskInfo:
         return DiskInfo(**self._call("POST", "disks/info", {"datastore_path": datastore_path}))
 

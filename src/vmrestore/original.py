@@ -1,0 +1,277 @@
+"""Restore to the original location: the VM the backup was taken of, rolled back in place.
+
+The orchestrator's phases stay the same; this module holds what differs when
+the destination is the VM that went wrong instead of a new one (no block I/O):
+
+- :func:`locate` (phase 1): find the VM by the backup's identity (instance
+  UUID, then name; ``--original-vm MOREF`` picks one), refuse an ambiguous
+  match naming the candidates, refuse disks that do not match the backup
+  (count, capacity) naming the difference, refuse a powered-on VM without
+  ``--force``; the layout's disks then point at the VM's own files.
+- :func:`config_changes` / :func:`apply_config` (phase 2 decides, phase 5
+  applies): the backed-up CPU, memory and NICs (type, network) against the
+  VM's, as a list of readable changes and one ReconfigVM.
+- the **safety snapshot** (:func:`take_safety_snapshot`, :func:`revert`,
+  :func:`remove_safety_snapshot`): taken before any byte is written, so a
+  rollback that fails reverts to it and the VM is left as it was; removed
+  (its delta merged) once the data and configuration are right. Not on VVOL.
+
+The data phase writes the VM's *current* disk files (a delta while the safety
+snapshot exists), so that reverting the snapshot drops every write made by
+the rollback. The lab's simulator keeps no deltas, so its host data services
+keep a copy of each disk at the snapshot (``disk_snapshot``; a no-op on a
+real host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmrestore.errors import UsageError, VSphereError
+
+SAFETY_SNAPSHOT = "vmrestore-rollback-safety"
+
+
+@dataclass
+class Original:
+    """The VM being rolled back, as phase 1 found it."""
+
+    vm: Any
+    moref: str
+    name: str
+    found_by: str                    # "instance UUID ...", "name ...", "--original-vm ..."
+    power_state: str                 # as found: poweredOn / poweredOff / suspended
+    disks: list[Any] = field(default_factory=list)   # vsphere.disks.VmDisk, backup order
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"moref": self.moref, "name": self.name, "found_by": self.found_by,
+                "power_state": self.power_state}
+
+
+def _vms_named(session: Any, dc: Any, name: str) -> list[Any]:
+    from pyVmomi import vim
+
+    return [vm for vm in session.objects(vim.VirtualMachine, dc.vmFolder) if vm.name == name]
+
+
+def _where(vm: Any) -> str:
+    """vm-42 (folder/path/name), for messages that list candidates."""
+    parts = [vm.name]
+    p = vm.parent
+    while p is not None and getattr(p, "name", None) not in (None, "vm"):
+        parts.insert(0, p.name)
+        p = getattr(p, "parent", None)
+    return f"{vm._moId} ({'/'.join(parts)})"
+
+
+def find_vm(session: Any, dc: Any, vm_config: dict[str, Any], name: str | None,
+            moref: str | None) -> tuple[Any, str]:
+    """The VM the backup was taken of: (vm, how it was found). Refuses 0 or >1 matches."""
+    if moref:
+        vm = session.vm_by_moref(moref)
+        try:
+            vm.name  # noqa: B018 - raises when the moref does not exist
+        except Exception:
+            raise VSphereError(f"--original-vm {moref}: no such VM in {dc.name}") from None
+        return vm, f"--original-vm {moref}"
+    uuid = str(vm_config.get("instance_uuid") or "")
+    if uuid and not name:
+        found = list(session.content.searchIndex.FindAllByUuid(
+            datacenter=dc, uuid=uuid, vmSearch=True, instanceUuid=True) or [])
+        if len(found) == 1:
+            return found[0], f"instance UUID {uuid}"
+        if len(found) > 1:
+            raise VSphereError(
+                f"restore --original refused: {len(found)} VMs have the backup's instance "
+                f"UUID {uuid}: {', '.join(_where(v) for v in found)}; pick one with "
+                "--original-vm MOREF")
+    want = name or str(vm_config.get("name") or "")
+    if not want:
+        raise UsageError("restore --original: the backup names no VM; give --name or "
+                         "--original-vm")
+    found = _vms_named(session, dc, want)
+    if not found:
+        what = f"instance UUID {uuid} nor " if uuid and not name else ""
+        raise VSphereError(f"restore --original: no VM with the backup's {what}name {want!r} "
+                           f"in datacenter {dc.name} (restore to a new VM without --original)")
+    if len(found) > 1:
+        raise VSphereError(
+            f"restore --original refused: {len(found)} VMs are named {want!r} in datacenter "
+            f"{dc.name}: {', '.join(_where(v) for v in found)}; pick one with "
+            "--original-vm MOREF")
+    return found[0], f"name {want!r}"
+
+
+def disk_differences(layout_disks: list[Any], vm_disks: list[Any]) -> list[str]:
+    """What keeps the VM's disks from taking the backup's in place (empty: they match)."""
+    out = []
+    if len(layout_disks) != len(vm_disks):
+        out.append(f"the backup has {len(layout_disks)} disk(s), the VM {len(vm_disks)}")
+    for t, d in zip(layout_disks, vm_disks, strict=False):
+        if t.capacity != d.capacity:
+            out.append(f"disk {t.index} ({d.label}): backup {t.capacity} bytes, VM "
+                       f"{d.capacity} bytes")
+    return out
+
+
+def locate(session: Any, dc: Any, vm_config: dict[str, Any], layout: Any, job: Any,
+           state: dict[str, Any] | None = None) -> Original:
+    """Phase 1 of ``--original``: find and check the VM; point the layout at its disks.
+
+    ``state``: the job state's ``original`` record of an interrupted run (resume):
+    the VM is the one recorded there, whatever its name is now.
+    """
+    from vmrestore.vsphere.disks import vm_disks
+
+    if state and state.get("moref"):
+        vm, how = find_vm(session, dc, vm_config, None, state["moref"])
+        how = f"the interrupted run ({state.get('found_by', how)})"
+    else:
+        vm, how = find_vm(session, dc, vm_config, job.name, job.original_vm)
+    disks = sorted(vm_disks(vm), key=lambda d: (d.controller_key, d.unit))
+    diff = disk_differences(layout.disks, disks)
+    if diff:
+        raise UsageError(f"restore --original refused: VM {vm.name} ({vm._moId}) does not have "
+                         f"the backup's disks: {'; '.join(diff)} (recreating disks "
+                         "(--original --full) is not supported yet: restore to a new VM)")
+    power = str(vm.runtime.powerState)
+    if power != "poweredOff" and not job.force and not (state and state.get("powered_off")):
+        raise UsageError(f"restore --original refused: VM {vm.name} ({vm._moId}) is {power}; "
+                         "a rollback overwrites its disks, so it must be off: give --force to "
+                         "power it off first")
+    layout.name = vm.name
+    for t, d in zip(layout.disks, disks, strict=True):
+        t.datastore = d.datastore
+        t.file_name = d.file_name
+        t.provisioning = d.provisioning
+    if disks:
+        layout.datastore = disks[0].datastore
+    return Original(vm, vm._moId, vm.name, how, power, disks)
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def _nics(vm: Any) -> list[Any]:
+    from pyVmomi import vim
+
+    return [d for d in vm.config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+
+
+def _nic_type(dev: Any) -> str:
+    from vmrestore.vsphere.vmconfig import _NICS
+
+    for name, cls in _NICS.items():
+        if type(dev).__name__.endswith(cls):
+            return name
+    return type(dev).__name__
+
+
+def _nic_network(dev: Any) -> str:
+    b = dev.backing
+    return str(getattr(b, "deviceName", None) or getattr(getattr(b, "network", None), "name", "")
+               or getattr(getattr(b, "port", None), "portgroupKey", ""))
+
+
+def config_changes(vm: Any, layout: Any) -> list[str]:
+    """What restoring the backup's configuration changes on the VM, one line per change."""
+    hw = vm.config.hardware
+    out = []
+    if hw.numCPU != layout.num_cpus:
+        out.append(f"CPU {hw.numCPU} -> {layout.num_cpus}")
+    if hw.memoryMB != layout.memory_mb:
+        out.append(f"memory {hw.memoryMB} MB -> {layout.memory_mb} MB")
+    nics = _nics(vm)
+    for i, n in enumerate(layout.nics):
+        if i >= len(nics):
+            out.append(f"add NIC {n.label} ({n.type}) on {n.network}")
+            continue
+        have_type, have_net = _nic_type(nics[i]), _nic_network(nics[i])
+        if have_type != n.type:
+            out.append(f"NIC {i + 1}: {have_type} -> {n.type} (replaced, on {n.network})")
+        elif have_net != n.network:
+            out.append(f"NIC {i + 1} network {have_net} -> {n.network}")
+    for dev in nics[len(layout.nics):]:
+        out.append(f"remove NIC {dev.deviceInfo.label if dev.deviceInfo else dev.key} "
+                   f"on {_nic_network(dev)}")
+    return out
+
+
+def apply_config(session: Any, dc: Any, vm: Any, layout: Any) -> list[str]:
+    """Give the VM the backup's CPU, memory and NICs; returns what changed (none: no call)."""
+    from pyVmomi import vim
+
+    from vmrestore.vsphere.vmconfig import _NICS, nic_backing
+
+    changes = config_changes(vm, layout)
+    if not changes:
+        return []
+    dev_changes = []
+    nics = _nics(vm)
+    for i, n in enumerate(layout.nics):
+        net = session.network(dc, n.network)
+        if i < len(nics) and _nic_type(nics[i]) == n.type:
+            if _nic_network(nics[i]) != n.network:
+                nics[i].backing = nic_backing(vim, net)
+                dev_changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit",
+                                                                   device=nics[i]))
+            continue
+        if i < len(nics):
+            dev_changes.append(vim.vm.device.VirtualDeviceSpec(operation="remove",
+                                                               device=nics[i]))
+        cls = getattr(vim.vm.device, _NICS[n.type])
+        dev_changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=cls(
+            key=-(3000 + i), backing=nic_backing(vim, net), addressType="generated",
+            deviceInfo=vim.Description(label=n.label, summary=n.network),
+            connectable=vim.vm.device.VirtualDevice.ConnectInfo(
+                startConnected=True, allowGuestControl=True, connected=False))))
+    for dev in nics[len(layout.nics):]:
+        dev_changes.append(vim.vm.device.VirtualDeviceSpec(operation="remove", device=dev))
+    spec = vim.vm.ConfigSpec(numCPUs=layout.num_cpus, memoryMB=layout.memory_mb,
+                             deviceChange=dev_changes)
+    session.wait(vm.ReconfigVM_Task(spec=spec), f"reconfigure VM {vm.name}")
+    return changes
+
+
+# ------------------------------------------------------------------ safety snapshot
+
+
+def take_safety_snapshot(session: Any, vm: Any, hostd: Any, files: list[str]) -> str:
+    """Snapshot the VM before the rollback writes; returns the snapshot's moref."""
+    task = vm.CreateSnapshot_Task(
+        name=SAFETY_SNAPSHOT, description="vmrestore: the VM as it was before the rollback; "
+        "reverted to if the rollback fails, removed when it succeeds", memory=False,
+        quiesce=False)
+    session.wait(task, f"create safety snapshot of VM {vm.name}")
+    snap = session.task_result(task)
+    for f in files:
+        hostd.disk_snapshot(f, "keep")
+    return str(snap._moId)
+
+
+def _snapshot(session: Any, moref: str) -> Any:
+    from pyVmomi import vim
+
+    return vim.vm.Snapshot(moref, session.si._stub)
+
+
+def revert(session: Any, vm: Any, moref: str, hostd: Any, files: list[str]) -> None:
+    """Back to the VM as it was at the safety snapshot, then drop the snapshot."""
+    snap = _snapshot(session, moref)
+    session.wait(snap.RevertToSnapshot_Task(), f"revert VM {vm.name} to its safety snapshot")
+    for f in files:
+        hostd.disk_snapshot(f, "revert")
+    session.wait(snap.RemoveSnapshot_Task(removeChildren=False),
+                 f"remove the safety snapshot of VM {vm.name}")
+
+
+def remove_safety_snapshot(session: Any, vm: Any, moref: str, hostd: Any,
+                           files: list[str]) -> None:
+    """The rollback succeeded: merge the snapshot's delta (the new data) into the disks."""
+    snap = _snapshot(session, moref)
+    session.wait(snap.RemoveSnapshot_Task(removeChildren=False),
+                 f"remove the safety snapshot of VM {vm.name}")
+    for f in files:
+        hostd.disk_snapshot(f, "drop")

@@ -1,0 +1,195 @@
+"""Restore to the original VM (--original), quick rollback, in the lab.
+
+A VM is restored, then its disks drift: a few writes at random offsets and a
+range corrupted silently straight in the datastore file. A quick rollback must
+write exactly those blocks and leave the disks byte-identical to the restore
+point; a failure reverts to the safety snapshot; kill -9 + --resume continues
+the compare from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lab_helpers import flat_file
+from restore_helpers import (
+    MIB,
+    drop_caches,
+    find_vm,
+    kill_mid_disk,
+    lab_env,
+    restore_cli,
+    unique,
+    vm_disks,
+)
+
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+
+def _restored_vm(lab: Any, si: Any, backup: Any, tmp_path: Path, name: str) -> list[Path]:
+    """A VM restored from the backup (NICs moved to "Restore Network"); its flat files."""
+    p, _ = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
+                       "ds-local", "--transport", "nbd", "--network-map",
+                       "VM Network=Restore Network", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    return [flat_file(lab, d.backing.fileName) for d in vm_disks(si, name)]
+
+
+def _power_on(vm: Any) -> None:
+    task = vm.PowerOnVM_Task()
+    while task.info.state in ("queued", "running"):
+        time.sleep(0.02)
+    assert task.info.state == "success"
+
+
+def _drift(files: list[Path], seed: int) -> dict[int, set[int]]:
+    """Writes at random offsets (a few blocks per disk) and one silently corrupted range
+    written straight into disk 0's datastore file, across a block boundary. Returns the
+    changed 1 MiB blocks per disk."""
+    rng = np.random.default_rng(seed)
+    changed: dict[int, set[int]] = {}
+    for i, f in enumerate(files):
+        size = f.stat().st_size
+        with open(f, "r+b") as fh:
+            for blk in rng.choice(size // MIB, 2, replace=False):
+                off = int(blk) * MIB + int(rng.integers(0, MIB - 512))
+                fh.seek(off)
+                fh.write(rng.integers(1, 256, 512, dtype=np.uint8).tobytes())
+                changed.setdefault(i, set()).add(int(blk))
+            if i == 0:  # bit rot under the guest: flip a range spanning blocks 5 and 6
+                fh.seek(6 * MIB - 300)
+                old = fh.read(600)
+                fh.seek(6 * MIB - 300)
+                fh.write(bytes(b ^ 0xA5 for b in old))
+                changed[0] |= {5, 6}
+    drop_caches()
+    return changed
+
+
+def _same(files: list[Path], images: list[Path]) -> bool:
+    drop_caches()
+    return all(f.read_bytes() == img.read_bytes() for f, img in zip(files, images, strict=True))
+
+
+def test_quick_rollback_writes_only_changed_blocks(lab, lab_si, host_services, backup,
+                                                   tmp_path) -> None:
+    name = unique("orig")
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    assert _same(files, backup.images)
+    changed = _drift(files, seed=11)
+    _power_on(find_vm(lab_si, name))
+    args = ["--backup", str(backup.inc), "--original", "--name", name, "--quick-rollback",
+            "--transport", "nbd"]
+    p, rep = restore_cli(lab, *args, state_dir=tmp_path)
+    assert p.returncode == 2 and "--force" in p.stderr and "poweredOn" in p.stderr, p.stderr
+    assert find_vm(lab_si, name).runtime.powerState == "poweredOn"  # refused: untouched
+
+    p, rep = restore_cli(lab, *args, "--force", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert _same(files, backup.images)
+    assert rep["original"]["found_by"] == f"name {name!r}"
+    assert rep["original"]["config_changes"] == ["NIC 1 network Restore Network -> VM Network"]
+    for d in rep["disks"]:
+        fig = d["original"]
+        want = changed.get(d["disk"], set())
+        assert fig["blocks_differing"] == len(want), (d["disk"], fig, want)
+        assert fig["bytes_written"] == len(want) * MIB
+        assert fig["blocks_compared"] == 16 and fig["mode"] == "quick rollback"
+    vm = find_vm(lab_si, name)
+    nics = [d for d in vm.config.hardware.device if hasattr(d, "macAddress")]
+    assert [n.backing.deviceName for n in nics] == ["VM Network"]
+    assert not vm.rootSnapshot, "safety snapshot left"
+    assert vm.runtime.powerState == "poweredOff"
+    assert "powered off" in rep["phases"][1]["detail"]
+
+
+def test_failed_rollback_reverts_to_safety_snapshot(lab, lab_si, host_services, backup,
+                                                    tmp_path) -> None:
+    name = unique("orig-f")
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    _drift(files, seed=12)
+    before = [f.read_bytes() for f in files]
+    # The data is fully rolled back when the fault hits: the revert must undo all of it.
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--name", name,
+                         "--quick-rollback", "--transport", "hotadd",
+                         env=lab_env(lab, VMRESTORE_FAULT="phase:commit"), state_dir=tmp_path)
+    assert p.returncode != 0 and rep["failed_phase"] == "commit", p.stderr
+    assert any("reverted VM" in r for r in rep["rollback"]), rep["rollback"]
+    assert sum(d["original"]["blocks_differing"] for d in rep["disks"]) > 0
+    drop_caches()
+    assert [f.read_bytes() for f in files] == before, "revert did not restore the disks"
+    vm = find_vm(lab_si, name)
+    assert vm is not None and not vm.rootSnapshot
+    nics = [d for d in vm.config.hardware.device if hasattr(d, "macAddress")]
+    assert [n.backing.deviceName for n in nics] == ["Restore Network"]  # config untouched
+    assert not list(tmp_path.glob("restore-*.json")), "job state left after the revert"
+
+
+def test_kill_mid_compare_then_resume(lab, lab_si, host_services, backup, tmp_path) -> None:
+    name = unique("orig-k")
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    changed = _drift(files, seed=13)
+    args = ["restore", "--backup", str(backup.inc), "--original", "--name", name,
+            "--quick-rollback", "--transport", "nbd", "--state-dir", str(tmp_path), "--json"]
+    ckpt = kill_mid_disk(args, lab_env(lab, VMRESTORE_FAULT="stall:data:0.5"), tmp_path)
+    p, rep = restore_cli(lab, *args[1:-3], "--resume", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert rep["resumed"]
+    d0 = rep["disks"][0]
+    assert d0["resumed_from"] > 0
+    # only the entries after the checkpoint were compared again
+    assert d0["original"]["blocks_compared"] == ckpt["entries"] - ckpt["prefix"]
+    assert _same(files, backup.images)
+    assert len(changed[0]) >= 2
+
+
+def test_overwrite_keeps_identity_and_writes_every_block(lab, lab_si, host_services, backup,
+                                                         tmp_path) -> None:
+    name = unique("orig-o")
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    _drift(files, seed=14)
+    moref = find_vm(lab_si, name)._moId
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--name", name,
+                         "--keep-config", "--transport", "nbd", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert _same(files, backup.images)
+    assert rep["vm"]["moref"] == moref and find_vm(lab_si, name)._moId == moref
+    for d in rep["disks"]:
+        assert d["original"]["mode"] == "overwrite"
+        assert d["original"]["bytes_written"] == d["capacity"]  # zero runs written too
+        assert d["bytes_skipped"] == 0
+    assert rep["original"]["config"] == "kept" and rep["original"]["config_changes"] == []
+    nics = [d for d in find_vm(lab_si, name).config.hardware.device
+            if hasattr(d, "macAddress")]
+    assert [n.backing.deviceName for n in nics] == ["Restore Network"]
+
+
+def test_refusals_name_the_reason(lab, lab_si, host_services, backup, tmp_path) -> None:
+    """Phase 1 refuses, before anything changes: no such VM, disks that differ, ambiguity."""
+    from lab_helpers import create_vm
+
+    name = unique("orig-r")
+    base = ["--backup", str(backup.inc), "--original", "--transport", "nbd"]
+    p, _ = restore_cli(lab, *base, "--name", name, state_dir=tmp_path)
+    assert p.returncode == 8 and f"no VM with the backup's name {name!r}" in p.stderr, p.stderr
+    create_vm(lab_si, lab, name, "ds-local", [(16 * MIB, "thin")])
+    p, _ = restore_cli(lab, *base, "--name", name, state_dir=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "the backup has 2 disk(s), the VM 1" in p.stderr
+    # a second VM of that name in another folder: ambiguous, both candidates named
+    dc = lab_si.content.rootFolder.childEntity[0]
+    folder = dc.vmFolder.CreateFolder(unique("other"))
+    vm2, _ = create_vm(lab_si, lab, name + "-2", "ds-local", [(16 * MIB, "thin")])
+    for task in (folder.MoveIntoFolder_Task([vm2]), vm2.Rename_Task(name)):
+        while task.info.state in ("queued", "running"):
+            time.sleep(0.02)
+        assert task.info.state == "success", task.info.error
+    p, _ = restore_cli(lab, *base, "--name", name, state_dir=tmp_path)
+    assert p.returncode == 8 and "2 VMs are named" in p.stderr, p.stderr
+    assert vm2._moId in p.stderr and "--original-vm" in p.stderr
+    assert not list(tmp_path.glob("restore-*.json"))
