@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmrestore.checkpoint import Checkpointer
-from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
 from vmrestore.plan import compare_plan
+from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
 
 log = logging.getLogger("vmrestore.mover")
 
