@@ -9,6 +9,9 @@ docs/scheduling.md; in short:
   task's preferred transport when ``Limits.stream_rates`` is given);
 * a task takes its most preferred option that is free now, falling back along
   its option list (hotadd -> nbd);
+* with ``stream_rates`` and a proxy's ``bandwidth`` known, a proxy takes another
+  stream only while its running streams' rates do not fill its bandwidth, so
+  streams run at their own rate instead of sharing an oversubscribed link;
 * a task that cannot start never blocks one behind it that can (the scan goes
   on), but within one class of identical constraints only the head is tried.
 
@@ -19,11 +22,10 @@ at most once plus once per grant, never at every queued task.
 
 from __future__ import annotations
 
-import heapq
 import threading
 from bisect import bisect_left, insort
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from vmrestore.schedule.model import (
@@ -39,44 +41,69 @@ _Sig = tuple[tuple[tuple[str, str], ...], str, str, str]
 
 
 class _Proxy:
-    __slots__ = ("alive", "spec", "used")
+    __slots__ = ("alive", "committed", "spec", "used")
 
     def __init__(self, spec: ProxySpec) -> None:
         self.spec = spec
         self.used = 0
+        self.committed = 0.0  # sum of the stream rates of its running grants (bytes/s)
         self.alive = True
+
+
+class _Options:
+    """A class's usable options of one kind (near-best or slower), by rank and by proxy."""
+
+    __slots__ = ("by_proxy", "fastest", "live")
+
+    def __init__(self) -> None:
+        self.live: list[tuple[str, str]] = []
+        self.by_proxy: dict[str, list[tuple[int, str]]] = {}
+        self.fastest = ""   # the transport of the highest stream rate among them
+
+    def put(self, rank: int, p: str, t: str, rates: dict[str, float]) -> None:
+        self.live.append((p, t))
+        self.by_proxy.setdefault(p, []).append((rank, t))
+        if not self.fastest or rates.get(t, 0.0) > rates.get(self.fastest, 0.0):
+            self.fastest = t
 
 
 class _Class:
     """Queued tasks sharing (options, host, datastore, repo): interchangeable but for order."""
 
-    __slots__ = ("by_proxy", "cid", "constraint", "ds", "ds_cap", "entry", "heap", "host",
-                 "live", "options", "repo", "repo_cap")
+    __slots__ = ("cid", "constraint", "ds", "ds_cap", "entry", "fast", "first_rate", "host",
+                 "options", "q", "repo", "repo_cap", "slow")
 
-    def __init__(self, cid: int, sig: _Sig, limits: Limits) -> None:
+    def __init__(self, cid: int, sig: _Sig, limits: Limits, rates: dict[str, float]) -> None:
         self.cid = cid
         self.options, self.host, self.ds, self.repo = sig
         self.ds_cap = limits.datastores.get(self.ds, limits.per_datastore)
         self.repo_cap = limits.repos.get(self.repo, limits.per_repo)
-        self.heap: list[tuple[int, float, int, str]] = []  # (tier, -work, seq, key)
+        self.first_rate = rates.get(self.options[0][1]) if self.options else None
+        self.q: list[tuple[int, float, int, str]] = []  # sorted (tier, -work, seq, key)
         self.entry: tuple[int, int, float, int, int] | None = None  # its place in the order
-        self.live: list[tuple[str, str]] = []
-        self.by_proxy: dict[str, list[tuple[int, str]]] = {}
+        self.fast = _Options()
+        self.slow = _Options()
         self.constraint = 0
 
-    def refresh(self, proxies: dict[str, _Proxy]) -> None:
+    def refresh(self, proxies: dict[str, _Proxy], rates: dict[str, float]) -> None:
         """Recompute the options usable now (live proxy offering the transport)."""
-        self.live = []
-        self.by_proxy = {}
-        for rank, (p, t) in enumerate(self.options):
-            px = proxies.get(p)
-            if px is not None and px.alive and t in px.spec.transports:
-                self.live.append((p, t))
-                self.by_proxy.setdefault(p, []).append((rank, t))
+        live = [(rank, p, t) for rank, (p, t) in enumerate(self.options)
+                if (px := proxies.get(p)) is not None and px.alive and t in px.spec.transports]
+        best = max((rates.get(t, 0.0) for _, _, t in live), default=0.0)
+        self.fast, self.slow = _Options(), _Options()
+        for rank, p, t in live:
+            # Options at under half the best live stream rate are fallbacks (e.g. nbd for
+            # a disk that hotadd reaches); without rates every option is near-best.
+            near = not rates or rates.get(t, 0.0) * 2 >= best
+            (self.fast if near else self.slow).put(rank, p, t, rates)
         # Fewer eligible proxies = more constrained = earlier; bucketed in powers of two so
-        # that 50 vs 60 eligible proxies does not override largest-first.
-        n = len(self.by_proxy)
+        # that 50 vs 60 eligible proxies does not override longest-first.
+        n = len({p for _, p, _ in live})
         self.constraint = n.bit_length() if n else 1 << 30
+
+    @property
+    def placeable(self) -> bool:
+        return bool(self.fast.live or self.slow.live)
 
 
 class Admission:
@@ -101,7 +128,9 @@ class Admission:
         self._classes: dict[_Sig, _Class] = {}
         self._by_cid: list[_Class] = []
         self._order: list[tuple[int, int, float, int, int]] = []
-        self._queued: dict[str, tuple[int, _Class, TaskSpec]] = {}
+        self._queued: dict[str, tuple[tuple[int, float, int, str], _Class, TaskSpec]] = {}
+        self._queued_bytes = 0
+        self._capacity = 0.0  # bytes/s the live proxies can move at most (with stream_rates)
         self._running: dict[str, Grant] = {}
         self._attempts: Counter[str] = Counter()
         self._host_nbd: Counter[str] = Counter()
@@ -110,6 +139,7 @@ class Admission:
         self._seq = 0
         self._vc = threading.Condition()
         self._vc_used = 0
+        self._recapacity()
 
     # --- queue --------------------------------------------------------------------------
 
@@ -122,53 +152,88 @@ class Admission:
     def cancel(self, key: str) -> bool:
         """Drop a queued task (e.g. its VM failed); False if it is not queued."""
         with self._lock:
-            item = self._queued.pop(key, None)
-            if item is None:
+            if key not in self._queued:
                 return False
-            self._reorder(item[1])
+            self._dequeue(key)
             return True
 
     def grants(self) -> list[Grant]:
-        """Every queued task that may start now, in order; their resources are taken."""
+        """Every queued task that may start now, in order; their resources are taken.
+
+        First pass: near-best options only, in the task order. Second pass (only
+        with ``stream_rates``): slower fallbacks for what is left, each class
+        giving its longest task that would finish on the fallback within the
+        queue's drain time (queued bytes / live capacity), so a slow stream
+        does not become the plan's tail.
+        """
         out: list[Grant] = []
         with self._lock:
-            order, free, lim_nbd = self._order, self._free, self.limits.nbd_per_host
-            i = 0
-            while free and i < len(order):
-                c = self._by_cid[order[i][4]]
-                if ((c.ds_cap is not None and self._ds[c.ds] >= c.ds_cap)
-                        or (c.repo_cap is not None and self._repo[c.repo] >= c.repo_cap)):
-                    i += 1
-                    continue
-                host_ok = lim_nbd is None or self._host_nbd[c.host] < lim_nbd
-                choice = self._pick(c, host_ok)
-                if choice is None:
-                    i += 1
-                    continue
-                key = heapq.heappop(c.heap)[3]
-                _, _, task = self._queued.pop(key)
-                del order[i]
-                c.entry = None
-                self._reorder(c)  # its new head sorts at or after i
-                out.append(self._take(task, *choice))
+            self._pass(out, None)
+            if self._rates and self._free and self._capacity > 0:
+                self._pass(out, self._queued_bytes / self._capacity)
         return out
 
-    def _pick(self, c: _Class, host_ok: bool) -> tuple[str, str] | None:
-        """The class's most preferred option that is free now, or None."""
+    def _pass(self, out: list[Grant], horizon: float | None) -> None:
+        order, free, lim_nbd = self._order, self._free, self.limits.nbd_per_host
+        i = 0
+        while free and i < len(order):
+            c = self._by_cid[order[i][4]]
+            if ((c.ds_cap is not None and self._ds[c.ds] >= c.ds_cap)
+                    or (c.repo_cap is not None and self._repo[c.repo] >= c.repo_cap)):
+                i += 1
+                continue
+            host_ok = lim_nbd is None or self._host_nbd[c.host] < lim_nbd
+            if horizon is None:
+                choice = self._pick(c.fast, host_ok)
+                j = 0
+            else:
+                choice, j = self._fallback(c, host_ok, horizon)
+            if choice is None:
+                i += 1
+                continue
+            task = self._dequeue(c.q[j][3])   # keeps the class at or after i
+            out.append(self._take(task, *choice))
+
+    def _pick(self, opts: _Options, host_ok: bool,
+              ok: Callable[[str], bool] | None = None) -> tuple[str, str] | None:
+        """The most preferred of these options that is free now (and passes ``ok``)."""
         free = self._free
-        if len(free) < len(c.live):
+        if len(free) < len(opts.live):
             best: tuple[int, str, str] | None = None
             for p in free:
-                for rank, t in c.by_proxy.get(p, ()):
-                    if host_ok or t not in NBD_TRANSPORTS:
+                for rank, t in opts.by_proxy.get(p, ()):
+                    if (host_ok or t not in NBD_TRANSPORTS) and (ok is None or ok(t)):
                         if best is None or rank < best[0]:
                             best = (rank, p, t)
                         break
             return None if best is None else (best[1], best[2])
-        for p, t in c.live:
-            if p in free and (host_ok or t not in NBD_TRANSPORTS):
+        for p, t in opts.live:
+            if p in free and (host_ok or t not in NBD_TRANSPORTS) and (ok is None or ok(t)):
                 return p, t
         return None
+
+    def _fallback(self, c: _Class, host_ok: bool,
+                  horizon: float) -> tuple[tuple[str, str] | None, int]:
+        """A slow option and the class's longest task (of its head's tier) done within horizon."""
+        if not c.slow.live or not c.q:
+            return None, 0
+        tier = c.q[0][0]
+        scale = c.first_rate or 1.0   # work is bytes / first_rate (or bytes)
+        found: dict[str, int] = {}
+
+        def fits(t: str) -> bool:
+            # longest task with size / rate(t) <= horizon, i.e. work <= horizon * rate / scale
+            j = found.get(t)
+            if j is None:
+                j = bisect_left(c.q, (tier, -(horizon * self._rates.get(t, 0.0) / scale)))
+                found[t] = j = j if j < len(c.q) and c.q[j][0] == tier else -1
+            return j >= 0
+
+        if not fits(c.slow.fastest):
+            return None, 0      # not even its smallest task would finish in time
+
+        choice = self._pick(c.slow, host_ok, fits)
+        return choice, (found[choice[1]] if choice else 0)
 
     # --- running grants ----------------------------------------------------------------
 
@@ -214,6 +279,7 @@ class Admission:
             for g in lost:
                 self._drop(g)
             self._refresh_all()
+            self._recapacity()
             for g in lost:
                 self._enqueue(g.task)
             return lost
@@ -227,6 +293,7 @@ class Admission:
             px.spec, px.alive = spec, True
             self._mark(spec.name)
             self._refresh_all()
+            self._recapacity()
 
     # --- vCenter control operations ----------------------------------------------------
 
@@ -270,7 +337,7 @@ class Admission:
     def unplaceable(self) -> list[TaskSpec]:
         """Queued tasks none of whose options is on a live proxy offering that transport."""
         with self._lock:
-            return [t for _, c, t in self._queued.values() if not c.live]
+            return [t for _, c, t in self._queued.values() if not c.placeable]
 
     def usage(self) -> Usage:
         with self._lock:
@@ -283,14 +350,15 @@ class Admission:
                 vcenter_ops=self._vc_used,
                 queued=len(self._queued),
                 running=len(self._running),
-                unplaceable=sum(1 for _, c, _ in self._queued.values() if not c.live),
+                unplaceable=sum(1 for _, c, _ in self._queued.values() if not c.placeable),
             )
 
     # --- internals (lock held) -----------------------------------------------------------
 
     def _mark(self, name: str) -> None:
         px = self._proxies[name]
-        if px.alive and px.used < px.spec.slots:
+        bw = px.spec.bandwidth
+        if px.alive and px.used < px.spec.slots and (bw is None or px.committed < bw):
             self._free[name] = None
         else:
             self._free.pop(name, None)
@@ -298,28 +366,40 @@ class Admission:
     def _enqueue(self, t: TaskSpec) -> None:
         if t.key in self._queued or t.key in self._running:
             raise ValueError(f"task {t.key!r} is already queued or running")
-        sig = (t.options, t.host, t.datastore, t.repo)
+        # Host, datastore and repository split classes only where a cap makes them matter.
+        lim = self.limits
+        nbd = lim.nbd_per_host is not None and any(tr in NBD_TRANSPORTS for _, tr in t.options)
+        sig = (t.options, t.host if nbd else "",
+               t.datastore if lim.per_datastore is not None or t.datastore in lim.datastores
+               else "",
+               t.repo if lim.per_repo is not None or t.repo in lim.repos else "")
         c = self._classes.get(sig)
         if c is None:
-            c = self._classes[sig] = _Class(len(self._by_cid), sig, self.limits)
+            c = self._classes[sig] = _Class(len(self._by_cid), sig, self.limits, self._rates)
             self._by_cid.append(c)
-            c.refresh(self._proxies)
-        rate = self._rates.get(t.options[0][1]) if t.options and self._rates else None
-        work = t.size / rate if rate else float(t.size)
+            c.refresh(self._proxies, self._rates)
         self._seq += 1
-        self._queued[t.key] = (self._seq, c, t)
-        heapq.heappush(c.heap, (t.tier, -work, self._seq, t.key))
-        self._reorder(c)
+        entry = (t.tier, -(t.size / c.first_rate if c.first_rate else float(t.size)),
+                 self._seq, t.key)
+        self._queued[t.key] = (entry, c, t)
+        self._queued_bytes += t.size
+        insort(c.q, entry)
+        if entry is c.q[0]:
+            self._reorder(c)
+
+    def _dequeue(self, key: str) -> TaskSpec:
+        entry, c, t = self._queued.pop(key)
+        self._queued_bytes -= t.size
+        j = bisect_left(c.q, entry)
+        del c.q[j]
+        if j == 0:
+            self._reorder(c)
+        return t
 
     def _reorder(self, c: _Class) -> None:
-        """Put the class at the place of its (valid) head task in the order."""
-        heap = c.heap
-        while heap:
-            item = self._queued.get(heap[0][3])
-            if item is not None and item[0] == heap[0][2]:
-                break
-            heapq.heappop(heap)  # cancelled or superseded entry
-        entry = (heap[0][0], c.constraint, heap[0][1], heap[0][2], c.cid) if heap else None
+        """Put the class at the place of its head task in the order (or out of it)."""
+        h = c.q[0] if c.q else None
+        entry = (h[0], c.constraint, h[1], h[2], c.cid) if h else None
         if entry == c.entry:
             return
         if c.entry is not None:
@@ -332,13 +412,24 @@ class Admission:
         """Recompute every class's live options and constraint, then the whole order."""
         self._order = []
         for c in self._by_cid:
-            c.refresh(self._proxies)
+            c.refresh(self._proxies, self._rates)
             c.entry = None
             self._reorder(c)
+
+    def _recapacity(self) -> None:
+        """Live capacity: each proxy min(bandwidth, slots x its fastest known stream rate)."""
+        total = 0.0
+        for px in self._proxies.values():
+            if px.alive:
+                r = max((self._rates.get(t, 0.0) for t in px.spec.transports), default=0.0)
+                cap = px.spec.slots * r
+                total += cap if px.spec.bandwidth is None else min(cap, px.spec.bandwidth)
+        self._capacity = total
 
     def _take(self, task: TaskSpec, proxy: str, transport: str) -> Grant:
         px = self._proxies[proxy]
         px.used += 1
+        px.committed += self._rates.get(transport, 0.0)
         self._mark(proxy)
         if transport in NBD_TRANSPORTS:
             self._host_nbd[task.host] += 1
@@ -356,6 +447,7 @@ class Admission:
         del self._running[g.task.key]
         px = self._proxies[g.proxy]
         px.used -= 1
+        px.committed -= self._rates.get(g.transport, 0.0)
         self._mark(g.proxy)
         if g.transport in NBD_TRANSPORTS:
             self._host_nbd[g.task.host] -= 1
