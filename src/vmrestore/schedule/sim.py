@@ -41,6 +41,7 @@ class Result(msgspec.Struct):
     ratio: float             # makespan / bound
     rto_p50: float
     rto_p99: float
+    tasks: int
     total_bytes: int
     recopied_bytes: int      # copied again after proxy kills (past the last checkpoint)
     kills: int
@@ -274,8 +275,54 @@ def simulate(sc: Scenario, bound: Bound | None = None) -> Result:
         seed=sc.seed, makespan=makespan, bound=bound,
         ratio=makespan / bound.value if bound.value else float("nan"),
         rto_p50=_pct(rtos, 0.50), rto_p99=_pct(rtos, 0.99),
-        total_bytes=sum(t.size for t in sc.tasks), recopied_bytes=sim.recopied,
+        tasks=len(sc.tasks), total_bytes=sum(t.size for t in sc.tasks), recopied_bytes=sim.recopied,
         kills=len(sc.kills), grants=sim.grants,
         by_transport={k: int(v) for k, v in sorted(sim.moved.items())},
         events=sim.n_events, admission_cpu=sim.adm_cpu, sim_cpu=time.process_time() - t0,
     )
+
+
+class Summary(msgspec.Struct):
+    """Several seeds of one fleet: what docs/benchmarks.md records."""
+
+    seeds: list[int]
+    ratio_median: float
+    ratio_worst: float
+    binding_terms: dict[str, int]      # kind of binding term -> seeds
+    rto_p50_median: float              # seconds, median over seeds of each seed's p50
+    rto_p99_median: float
+    rto_p99_worst: float
+    recopied_bytes_total: int
+    recopied_bytes_mean: float
+    kills_total: int
+    admission_cpu_per_sim_hour: float  # CPU seconds inside Admission per simulated hour
+    results: list[Result]
+
+
+def summarize(results: list[Result]) -> Summary:
+    ratios = [r.ratio for r in results]
+    terms: dict[str, int] = defaultdict(int)
+    for r in results:
+        terms[r.bound.term.split(" ")[0]] += 1
+    sim_hours = sum(r.makespan for r in results) / 3600
+    return Summary(
+        seeds=[r.seed for r in results],
+        ratio_median=_median(ratios),
+        ratio_worst=max(ratios),
+        binding_terms=dict(sorted(terms.items())),
+        rto_p50_median=_median([r.rto_p50 for r in results]),
+        rto_p99_median=_median([r.rto_p99 for r in results]),
+        rto_p99_worst=max(r.rto_p99 for r in results),
+        recopied_bytes_total=sum(r.recopied_bytes for r in results),
+        recopied_bytes_mean=sum(r.recopied_bytes for r in results) / len(results),
+        kills_total=sum(r.kills for r in results),
+        admission_cpu_per_sim_hour=sum(r.admission_cpu for r in results) / sim_hours
+        if sim_hours else 0.0,
+        results=results,
+    )
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return (s[(n - 1) // 2] + s[n // 2]) / 2 if s else 0.0
