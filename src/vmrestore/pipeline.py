@@ -25,6 +25,7 @@ import numpy as np
 
 from vmrestore.errors import CORE_CLASSES, Interrupted, SourceError, VmrError, from_core
 from vmrestore.plan import PLAN_DTYPE, PLAN_VERSION
+from vmrestore.safeopen import open_readonly
 
 try:
     from vmrestore import _pipeline
@@ -195,7 +196,7 @@ class Job:
         try:
             for path in self.sources if repo is None else ():
                 try:
-                    self._fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                    self._fds.append(open_readonly(path))
                 except OSError as e:
                     raise SourceError(f"{path}: cannot open: {e.strerror}") from None
             caps = writer.capabilities()

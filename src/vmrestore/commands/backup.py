@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from vmrestore.commands import number
 from vmrestore.errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -43,7 +44,8 @@ def register(subparsers: Any) -> None:
                    help="block size, a power of two from 64K to 8M (default 1M, or the "
                    "parent's for an incremental)")
     c.add_argument("--parent", metavar="PREV", help="previous restore point: make an incremental")
-    c.add_argument("--threads", type=int, default=None, help="worker threads (default: cores + 1)")
+    c.add_argument("--threads", type=number(1, 1024), default=None,
+                   help="worker threads (default: cores + 1)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress display")

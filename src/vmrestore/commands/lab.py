@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vmrestore.commands import number
 from vmrestore.errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -39,11 +40,12 @@ def register(subparsers: Any) -> None:
                        "the SAN LUN is a sparse image on a loop device) and print its status: "
                        "vCenter URL, user, password, datastores. Running it again on a lab "
                        "that is up only prints the status. Needs root.")
-    u.add_argument("--hosts", type=int, default=2, help="ESXi hosts in the cluster (default 2)")
-    u.add_argument("--proxies", type=int, default=1,
+    u.add_argument("--hosts", type=number(1, 64), default=2,
+                   help="ESXi hosts in the cluster (default 2)")
+    u.add_argument("--proxies", type=number(0, 64), default=1,
                    help="HotAdd proxy VMs: vmr-proxy, vmr-proxy2, ... one per host, round "
                    "robin (default 1)")
-    u.add_argument("--datastores", type=int, default=0, metavar="N",
+    u.add_argument("--datastores", type=number(0, 64), default=0, metavar="N",
                    help="more local datastores besides ds-local, ds-san, ds-vvol: ds-local2 "
                    "... (default 0)")
     u.add_argument("--san-size", type=_size, default=1 << 30,

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vmrestore.commands import number
 from vmrestore.errors import UsageError
 
 
@@ -25,10 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="per-job token (one line), or lines 'NAME TOKEN' naming each client")
     p.add_argument("--tls-cert", metavar="C", help="PEM certificate: requires TLS of every client")
     p.add_argument("--tls-key", metavar="K", help="PEM private key of --tls-cert")
-    p.add_argument("--bwlimit", type=float, default=0.0, metavar="MB/S",
+    p.add_argument("--bwlimit", type=number(0, 1e9, float), default=0.0, metavar="MB/S",
                    help="limit the bytes sent, all clients together (MB/s, 0 = none)")
-    p.add_argument("--max-clients", type=int, default=64, metavar="N",
-                   help="connections served at once (default 64)")
+    p.add_argument("--max-clients", type=number(1, 100000), default=64, metavar="N",
+                   help="authenticated connections served at once (default 64); "
+                        "connections still in the handshake have their own budget")
+    p.add_argument("--handshake-timeout", type=number(0.1, 3600, float), default=10.0,
+                   metavar="S", help="a peer must finish the whole handshake in S seconds "
+                                     "(default 10)")
+    p.add_argument("--idle-timeout", type=number(1, 86400, float), default=600.0, metavar="S",
+                   help="close a connection that sends no complete request in S seconds "
+                        "(default 600)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +44,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise UsageError(f"--listen {text!r}: expected HOST:PORT")
+    if int(port) > 65535:
+        raise UsageError(f"--listen {text!r}: port {port} is out of range (0..65535)")
     return host.strip("[]"), int(port)
 
 
@@ -66,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot listen on {args.listen}: {e.strerror}") from None
     cfg = A.AgentConfig(root=root, tokens=tokens, tls=tls, bwlimit=args.bwlimit * 1e6,
-                        max_clients=args.max_clients)
+                        max_clients=args.max_clients, handshake_timeout=args.handshake_timeout,
+                        idle_timeout=args.idle_timeout)
     agent = A.Agent(cfg, listener)
     # Log refusals and connections to stderr even without -v: an agent's log is its record.
     logging.getLogger("vmrestore.mover").setLevel(logging.INFO)

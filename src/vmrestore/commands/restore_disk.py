@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vmrestore.commands import number
 from vmrestore.errors import UsageError
 
 log = logging.getLogger("vmrestore.restore_disk")
@@ -53,14 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, metavar="URI", dest="target", help="target (below)")
     p.add_argument("--point", metavar="ID",
                    help="restore an earlier point of the chain: id prefix or file name")
-    p.add_argument("--threads", type=int, default=0, metavar="T",
+    p.add_argument("--threads", type=number(0, 1024), default=0, metavar="T",
                    help="decompress+verify threads (default 2)")
-    p.add_argument("--queue-depth", type=int, default=0, metavar="Q",
+    p.add_argument("--queue-depth", type=number(0, 4096), default=0, metavar="Q",
                    help="requests in flight per connection for NBD (default 16)")
-    p.add_argument("--connections", type=int, default=0, metavar="C",
+    p.add_argument("--connections", type=number(0, 64), default=0, metavar="C",
                    help="writer lanes: NBD connections (multi-conn servers) or file writer "
                         "threads (default 2)")
-    p.add_argument("--buffers", type=int, default=0, metavar="B",
+    p.add_argument("--buffers", type=number(0, 1 << 20), default=0, metavar="B",
                    help="block buffers in the pool (default: from the above)")
     p.add_argument("--force", action="store_true", help="overwrite an existing regular file")
     p.add_argument("--target-zeroed", action="store_true",
@@ -77,9 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--quick-rollback)")
     p.add_argument("--token-file", metavar="F",
                    help="repo://: the per-job token (default $VMRESTORE_REPO_TOKEN)")
-    p.add_argument("--agent-connections", type=int, default=0, metavar="N",
+    p.add_argument("--agent-connections", type=number(0, 64), default=0, metavar="N",
                    help="repo://: connections to the agent (default 2)")
-    p.add_argument("--retries", type=int, default=5, metavar="R",
+    p.add_argument("--retries", type=number(0, 1000), default=5, metavar="R",
                    help="repo://: reconnects without progress before giving up (default 5)")
     p.add_argument("--client", metavar="NAME", help="repo://: client name shown to the agent")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from vmrestore.commands import number
+
 LIBDIR_HELP = ("VDDK directory holding lib64/libvixDiskLib.so (default: $VMRESTORE_VDDK_LIBDIR; "
                "'sim' = the built-in vddk_sim)")
 
@@ -42,15 +44,16 @@ def register(subparsers: Any) -> None:
         "EndAccess bracket the data phase and Cleanup runs after a failure. "
         f"URI: {URI_HELP}.")
     rd.add_argument("backup", metavar="BACKUP", help="restore point file (*.vmrb)")
-    rd.add_argument("--disk", type=int, default=0, help="disk index (default 0)")
+    rd.add_argument("--disk", type=number(0, 65535), default=0, help="disk index (default 0)")
     rd.add_argument("--to", required=True, metavar="URI", help="vddk:// target")
     rd.add_argument("--point", metavar="ID", help="restore point of the chain (id prefix/file)")
     rd.add_argument("--vddk-libdir", metavar="DIR", help=LIBDIR_HELP)
-    rd.add_argument("--queue-depth", type=int, default=None,
+    rd.add_argument("--queue-depth", type=number(1, 4096), default=None,
                     help="WriteAsync requests in flight (default: measured, see docs/vddk.md)")
-    rd.add_argument("--max-request", type=int, default=None, metavar="BYTES",
+    rd.add_argument("--max-request", type=number(512, 1 << 30), default=None, metavar="BYTES",
                     help="bytes per WriteAsync (default 2 MiB)")
-    rd.add_argument("--threads", type=int, default=0, help="decompress threads (0 = default)")
+    rd.add_argument("--threads", type=number(0, 1024), default=0,
+                    help="decompress threads (0 = default)")
     rd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     rd.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     rd.set_defaults(func=run_restore_disk)

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from vmrestore.commands import number
 from vmrestore.errors import ChecksumError
 
 
@@ -17,7 +18,8 @@ def register(subparsers: Any) -> None:
         "uses from its chain), decompress and check its XXH3-128. Exit 0 when all are good; "
         "exit 4 with one line per bad block otherwise (exit 3 for a broken file).")
     p.add_argument("backup", metavar="BACKUP", help="restore point file (*.vmrb)")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
+    p.add_argument("--threads", type=number(1, 1024), default=None,
+                   help="worker threads (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=run)

@@ -5,6 +5,18 @@ Why a thread per connection: the agent's work per request is a few syscalls
 the kernel with the GIL released; a connection cannot slow the others down and
 a broken one is simply closed. Nothing is served before the peer has proved it
 knows the token (docs/protocol.md, "Handshake").
+
+Robust against its peers and its own files (docs/protocol.md, "Limits and
+deadlines"): a connection must finish the whole handshake within
+handshake_timeout and each request frame within idle_timeout of the previous
+answer (one reaper thread shuts down sockets past their deadline, so a peer
+sending a byte every few seconds gains nothing); unauthenticated connections
+have their own, larger budget, and a served slot (max_clients) is taken only
+once the peer proved the token, so silent or hostile connections cannot starve
+proxies. Files are read only with pread/sendfile on the handle OPEN returned
+(never mapped, never reopened by path): a file truncated while served gives
+that client an error, not a SIGBUS that kills the agent; a file replaced by
+rename keeps being served from the handle, as opened.
 """
 
 from __future__ import annotations
@@ -27,12 +39,15 @@ from typing import Any
 from vmrestore.errors import ProtocolError
 from vmrestore.mover import protocol as P
 from vmrestore.mover.protocol import E, T
+from vmrestore.safeopen import NotAFileError, open_readonly
 
 log = logging.getLogger("vmrestore.mover.agent")
 
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 600.0
 MAX_CLIENTS = 64
+PENDING_PER_CLIENT = 4   # unauthenticated connections allowed per served slot (at least 256)
+TABLE_STRIDE = 512       # extent records per window of the sparse index (32 KiB reads)
 SEND_CHUNK = 4 << 20
 
 HEADER_MAGIC = b"VMRBAK\r\n"
@@ -79,6 +94,7 @@ class AgentConfig:
     max_clients: int = MAX_CLIENTS
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
+    max_pending: int = 0  # unauthenticated connections at once (0: PENDING_PER_CLIENT x, >= 256)
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -90,9 +106,23 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _record_dtype() -> Any:
+    import numpy as np
+
+    return np.dtype([("off", "<u8"), ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1"),
+                     ("level", "i1"), ("flags", "<u2"), ("res", "<u4"),
+                     ("lo", "<u8"), ("hi", "<u8"), ("blake", "V24")])
+
+
 @dataclass
 class ServedFile:
-    """One OPENed backup file: its fd, bounds, and (lazily) its extent table."""
+    """One OPENed backup file: its fd, bounds, and (lazily) a sparse index of its extent table.
+
+    The table is read through the handle with pread, TABLE_STRIDE records at a
+    time: a lookup costs one 32 KiB read, a file of millions of extents costs
+    its sparse index (one 8-byte read per window, once), and nothing is mapped
+    (a mapping of a file truncated under it faults the whole process).
+    """
 
     path: Path
     fd: int
@@ -100,22 +130,47 @@ class ServedFile:
     data_end: int
     footer_sum: bytes
     extents_at: tuple[int, int] | None  # (offset, count) of the extent table section
-    _table: Any = None
+    _index: Any = None  # first stored offset of every TABLE_STRIDE-th record
 
-    def table(self) -> Any:
-        """The extent table as a read-only memory map (only the pages touched are read)."""
-        if self._table is None and self.extents_at is not None:
+    def pread_exact(self, n: int, off: int) -> bytes:
+        """n bytes at off of the open file; RequestError when it is shorter now."""
+        try:
+            data = os.pread(self.fd, n, off)
+        except OSError as e:
+            raise RequestError(E.IO_ERROR, f"{self.path.name}: read failed: {e.strerror}") \
+                from None
+        if len(data) != n:
+            raise RequestError(E.IO_ERROR, f"{self.path.name} changed while served: "
+                               f"it ends before {off + n} (truncated)")
+        return data
+
+    def check_unchanged(self) -> None:
+        """Refuse to serve a file that shrank since OPEN (its bounds no longer hold)."""
+        now = os.fstat(self.fd).st_size
+        if now < self.size:
+            raise RequestError(E.IO_ERROR, f"{self.path.name} changed while served: "
+                               f"{now} bytes now, {self.size} when opened (truncated)")
+
+    def window(self, k: int) -> Any:
+        """Records [k*STRIDE, (k+1)*STRIDE) of the extent table, read through the handle."""
+        import numpy as np
+
+        assert self.extents_at is not None
+        off, count = self.extents_at
+        first = k * TABLE_STRIDE
+        n = min(TABLE_STRIDE, count - first)
+        return np.frombuffer(self.pread_exact(n * 64, off + first * 64), _record_dtype())
+
+    def index(self) -> Any:
+        """Stored offset of the first record of each window (None: no extent table)."""
+        if self._index is None and self.extents_at is not None:
             import numpy as np
 
             off, count = self.extents_at
-            dtype = np.dtype([("off", "<u8"), ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1"),
-                              ("level", "i1"), ("flags", "<u2"), ("res", "<u4"),
-                              ("lo", "<u8"), ("hi", "<u8"), ("blake", "V24")])
-            if count == 0:
-                self._table = np.zeros(0, dtype)
-            else:
-                self._table = np.memmap(self.path, dtype=dtype, mode="r", offset=off, shape=count)
-        return self._table
+            firsts = range(0, count, TABLE_STRIDE)
+            self._index = np.array([struct.unpack("<Q", self.pread_exact(8, off + i * 64))[0]
+                                    for i in firsts], dtype=np.uint64)
+        return self._index
 
 
 def open_backup(root: Path, rel: str) -> ServedFile:
@@ -127,10 +182,12 @@ def open_backup(root: Path, rel: str) -> ServedFile:
         raise RequestError(E.REFUSED_PATH, f"path {rel!r} leads outside the agent's root")
     if full.suffix != ".vmrb":
         raise RequestError(E.NOT_A_BACKUP, f"{rel}: not a *.vmrb backup file")
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:  # O_NONBLOCK + fstat inside: a FIFO named like a backup never blocks the thread
+        fd = open_readonly(full, block_ok=False, flags=os.O_NOFOLLOW)
     except FileNotFoundError:
         raise RequestError(E.NOT_FOUND, f"{rel}: no such backup") from None
+    except NotAFileError as e:
+        raise RequestError(E.NOT_A_BACKUP, f"{rel}: {e.strerror}") from None
     except OSError as e:
         raise RequestError(E.IO_ERROR, f"{rel}: {e.strerror}") from None
     try:
@@ -141,12 +198,15 @@ def open_backup(root: Path, rel: str) -> ServedFile:
         if size < P.DATA_START + FOOTER_SIZE:
             raise RequestError(E.NOT_A_BACKUP, f"{rel}: too short to be a complete backup")
         footer = os.pread(fd, FOOTER_SIZE, size - FOOTER_SIZE)
-        if os.pread(fd, 8, 0) != HEADER_MAGIC or footer[:8] != FOOTER_MAGIC:
+        if os.pread(fd, 8, 0) != HEADER_MAGIC or footer[:8] != FOOTER_MAGIC or \
+                len(footer) != FOOTER_SIZE:
             raise RequestError(E.NOT_A_BACKUP, f"{rel}: not a complete vmrestore backup")
         count, tab_off, tab_len = struct.unpack_from("<IQQ", footer, 68)
         if count * SECTION.size != tab_len or not P.DATA_START <= tab_off <= size - tab_len:
             raise RequestError(E.NOT_A_BACKUP, f"{rel}: broken section table")
         table = os.pread(fd, tab_len, tab_off)
+        if len(table) != tab_len:
+            raise RequestError(E.NOT_A_BACKUP, f"{rel}: truncated while opened")
         data_end = tab_off
         extents_at = None
         for kind, _disk, off, length, nrec, _sum in SECTION.iter_unpack(table):
@@ -159,6 +219,57 @@ def open_backup(root: Path, rel: str) -> ServedFile:
     except BaseException:
         os.close(fd)
         raise
+
+
+class Deadlines:
+    """One reaper thread for all connections: shuts a socket down when its deadline passes.
+
+    A per-recv socket timeout bounds silence, not slowness: a peer sending one
+    byte every few seconds would hold its thread and slot forever. A deadline
+    over a whole phase (the handshake, one request frame) does not care how the
+    bytes trickle in; shutdown() wakes the thread blocked in recv, which then
+    closes the connection. Keyed by file descriptor: clear() comes before the
+    socket is closed, under the same lock, so a reused number is never hit.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._due: dict[int, tuple[float, int]] = {}   # fd -> (deadline, address family)
+        self._expired: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    def set(self, sock: socket.socket, seconds: float) -> None:
+        with self._cv:
+            self._due[sock.fileno()] = (time.monotonic() + seconds, sock.family)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="agent-deadlines")
+                self._thread.start()
+            self._cv.notify()
+
+    def clear(self, fd: int) -> bool:
+        """Forget fd's deadline; True when it had already passed (the socket was shut down)."""
+        with self._cv:
+            self._due.pop(fd, None)
+            if fd in self._expired:
+                self._expired.discard(fd)
+                return True
+            return False
+
+    def _run(self) -> None:
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                for fd, (due, family) in list(self._due.items()):
+                    if due <= now:
+                        del self._due[fd]
+                        self._expired.add(fd)
+                        with contextlib.suppress(OSError):  # a dup: shutdown acts on the socket
+                            s = socket.fromfd(fd, family, socket.SOCK_STREAM)
+                            s.shutdown(socket.SHUT_RDWR)
+                            s.close()
+                nxt = min((d for d, _ in self._due.values()), default=now + 60)
+                self._cv.wait(max(0.01, min(nxt - now, 60)))
 
 
 @dataclass
@@ -184,6 +295,9 @@ class Agent:
         self.listener = listener
         self.limiter = RateLimit(cfg.bwlimit)
         self.slots = threading.BoundedSemaphore(cfg.max_clients)
+        self.pending = threading.BoundedSemaphore(
+            cfg.max_pending or max(256, PENDING_PER_CLIENT * cfg.max_clients))
+        self.deadlines = Deadlines()
         self.stopping = threading.Event()
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -213,21 +327,35 @@ class Agent:
 
     def _serve_one(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         who = f"{peer[0]}:{peer[1]}"
-        if not self.slots.acquire(blocking=False):
-            log.warning("refused %s: too many connections (%d)", who, self.cfg.max_clients)
+        if not self.pending.acquire(blocking=False):
+            log.warning("refused %s: too many connections not yet authenticated", who)
             with contextlib.suppress(OSError):
                 P.send_frame(conn, T.ERROR, 0, P.Error(E.BUSY, "too many connections").encode())
             conn.close()
             return
         session = Session()
         sock: socket.socket = conn
+        fd = conn.fileno()
+        pending, served = True, False
+        phase = f"handshake not finished in {self.cfg.handshake_timeout:g} s"
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self.cfg.handshake_timeout)
-            sock, client = self._handshake(conn, who)
+            self.deadlines.set(conn, self.cfg.handshake_timeout)
+            sock, client, ready_id = self._handshake(conn, who)
+            # a served slot only for a peer that proved the token
+            if not self.slots.acquire(blocking=False):
+                self._refuse(sock, E.BUSY, "too many connections",
+                             f"too many clients served ({self.cfg.max_clients})")
+            served = True
+            P.send_frame(sock, T.READY, ready_id)
+            self.deadlines.clear(fd)
+            self.pending.release()
+            pending = False
             log.info("client %r from %s authenticated%s", client, who,
                      " (TLS)" if sock is not conn else "")
             sock.settimeout(self.cfg.idle_timeout)
+            phase = f"no complete request in {self.cfg.idle_timeout:g} s"
             self._requests(sock, session, who)
         except ProtocolError as e:
             log.warning("closing %s: protocol violation: %s", who, e)
@@ -235,18 +363,25 @@ class Agent:
                 P.send_frame(sock, T.ERROR, 0, P.Error(E.BAD_MESSAGE, str(e)).encode())
         except _Refused as e:
             log.warning("refused %s: %s", who, e)
-        except (ConnectionError, TimeoutError, ssl.SSLError, OSError) as e:
-            log.info("connection %s ended: %s", who, e)
+        except (ConnectionError, TimeoutError, ssl.SSLError, OSError, ValueError) as e:
+            if self.deadlines.clear(fd) or isinstance(e, TimeoutError):
+                log.warning("closing %s: %s", who, phase)
+            else:
+                log.info("connection %s ended: %s", who, e)
         finally:
+            self.deadlines.clear(fd)
             session.close()
             with contextlib.suppress(OSError):
                 sock.close()
             if sock is not conn:
                 with contextlib.suppress(OSError):
                     conn.close()
-            self.slots.release()
+            if served:
+                self.slots.release()
+            if pending:
+                self.pending.release()
 
-    def _handshake(self, conn: socket.socket, who: str) -> tuple[socket.socket, str]:
+    def _handshake(self, conn: socket.socket, who: str) -> tuple[socket.socket, str, int]:
         fr = P.read_frame(conn)
         if fr.type != T.HELLO:
             raise ProtocolError(f"expected HELLO, got {fr.type.name}")
@@ -295,8 +430,7 @@ class Agent:
         if not hmac.compare_digest(mac, P.proof(key, b"proxy", tr)):
             self._refuse(sock, E.AUTH_FAILED, "authentication failed",
                          f"client {auth.client!r}: wrong token")
-        P.send_frame(sock, T.READY, fr3.req_id)
-        return sock, auth.client
+        return sock, auth.client, fr3.req_id
 
     @staticmethod
     def _refuse(sock: socket.socket, code: E, message: str, why: str | None = None) -> None:
@@ -307,10 +441,14 @@ class Agent:
     def _requests(self, sock: socket.socket, s: Session, who: str) -> None:
         tls = isinstance(sock, ssl.SSLSocket)
         while True:
+            self.deadlines.set(sock, self.cfg.idle_timeout)  # the whole frame, not each byte
             try:
                 fr = P.read_frame(sock)
             except ConnectionError:
+                if self.deadlines.clear(sock.fileno()):
+                    raise TimeoutError("idle") from None
                 return
+            self.deadlines.clear(sock.fileno())
             if fr.type == T.BYE:
                 P.decode_empty(fr.payload, "BYE")
                 return
@@ -348,6 +486,7 @@ class Agent:
             if rd.offset + rd.length > f.size:
                 raise RequestError(E.BAD_RANGE, f"READ {rd.offset}+{rd.length} past the end "
                                    f"of {f.path.name} ({f.size} bytes)")
+            f.check_unchanged()
             self._send_with_bulk(sock, T.DATA, fr.req_id, P.Data(rd.offset, rd.length).encode(),
                                  f.fd, [(rd.offset, rd.length)], tls)
         elif fr.type == T.EXTENTS:
@@ -388,17 +527,23 @@ class Agent:
         if total > P.MAX_EXTENTS_BULK:
             raise RequestError(E.TOO_LARGE, f"EXTENTS asks {total} bytes "
                                f"(max {P.MAX_EXTENTS_BULK})")
-        table = f.table()
-        if table is None or len(table) == 0:
+        f.check_unchanged()
+        index = f.index()
+        if index is None or len(index) == 0:
             return [P.Record(o, n) for o, n in ranges]
         import numpy as np
 
         offs = np.fromiter((o for o, _ in ranges), dtype=np.uint64, count=len(ranges))
-        idx = np.minimum(np.searchsorted(table["off"], offs), len(table) - 1)
-        hit = table[idx]
+        wins = np.maximum(np.searchsorted(index, offs, side="right") - 1, 0)
+        windows: dict[int, Any] = {}
         out = []
         for k, (o, n) in enumerate(ranges):
-            r = hit[k]
+            w = int(wins[k])
+            if w not in windows:
+                windows[w] = f.window(w)
+            tab = windows[w]
+            i = int(np.searchsorted(tab["off"], o))
+            r = tab[min(i, len(tab) - 1)]
             if int(r["off"]) == o and int(r["stored"]) == n:
                 out.append(P.Record(o, n, int(r["raw"]), int(r["codec"]), P.REC_EXACT,
                                     int(r["lo"]), int(r["hi"])))

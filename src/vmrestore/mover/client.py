@@ -44,17 +44,21 @@ class RepoURL:
 
     @classmethod
     def parse(cls, url: str) -> RepoURL:
-        u = urlsplit(url)
+        try:  # a broken IPv6 literal or a port out of range raise ValueError here
+            u = urlsplit(url)
+            port = u.port
+        except ValueError as e:
+            raise UsageError(f"{url}: not a valid repository URL: {e}") from None
         if u.scheme not in ("repo", "repos"):
             raise UsageError(f"{url}: not a repository URL (repo://HOST:PORT/PATH)")
-        if not u.hostname or not u.port:
+        if not u.hostname or not port:
             raise UsageError(f"{url}: needs a host and a port (repo://HOST:PORT/PATH)")
         path = u.path.lstrip("/")
         if not path:
             raise UsageError(f"{url}: names no backup file")
         q = parse_qs(u.query)
         ca = q.get("ca", [None])[0]
-        return cls(u.hostname, u.port, path, u.scheme == "repos", ca)
+        return cls(u.hostname, port, path, u.scheme == "repos", ca)
 
     def __str__(self) -> str:
         return f"{'repos' if self.tls else 'repo'}://{self.host}:{self.port}/{self.path}"

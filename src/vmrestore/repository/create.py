@@ -30,6 +30,7 @@ from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import Chain, open_chain
 from vmrestore.repository.source import device_size
 from vmrestore.repository.writer import PointWriter, check_output
+from vmrestore.safeopen import open_readonly
 
 CHUNK_BYTES = 8 * 1024 * 1024  # one pread per chunk
 
@@ -46,7 +47,7 @@ class _Disk:
 def open_source(path: str) -> _Disk:
     """Open a raw image or block device for reading; its size must be a multiple of 512."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_readonly(path)
     except OSError as e:
         raise SourceError(f"{path}: cannot open source disk: {e.strerror}") from e
     try:

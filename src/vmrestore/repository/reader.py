@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from vmrestore.errors import ChainError, FormatError, IncompleteBackupError, UsageError
+from vmrestore.errors import (
+    ChainError,
+    FormatError,
+    IncompleteBackupError,
+    SourceError,
+    UsageError,
+)
 from vmrestore.repository import format as fmt
 from vmrestore.repository.source import ByteSource, FileSource
 
@@ -356,6 +362,7 @@ def _find_parent(child: RestorePoint) -> RestorePoint:
     name = child.manifest.get("parent_name")
     want = child.parent_id
     tried: list[str] = []
+    named_err = ""   # why the file named as the parent could not be opened
     candidates: list[str] = []
     if isinstance(name, str) and name:
         candidates.append(name)
@@ -368,7 +375,11 @@ def _find_parent(child: RestorePoint) -> RestorePoint:
             continue
         try:
             src = child.source.sibling(cand)
-        except (FileNotFoundError, FormatError):
+        except FileNotFoundError:
+            continue
+        except (FormatError, SourceError) as e:  # e.g. a FIFO named like the parent: say so
+            if cand == name:
+                named_err = str(e)
             continue
         if cand != name:  # scanning: look at the footer's id before reading the index
             try:
@@ -400,7 +411,8 @@ def _find_parent(child: RestorePoint) -> RestorePoint:
         p.close()
     raise ChainError(f"{child.path}: parent {name or '?'} (id {want.hex()}) not found in "
                      f"{os.path.dirname(child.path) or '.'}"
-                     + (f" (other points there: {', '.join(tried)})" if tried else ""))
+                     + (f" (other points there: {', '.join(tried)})" if tried else "")
+                     + (f"; {named_err}" if named_err else ""))
 
 
 def open_chain(path_or_source: str | os.PathLike[str] | ByteSource) -> Chain:

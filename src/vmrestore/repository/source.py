@@ -17,6 +17,7 @@ import struct
 from typing import Protocol, runtime_checkable
 
 from vmrestore.errors import SourceError
+from vmrestore.safeopen import open_readonly
 
 BLKGETSIZE64 = 0x80081272
 
@@ -63,7 +64,7 @@ class FileSource:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.path.abspath(os.fspath(path))
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = open_readonly(self.path)
         except OSError as e:
             raise SourceError(f"{self.path}: cannot open backup: {e.strerror}") from None
         self.size = device_size(self.fd)

@@ -82,7 +82,11 @@ def parse_target(uri: str) -> TargetSpec:
         return _parse_san(uri)
     if "://" not in uri:
         return TargetSpec("file", uri, path=uri)
-    parts = urlsplit(uri)
+    try:  # a broken IPv6 literal or a port out of range raise ValueError here
+        parts = urlsplit(uri)
+        _ = parts.port
+    except ValueError as e:
+        raise UsageError(f"{uri}: not a valid URI: {e}") from None
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
