@@ -51,6 +51,9 @@ cdef extern from "writer.h" nogil:
         uint32_t max_request
         int target_zeroed
         char note[256]
+        int created
+        uint64_t created_dev
+        uint64_t created_ino
     struct vmr_source_ops:
         void (*close)(void *s)
     struct vmr_source:
@@ -323,6 +326,13 @@ cdef class Writer:
     @property
     def note(self):
         return self.wr.note.decode("utf-8", "replace")
+
+    @property
+    def created(self):
+        """(st_dev, st_ino) of the file this writer created (O_EXCL), or None."""
+        if not self.wr.created:
+            return None
+        return (self.wr.created_dev, self.wr.created_ino)
 
     @property
     def target_zeroed(self):

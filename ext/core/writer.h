@@ -172,6 +172,11 @@ struct vmr_writer {
     /* Human-readable notes from the constructor (e.g. why O_DIRECT fell
      * back to buffered I/O); Python logs them. Empty when nothing to say. */
     char note[256];
+    /* Set by a constructor that created the target (a new regular file, O_EXCL):
+     * the identity of what it created, so a failed run removes that file and
+     * never one another run put at the same path (src/vmrestore/ownership.py). */
+    int created;
+    uint64_t created_dev, created_ino;
 };
 
 /* ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@ struct fio {
     uint64_t size;
     const char *path;
     unsigned char *zeros;   /* ZCHUNK aligned zeros for the fallback */
+    int created;            /* this open created the file (O_CREAT | O_EXCL) */
+    uint64_t dev, ino;      /* its identity, when created */
 };
 
 static int fio_open(struct fio *f, const char *path, uint64_t want, uint32_t flags, char *note,
@@ -76,6 +78,12 @@ static int fio_open(struct fio *f, const char *path, uint64_t want, uint32_t fla
         f->size = bytes;
         f->blkzero_ok = 1;
     } else {
+        struct stat cst;
+        if (!exists && fstat(f->fd, &cst) == 0) {
+            f->created = 1;
+            f->dev = (uint64_t)cst.st_dev;
+            f->ino = (uint64_t)cst.st_ino;
+        }
         if (!exists && ftruncate(f->fd, (off_t)want) != 0) {
             vmr_error_set(err, VMR_E_TARGET, errno, UINT64_MAX, "%s: cannot size to %llu: %s",
                           path, (unsigned long long)want, strerror(errno));
@@ -112,7 +120,7 @@ fail:
     if (f->fd_direct >= 0)
         close(f->fd_direct);
     f->fd = f->fd_direct = -1;
-    if (!exists && !f->is_blk)
+    if (f->created)  /* only the file this open created (O_EXCL), never a racer's */
         unlink(path);
     return -1;
 }
@@ -376,8 +384,6 @@ int vmr_file_writer_open(const char *path, uint64_t size, uint32_t flags, struct
         vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, UINT64_MAX, "out of memory");
         return -1;
     }
-    struct stat st;
-    int created = stat(path, &st) != 0;
     if (fio_open(&fw->io, fw->path, size, flags, out->note, sizeof out->note, err) != 0) {
         free(fw->path);
         free(fw);
@@ -387,7 +393,10 @@ int vmr_file_writer_open(const char *path, uint64_t size, uint32_t flags, struct
     out->w = fw;
     out->max_request = 1u << 30;
     /* a file we just created is sparse: it reads as zeros */
-    out->target_zeroed = (flags & VMR_FILE_TARGET_ZEROED) || (created && !fw->io.is_blk);
+    out->target_zeroed = (flags & VMR_FILE_TARGET_ZEROED) || fw->io.created;
+    out->created = fw->io.created;
+    out->created_dev = fw->io.dev;
+    out->created_ino = fw->io.ino;
     return 0;
 }
 

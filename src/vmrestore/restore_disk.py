@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vmrestore import ownership
 from vmrestore.errors import TargetError, UsageError
 from vmrestore.plan import compare_plan
 from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
@@ -110,6 +111,8 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
     from vmrestore.transport.uri import OpenOptions, open_target, parse_target
 
     spec = parse_target(target)
+    ownership.refuse_overlap(ownership.target_path(target), sources, what="restore target",
+                             why="a file of the backup chain this restore reads")
     size = capacity if capacity is not None else _plan_end(plan)
     t0 = time.monotonic()
     if compare:
@@ -180,6 +183,10 @@ def restore_disk(backup: str, disk: int, target: str, *, point: str | None = Non
     """
     from vmrestore.mover.client import is_repo_url
 
+    # The point file named is protected too when an earlier --point is read (run_plan
+    # checks the files of the chain it reads).
+    ownership.refuse_overlap(ownership.target_path(target), [backup], what="restore target",
+                             why="a file of the backup chain this restore reads")
     if is_repo_url(backup):
         if compare:
             raise UsageError("a quick rollback from repo:// runs in 'vmrestore restore "

@@ -153,24 +153,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _new_local_file(target: str) -> Path | None:
-    """The target's path when it is a local file this run will create, else None."""
-    from vmrestore.transport.uri import parse_target
+    """The target's path when it is a local file that does not exist yet, else None."""
+    from vmrestore.ownership import target_path
 
-    try:
-        spec = parse_target(target)
-    except Exception:  # restore_disk reports a bad target itself
+    path = target_path(target)
+    if path is None or os.path.lexists(path):
         return None
-    if spec.kind != "file" or not spec.path or os.path.lexists(spec.path):
-        return None
-    return Path(spec.path)
+    return Path(path)
 
 
 def _remove_partial(path: Path | None) -> None:
-    """A failed run removes the file it created: a half-written disk must not look restored."""
-    if path is None or not path.is_file():
-        return
-    try:
-        path.unlink()
+    """A failed run removes the file it created: a half-written disk must not look restored.
+
+    Only the file THIS run created (inode and token, vmrestore.ownership): a run
+    that lost a race for the path removes nothing.
+    """
+    from vmrestore import ownership
+
+    if path is not None and ownership.remove_if_ours(ownership.created_here(path)):
         log.info("removed the partly written target %s", path)
-    except OSError as e:
-        log.warning("could not remove the partly written target %s: %s", path, e)

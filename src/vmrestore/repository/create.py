@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vmrestore import __version__, core
+from vmrestore import __version__, core, ownership
 from vmrestore.errors import SourceError, UsageError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import Chain, open_chain
@@ -204,6 +204,13 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
     disks: list[_Disk] = []
     writer: PointWriter | None = None
     try:
+        # The output replaces its path by rename: it must not be a disk it reads or a point
+        # of the chain it extends (a hard link or symlink to one is that file), --force or not.
+        ownership.refuse_overlap(out_path, disk_paths, what="output",
+                                 why="a disk this backup reads")
+        if chain is not None:
+            ownership.refuse_overlap(out_path, chain.paths, what="output",
+                                     why="a restore point of the chain it extends (--parent)")
         for p in disk_paths:
             disks.append(open_source(p))
         name = os.path.basename(out_path)

@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
 
+from vmrestore import ownership
 from vmrestore.errors import TargetError, UsageError, from_core
 
 log = logging.getLogger("vmrestore.transport")
@@ -196,6 +197,8 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
             assert spec.path is not None
             flags |= pl.F_CREATE | (pl.F_FORCE if o.force else 0)
             w = pl.Writer.open_file(spec.path, size, flags)
+            if w.created is not None:  # ours by identity: only this file may be removed
+                ownership.record_created(spec.path, *w.created)
         elif spec.kind == "nbd":
             assert spec.nbd_uri is not None
             retries = int(spec.options.get("retries", o.retries))
