@@ -25,6 +25,7 @@ CORE_SOURCES = [
 # Appended by other areas (one line each, with the owner in a comment).
 EXTRA_SOURCES: list[str] = [
     "ext/core/writer_vddk.c",  # VixDiskLib writer (H5)
+    "ext/core/vddk_log.c",  # VixDiskLib's thread-safe log functions (InitEx)
     "ext/core/source_repo.c",  # repository-agent source (H8)
 ]
 

@@ -5,7 +5,8 @@
 one table in ext/vixdisklib/declarations.py (idempotent), then returns the
 vddk_sim shared library as an Extension named ``vmrestore._vddk_sim``: a
 plain C library (no Python module init) exporting only the VixDiskLib_*
-symbols. ``vmrestore.vddk.sim_libdir()`` lays it out as VDDK does
+symbols, and its companion ``vmrestore._vddk_sim_vim`` (SONAME
+libvixDiskLibVim.so.8), which the sim loads by name as VMware's library does. ``vmrestore.vddk.sim_libdir()`` lays it out as VDDK does
 (``DIR/lib64/libvixDiskLib.so``) for ``--vddk-libdir``.
 """
 
@@ -46,9 +47,14 @@ def sim_compile_args() -> list[str]:
     return args
 
 
+# The companion library the sim loads by name at InitEx (as VMware's loads its own):
+# its SONAME is what the dynamic loader matches when it is already loaded.
+COMPANION_SONAME = "libvixDiskLibVim.so.8"
+
+
 def extensions() -> list[Extension]:
     generate_declarations()
-    link = ["-pthread"]
+    link = ["-pthread", "-ldl"]
     if os.environ.get("VMRESTORE_VDDK_SIM_ASAN") == "1":
         link += _ASAN
     return [
@@ -58,5 +64,11 @@ def extensions() -> list[Extension]:
             include_dirs=[str(HERE / "vixdisklib")],
             extra_compile_args=sim_compile_args(),
             extra_link_args=link,
-        )
+        ),
+        Extension(
+            "vmrestore._vddk_sim_vim",
+            sources=["ext/vddk_sim/vddk_sim_vim.c"],
+            extra_compile_args=[*C_FLAGS, "-fvisibility=hidden"],
+            extra_link_args=[f"-Wl,-soname,{COMPANION_SONAME}"],
+        ),
     ]

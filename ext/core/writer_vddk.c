@@ -3,10 +3,18 @@
  *
  * One lane (a VDDK disk handle is not shared between writers: can_multi_conn
  * is 0) with up to the pipeline's queue depth of requests in flight. A
- * request larger than max_request is split into several WriteAsync calls and
- * completes when the last one does. VixDiskLib calls our completion from its
- * own threads; we only queue the finished request there, and deliver it to
- * the pipeline from poll(), on the lane thread, as writer.h requires.
+ * request larger than max_request is split into several WriteAsync calls
+ * ("parts", each knowing its own offset) and completes when the last one
+ * does. The bytes the library holds are bounded by max_inflight: NFC buffers
+ * on a host are small (docs/vddk.md), so a submit waits for completions
+ * rather than exceed it.
+ *
+ * VixDiskLib may call a completion inside WriteAsync, later from its own
+ * threads, or only inside Wait: we only queue the finished request there and
+ * deliver it to the pipeline from poll(), on the lane thread, as writer.h
+ * requires. Until a completion has come from a library thread, a poll or
+ * submit that must wait calls Wait after a short time instead of sleeping on
+ * callbacks that may never come by themselves.
  *
  * There is no write-zeroes in VixDiskLib: can_zero is 0, so the pipeline
  * writes zero runs from its zero buffer -- or skips them when the target is a
@@ -41,7 +49,16 @@ struct vddk_fns {
     VixDiskLib_FreeErrorText_fn free_error_text;
 };
 
+#define WAIT_FALLBACK_MS 20      /* no library thread seen yet: Wait after this */
+
 struct vddk_lane;
+struct vddk_req;
+
+struct vddk_part {               /* one WriteAsync call: its cbData */
+    struct vddk_req *req;
+    uint64_t offset;
+    uint32_t count;
+};
 
 struct vddk_req {
     struct vddk_req *next;       /* in the lane's done list */
@@ -51,15 +68,21 @@ struct vddk_req {
     uint32_t count;
     int parts_left;              /* WriteAsync calls not yet completed */
     VixError result;             /* first failure, VIX_OK if none */
-    uint64_t fail_offset;        /* where the first failure was */
+    uint64_t fail_offset;        /* where the first failed part starts */
+    uint32_t fail_count;         /* and its length */
+    struct vddk_part parts[];
 };
 
 struct vddk_lane {
     struct vddk_writer *w;
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv;           /* a part completed */
     struct vddk_req *done_head, *done_tail;
     int inflight;                /* submitted, not yet delivered by poll */
+    uint64_t lib_bytes;          /* bytes of parts the library has not completed */
+    uint32_t want;               /* the part submit waits to issue */
+    pthread_t thread;            /* the lane thread (open_lane's caller) */
+    int lib_threads;             /* a completion came from another thread */
 };
 
 struct vddk_writer {
@@ -67,6 +90,7 @@ struct vddk_writer {
     struct vddk_fns fn;
     uint64_t size;
     uint32_t max_request;
+    uint64_t max_inflight;       /* bytes the library may hold at once */
     int lane_open;
     struct vddk_lane lane;
     unsigned char *zeros;        /* max_request zeros, for submit_zero / zero */
@@ -122,13 +146,19 @@ static int check_range(struct vddk_writer *w, uint32_t count, uint64_t offset,
 
 /* ---- async completion (VixDiskLib's threads) --------------------------------- */
 
-static void part_done(struct vddk_req *r, VixError result, uint64_t offset)
+/* A part is over (completed, or never issued: held = 0 bytes to give back). */
+static void part_done(struct vddk_part *p, VixError result, uint32_t held)
 {
+    struct vddk_req *r = p->req;
     struct vddk_lane *L = r->lane;
     pthread_mutex_lock(&L->mu);
+    if (!pthread_equal(pthread_self(), L->thread))
+        L->lib_threads = 1;
+    L->lib_bytes -= held;
     if (result != VIX_OK && r->result == VIX_OK) {
         r->result = result;
-        r->fail_offset = offset;
+        r->fail_offset = p->offset;
+        r->fail_count = p->count;
     }
     if (--r->parts_left == 0) {
         r->next = NULL;
@@ -137,15 +167,60 @@ static void part_done(struct vddk_req *r, VixError result, uint64_t offset)
         else
             L->done_head = r;
         L->done_tail = r;
-        pthread_cond_signal(&L->cv);
     }
+    pthread_cond_broadcast(&L->cv);
     pthread_mutex_unlock(&L->mu);
 }
 
 static void vddk_completion(void *cb_data, VixError result)
 {
-    struct vddk_req *r = cb_data;
-    part_done(r, result, r->offset);
+    struct vddk_part *p = cb_data;
+    part_done(p, result, p->count);
+}
+
+/* Wait (L->mu held) until ready(L) or timeout_ms (< 0: no limit). When no
+ * completion has ever come from a library thread, the library may call back only
+ * inside Wait: after WAIT_FALLBACK_MS we call it ourselves. Returns ready(L). */
+static int lane_wait(struct vddk_lane *L, int timeout_ms, int (*ready)(struct vddk_lane *))
+{
+    struct timespec ts;
+    int slice;
+    while (!ready(L) && timeout_ms != 0) {
+        slice = L->lib_threads ? timeout_ms : WAIT_FALLBACK_MS;
+        if (timeout_ms > 0 && slice > timeout_ms)
+            slice = timeout_ms;
+        if (slice < 0) {
+            pthread_cond_wait(&L->cv, &L->mu);
+            continue;
+        }
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += slice / 1000;
+        ts.tv_nsec += (long)(slice % 1000) * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        while (!ready(L))
+            if (pthread_cond_timedwait(&L->cv, &L->mu, &ts) == ETIMEDOUT)
+                break;
+        if (ready(L))
+            break;
+        if (!L->lib_threads) {
+            pthread_mutex_unlock(&L->mu);
+            L->w->fn.wait(L->w->h);  /* completions come inside it */
+            pthread_mutex_lock(&L->mu);
+        }
+        if (timeout_ms > 0 && (timeout_ms -= slice) <= 0)
+            break;
+    }
+    return ready(L);
+}
+
+static int has_done(struct vddk_lane *L) { return L->done_head != NULL; }
+
+static int has_room(struct vddk_lane *L)
+{
+    return L->lib_bytes == 0 || L->lib_bytes + L->want <= L->w->max_inflight;
 }
 
 /* ---- writer ops ----------------------------------------------------------------- */
@@ -172,6 +247,7 @@ static void *w_open_lane(void *wp, int lane_index, struct vmr_error *err)
         return NULL;
     }
     w->lane_open = 1;
+    w->lane.thread = pthread_self();
     return &w->lane;
 }
 
@@ -191,6 +267,7 @@ static int w_close_lane(void *lp, struct vmr_error *err)
         }
         L->done_tail = NULL;
         L->inflight = 0;
+        L->lib_bytes = 0;
         pthread_mutex_unlock(&L->mu);
     }
     w->lane_open = 0;
@@ -250,7 +327,8 @@ static int w_flush(void *lp, uint32_t flags, struct vmr_error *err)
 }
 
 /* Submit buf (several WriteAsync calls if larger than max_request); every
- * outcome is delivered from poll(). `stride` 0 repeats the same buffer (zeros). */
+ * outcome is delivered from poll(). `stride` 0 repeats the same buffer (zeros).
+ * Before each call, the bytes the library holds stay within max_inflight. */
 static int submit(struct vddk_lane *L, const unsigned char *buf, size_t stride, uint32_t count,
                   uint64_t offset, struct vmr_completion cb, struct vmr_error *err)
 {
@@ -260,35 +338,46 @@ static int submit(struct vddk_lane *L, const unsigned char *buf, size_t stride, 
 
     if (check_range(w, count, offset, err) != 0)
         return -1;
-    if ((r = calloc(1, sizeof *r)) == NULL) {
+    parts = count == 0 ? 1 : (count + w->max_request - 1) / w->max_request;
+    if ((r = calloc(1, sizeof *r + parts * sizeof(struct vddk_part))) == NULL) {
         vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, offset, "disk %s: out of memory", w->disk);
         return -1;
     }
-    parts = count == 0 ? 1 : (count + w->max_request - 1) / w->max_request;
     r->lane = L;
     r->cb = cb;
     r->offset = offset;
     r->count = count;
     r->parts_left = (int)parts;
+    for (i = 0; i < parts; i++) {
+        uint32_t done = i * w->max_request;
+        r->parts[i].req = r;
+        r->parts[i].offset = offset + done;
+        r->parts[i].count = count - done > w->max_request ? w->max_request : count - done;
+    }
     L->inflight++;
     if (count == 0) {
-        part_done(r, VIX_OK, offset);
+        part_done(&r->parts[0], VIX_OK, 0);
         return 0;
     }
     for (i = 0; i < parts; i++) {
-        uint32_t done = i * w->max_request;
-        uint32_t n = count - done > w->max_request ? w->max_request : count - done;
-        const unsigned char *p = stride ? buf + done : buf;
-        VixError e = w->fn.write_async(w->h, (offset + done) / SECTOR, n / SECTOR, p,
-                                       vddk_completion, r);
+        struct vddk_part *p = &r->parts[i];
+        const unsigned char *data = stride ? buf + (p->offset - offset) : buf;
+        VixError e;
+        pthread_mutex_lock(&L->mu);
+        L->want = p->count;
+        lane_wait(L, -1, has_room);
+        L->lib_bytes += p->count;
+        pthread_mutex_unlock(&L->mu);
+        e = w->fn.write_async(w->h, p->offset / SECTOR, p->count / SECTOR, data,
+                              vddk_completion, p);
         if (e == VIX_ASYNC)
             continue;
         /* Completed (or refused) synchronously: no callback will come for it,
          * nor for the parts we now do not issue. */
-        part_done(r, e, offset + done);
+        part_done(p, e, p->count);
         if (e != VIX_OK) {
             for (i++; i < parts; i++)
-                part_done(r, e, offset + done);
+                part_done(&r->parts[i], e, 0);
             break;
         }
     }
@@ -318,24 +407,8 @@ static int w_poll(void *lp, int timeout_ms, struct vmr_error *err)
     (void)err;
 
     pthread_mutex_lock(&L->mu);
-    if (L->done_head == NULL && L->inflight > 0 && timeout_ms != 0) {
-        if (timeout_ms < 0) {
-            while (L->done_head == NULL)
-                pthread_cond_wait(&L->cv, &L->mu);
-        } else {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += timeout_ms / 1000;
-            ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            while (L->done_head == NULL)
-                if (pthread_cond_timedwait(&L->cv, &L->mu, &ts) == ETIMEDOUT)
-                    break;
-        }
-    }
+    if (L->inflight > 0)
+        lane_wait(L, timeout_ms, has_done);
     list = L->done_head;
     L->done_head = L->done_tail = NULL;
     pthread_mutex_unlock(&L->mu);
@@ -348,7 +421,8 @@ static int w_poll(void *lp, int timeout_ms, struct vmr_error *err)
             memset(&e, 0, sizeof e);
             e.plan_index = -1;
             e.offset = UINT64_MAX;
-            vddk_error(w, &e, r->result, "VixDiskLib_WriteAsync", r->fail_offset, r->count);
+            vddk_error(w, &e, r->result, "VixDiskLib_WriteAsync", r->fail_offset,
+                       r->fail_count);
             r->cb.fn(r->cb.data, &e);
         } else {
             r->cb.fn(r->cb.data, NULL);
@@ -415,6 +489,9 @@ int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *
     w->max_request -= w->max_request % 4096;
     if (w->max_request == 0)
         w->max_request = 4096;
+    w->max_inflight = opt->max_inflight ? opt->max_inflight : VMR_VDDK_DEFAULT_MAX_INFLIGHT;
+    if (w->max_inflight < w->max_request)
+        w->max_inflight = w->max_request;
     snprintf(w->disk, sizeof w->disk, "%s", opt->disk ? opt->disk : "(vddk)");
     if (posix_memalign((void **)&w->zeros, VMR_ALIGN, w->max_request) != 0) {
         free(w);

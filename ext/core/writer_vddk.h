@@ -27,13 +27,18 @@ struct vmr_vddk_options {
     uintptr_t handle;                 /* VixDiskLibHandle, open for writing */
     struct vmr_vddk_functions fn;
     uint64_t size;                    /* disk capacity in bytes (sectors * 512) */
-    uint32_t max_request;             /* bytes per VixDiskLib call (0 = 2 MiB) */
+    uint32_t max_request;             /* bytes per VixDiskLib call (0 = 1 MiB) */
     uint32_t flags;                   /* VMR_FILE_TARGET_ZEROED: a new disk, skip zeros */
     const char *disk;                 /* name for messages, e.g. "[ds1] vm/vm.vmdk" */
+    uint64_t max_inflight;            /* bytes WriteAsync may hold at once (0 = 8 MiB) */
 };
 
-/* Default bytes per WriteAsync: VMware recommends async buffers of at most 2 MiB. */
-#define VMR_VDDK_DEFAULT_MAX_REQUEST (2u << 20)
+/* Default bytes per WriteAsync and in flight per disk handle: an NFC message is
+ * the data + 24 bytes, allocated from the host's small NFC buffer pool, and
+ * "Failed to allocate the requested 2097176 bytes" is what a 2 MiB request
+ * meets there. docs/vddk.md ("NFC buffers") has the reasoning and numbers. */
+#define VMR_VDDK_DEFAULT_MAX_REQUEST (1u << 20)
+#define VMR_VDDK_DEFAULT_MAX_INFLIGHT (8ull << 20)
 
 int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *out,
                          struct vmr_error *err);

@@ -18,11 +18,46 @@ cdef extern from "writer_vddk.h" nogil:
         uint32_t max_request
         uint32_t flags
         const char *disk
+        uint64_t max_inflight
     int vmr_vddk_writer_open(const vmr_vddk_options *opt, vmr_writer *out, vmr_error *err)
 
 
+cdef extern from "vddk_log.h" nogil:
+    int VMR_VDDK_LOG_MSG
+    struct vmr_vddk_log_entry:
+        int level
+        char msg[480]
+    void vmr_vddk_log_functions(uintptr_t out[3])
+    int vmr_vddk_log_drain(vmr_vddk_log_entry *out, int max, uint64_t *dropped)
+
+
+def vddk_log_functions():
+    """Addresses of the thread-safe log, warn and panic functions for VixDiskLib_InitEx."""
+    cdef uintptr_t f[3]
+    vmr_vddk_log_functions(f)
+    return {"log": f[0], "warn": f[1], "panic": f[2]}
+
+
+def vddk_log_drain():
+    """(entries, dropped): the messages VixDiskLib logged since the last drain, oldest first.
+
+    entries are (level, text) with level 0 log, 1 warning, 2 panic."""
+    cdef vmr_vddk_log_entry buf[32]
+    cdef uint64_t dropped = 0, d = 0
+    cdef int n, i
+    out = []
+    while True:
+        with nogil:
+            n = vmr_vddk_log_drain(buf, 32, &d)
+        dropped += d
+        for i in range(n):
+            out.append((buf[i].level, buf[i].msg.decode("utf-8", "replace")))
+        if n < 32:
+            return out, dropped
+
+
 def open_vddk_writer(dict args not None, uint64_t size, str disk, uint32_t max_request=0,
-                     uint32_t flags=0, cls=Writer):
+                     uint32_t flags=0, cls=Writer, uint64_t max_inflight=0):
     """A Writer over an open VixDiskLib disk handle (args: Disk.writer_args()).
 
     cls may be a Python subclass of Writer (vmrestore.vddk uses one whose
@@ -44,6 +79,7 @@ def open_vddk_writer(dict args not None, uint64_t size, str disk, uint32_t max_r
     o.fn.free_error_text = <uintptr_t>args["FreeErrorText"]
     o.size = size
     o.max_request = max_request
+    o.max_inflight = max_inflight
     o.flags = flags
     o.disk = bdisk
     _error_init(&e)

@@ -12,7 +12,7 @@
  *                                  (default "san:hotadd:nbdssl:nbd")
  *   VMRESTORE_VDDK_SIM_FAIL        "op:N:code[,...]": the Nth op fails with code;
  *                                  "op:N+:code" fails the Nth and every later one
- *                                  (ops: connect open write read flush prepare)
+ *                                  (ops: connect open write read flush prepare end)
  *   VMRESTORE_VDDK_SIM_LATENCY_US  added to every read/write/flush request
  *   VMRESTORE_VDDK_SIM_WORKERS     async worker threads per disk handle (4)
  *   VMRESTORE_VDDK_SIM_TRACE       append one line per API call to this file
@@ -24,9 +24,30 @@
  * has an "RW <sectors> ..." extent line, gives the capacity, else the flat
  * file's size does. Global state is only what the API itself makes global
  * (InitEx's loggers and config) plus the connect/prepare fault counters.
+ *
+ * Strict by default (VMRESTORE_VDDK_SIM_STRICT=0 relaxes), it holds its caller
+ * to VMware's rules where a real VDDK would misbehave (docs/vddk.md, "The
+ * stricter stand-in"):
+ *   - InitEx loads the companion libvixDiskLibVim.so.8 by name: without the
+ *     VDDK lib64 on the search path it fails (VixError 1, reason in the log);
+ *   - InitEx from a thread other than the main thread fails;
+ *   - NULL log functions + logging from two threads: abort (relaxed: a warning);
+ *   - ConnectEx/Disconnect/Open/Close/PrepareForAccess/EndAccess/Cleanup running
+ *     concurrently fail (VixError 1); NULL connect params are refused;
+ *   VMRESTORE_VDDK_SIM_HOST=esx   an ESXi host: PrepareForAccess/EndAccess fail
+ *                                  (VixError 6), as a host without vCenter does
+ *   VMRESTORE_VDDK_SIM_NFC_MEMORY / _NFC_MAX_ALLOC  per-host NFC buffer pool
+ *                                  (48 MiB) and largest allocation (2 MiB) for
+ *                                  nbd/nbdssl: each request takes its bytes + 24
+ *                                  (these three are read at Open)
+ *   VMRESTORE_VDDK_SIM_CALLBACKS   thread (default) | inline (inside the submit
+ *                                  call) | wait (only during Wait/Flush/Close)
+ *   VMRESTORE_VDDK_SIM_SESSION_DELAY_US  time each session call holds (1000 when
+ *                                  strict), so unserialized callers collide
  */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -36,6 +57,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,18 +71,40 @@ VMR_VIXDISKLIB_FUNCTIONS(SIM_PROTO, SIM_PROTO)
 #define MAX_FAULTS 16
 #define MAX_WORKERS 64
 #define DEFAULT_MODES "san:hotadd:nbdssl:nbd"
+#define COMPANION "libvixDiskLibVim.so.8"
+#define NFC_HEADER 24           /* bytes an NFC write message adds to its data */
+#define MAX_NFC_HOSTS 16
+#define MAX_PREPARED 64
 
 /* ---- global state the API implies ------------------------------------- */
 
 static int g_initialized;
 static VixDiskLibGenericLogFunc *g_log, *g_warn;
 static char *g_config_file;
+static void *g_companion;       /* dlopen handle of COMPANION */
+static int g_strict = 1;        /* read at InitEx */
+static pid_t g_log_tid;         /* NULL loggers: the first thread that logged */
+static int g_busy;              /* session calls running now */
+
+enum { CB_THREAD, CB_INLINE, CB_WAIT };
+
+/* NFC buffer memory per host (nbd/nbdssl): what the host's NFC server can hold. */
+struct nfc_host {
+    char name[256];
+    uint64_t used;
+    uint64_t memory, max_alloc;  /* the pool and its largest allocation (read at Open) */
+};
+static struct nfc_host g_nfc[MAX_NFC_HOSTS];
+static int g_nnfc;
+
+/* VMs whose operations PrepareForAccess disabled (until EndAccess). */
+static char *g_prepared[MAX_PREPARED];
 
 /* Process-wide fault counters (ConnectEx and PrepareForAccess have no object to
  * count on): reset by InitEx and whenever VMRESTORE_VDDK_SIM_FAIL changes. */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static char g_fail_spec[1024];
-static unsigned long g_connects, g_prepares;
+static unsigned long g_connects, g_prepares, g_ends;
 
 static unsigned long global_count(unsigned long *counter)
 {
@@ -69,7 +113,7 @@ static unsigned long global_count(unsigned long *counter)
     pthread_mutex_lock(&g_mu);
     if (strncmp(spec ? spec : "", g_fail_spec, sizeof g_fail_spec) != 0) {
         snprintf(g_fail_spec, sizeof g_fail_spec, "%s", spec ? spec : "");
-        g_connects = g_prepares = 0;
+        g_connects = g_prepares = g_ends = 0;
     }
     n = ++*counter;
     pthread_mutex_unlock(&g_mu);
@@ -78,13 +122,36 @@ static unsigned long global_count(unsigned long *counter)
 
 /* ---- small helpers ------------------------------------------------------ */
 
-static void sim_logf(VixDiskLibGenericLogFunc *fn, const char *fmt, ...)
+static pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
+
+/* VixDiskLib's default log functions (InitEx given NULL) are not thread-safe:
+ * the first thread that logs through them owns them; another one aborts the
+ * process when strict (a warning otherwise), where the real library would
+ * corrupt its log state. */
+static void default_logger(const char *fmt, va_list ap)
 {
-    va_list ap;
-    if (fn == NULL)
+    pid_t me = my_tid(), owner = 0;
+    (void)fmt;
+    (void)ap;
+    if (__atomic_compare_exchange_n(&g_log_tid, &owner, me, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST) || owner == me)
         return;
+    fprintf(stderr, "vddk_sim: the default log functions (InitEx got NULL loggers) were "
+            "called from two threads (%d and %d); they are not thread-safe\n", (int)owner,
+            (int)me);
+    if (g_strict)
+        abort();
+}
+
+static void sim_log(int warn, const char *fmt, ...)
+{
+    VixDiskLibGenericLogFunc *fn = warn ? g_warn : g_log;
+    va_list ap;
     va_start(ap, fmt);
-    fn(fmt, ap);
+    if (fn != NULL)
+        fn(fmt, ap);
+    else
+        default_logger(fmt, ap);
     va_end(ap);
 }
 
@@ -129,6 +196,81 @@ static unsigned long env_ulong(const char *name, unsigned long dflt)
         return dflt;
     x = strtoul(v, &end, 10);
     return *end == '\0' ? x : dflt;
+}
+
+/* ---- VMware's threading rules ------------------------------------------------ */
+
+/* ConnectEx, Disconnect, Open, Close and the access calls must not run
+ * concurrently (VDDK initializes and tears down libraries in them). Each holds
+ * the "session" for g_session_delay_us, so an unserialized caller collides. */
+static VixError session_enter(const char *call)
+{
+    int prev = __atomic_fetch_add(&g_busy, 1, __ATOMIC_SEQ_CST);
+    if (prev != 0 && g_strict) {
+        __atomic_fetch_sub(&g_busy, 1, __ATOMIC_SEQ_CST);
+        sim_log(1, "%s: called while another connect/open/close call runs in another "
+                "thread; VixDiskLib requires these calls serialized\n", call);
+        trace("%s refused: concurrent session call", call);
+        return VIX_E_FAIL;
+    }
+    sleep_us(env_ulong("VMRESTORE_VDDK_SIM_SESSION_DELAY_US", g_strict ? 1000 : 0));
+    return VIX_OK;
+}
+
+static void session_leave(void)
+{
+    __atomic_fetch_sub(&g_busy, 1, __ATOMIC_SEQ_CST);
+}
+
+/* The NFC pool of server (created on first use); NULL when the table is full. */
+static struct nfc_host *nfc_host(const char *server)
+{
+    struct nfc_host *found = NULL;
+    pthread_mutex_lock(&g_mu);
+    for (int i = 0; i < g_nnfc && !found; i++)
+        if (strcmp(g_nfc[i].name, server) == 0)
+            found = &g_nfc[i];
+    if (!found && g_nnfc < MAX_NFC_HOSTS) {
+        found = &g_nfc[g_nnfc++];
+        snprintf(found->name, sizeof found->name, "%s", server);
+        found->used = 0;
+    }
+    if (found) {
+        found->memory = env_ulong("VMRESTORE_VDDK_SIM_NFC_MEMORY", 48ul << 20);
+        found->max_alloc = env_ulong("VMRESTORE_VDDK_SIM_NFC_MAX_ALLOC", 2ul << 20);
+    }
+    pthread_mutex_unlock(&g_mu);
+    return found;
+}
+
+/* Take bytes + NFC_HEADER from the host's pool, as the NFC server allocates a
+ * message buffer; fails with the server's text when too large or exhausted. */
+static VixError nfc_take(struct nfc_host *n, uint64_t bytes)
+{
+    uint64_t need = bytes + NFC_HEADER;
+    int ok;
+    if (n == NULL)
+        return VIX_OK;
+    pthread_mutex_lock(&g_mu);
+    ok = need <= n->max_alloc && n->used + need <= n->memory;
+    if (ok)
+        n->used += need;
+    pthread_mutex_unlock(&g_mu);
+    if (ok)
+        return VIX_OK;
+    sim_log(1, "[NFC ERROR] NfcFssrvrProcessErrorMsg: received NFC error 5 from server: "
+            "Failed to allocate the requested %llu bytes\n", (unsigned long long)need);
+    trace("nfc refused %llu bytes on %s", (unsigned long long)need, n->name);
+    return VIX_E_OUT_OF_MEMORY;
+}
+
+static void nfc_give(struct nfc_host *n, uint64_t bytes)
+{
+    if (n == NULL)
+        return;
+    pthread_mutex_lock(&g_mu);
+    n->used -= bytes + NFC_HEADER;
+    pthread_mutex_unlock(&g_mu);
 }
 
 /* ---- fault injection ------------------------------------------------------ */
@@ -287,6 +429,9 @@ struct VixDiskLibHandleStruct {
     VixDiskLibAdapterType adapter;
     struct faults faults;
     unsigned long latency_us;
+    struct nfc_host *nfc;  /* nbd/nbdssl: the host's NFC pool; NULL otherwise */
+    int async_logged;
+    int cb_mode;           /* CB_*: where completions are called (read at Open) */
 
     pthread_mutex_t mu;
     pthread_cond_t work;  /* a request queued, or stop */
@@ -467,6 +612,23 @@ static VixError do_io(struct VixDiskLibHandleStruct *h, int is_write, uint64_t s
     return VIX_OK;
 }
 
+/* One async request: the I/O, its NFC buffer back, the completion callback. The
+ * library logs from the thread that completes it, as VDDK does. */
+static void run_request(struct VixDiskLibHandleStruct *h, struct request *r)
+{
+    VixError err = do_io(h, r->is_write, r->start, r->count, r->rbuf, r->wbuf);
+    nfc_give(h->nfc, r->count * SECTOR);
+    if (!__atomic_exchange_n(&h->async_logged, 1, __ATOMIC_SEQ_CST))
+        sim_log(0, "vddk_sim: async I/O running on %s\n", h->data_path);
+    if (err != VIX_OK)
+        sim_log(1, "vddk_sim: %s of %llu sectors at sector %llu failed (VixError %llu)\n",
+                r->is_write ? "write" : "read", (unsigned long long)r->count,
+                (unsigned long long)r->start, (unsigned long long)err);
+    if (r->cb)
+        r->cb(r->cb_data, err);
+    free(r);
+}
+
 static void *worker_main(void *arg)
 {
     struct VixDiskLibHandleStruct *h = arg;
@@ -474,7 +636,6 @@ static void *worker_main(void *arg)
     pthread_mutex_lock(&h->mu);
     for (;;) {
         struct request *r;
-        VixError err;
         while (h->head == NULL && !h->stop)
             pthread_cond_wait(&h->work, &h->mu);
         if (h->head == NULL)
@@ -485,10 +646,7 @@ static void *worker_main(void *arg)
             h->tail = NULL;
         pthread_mutex_unlock(&h->mu);
 
-        err = do_io(h, r->is_write, r->start, r->count, r->rbuf, r->wbuf);
-        if (r->cb)
-            r->cb(r->cb_data, err);
-        free(r);
+        run_request(h, r);
 
         pthread_mutex_lock(&h->mu);
         if (--h->pending == 0)
@@ -498,11 +656,30 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* Mode "wait": the queued requests run on the thread calling Wait/Flush/Close. */
+static void run_queue(struct VixDiskLibHandleStruct *h)
+{
+    pthread_mutex_lock(&h->mu);
+    while (h->head != NULL) {
+        struct request *r = h->head;
+        h->head = r->next;
+        if (h->head == NULL)
+            h->tail = NULL;
+        pthread_mutex_unlock(&h->mu);
+        run_request(h, r);
+        pthread_mutex_lock(&h->mu);
+        if (--h->pending == 0)
+            pthread_cond_broadcast(&h->idle);
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
 static VixError submit(VixDiskLibHandle h, int is_write, uint64_t start, uint64_t count,
                        uint8_t *rbuf, const uint8_t *wbuf, VixDiskLibCompletionCB cb,
                        void *cb_data)
 {
     struct request *r;
+    VixError err;
 
     if (h == NULL || cb == NULL || (is_write ? wbuf == NULL : rbuf == NULL))
         return VIX_E_INVALID_ARG;
@@ -510,8 +687,12 @@ static VixError submit(VixDiskLibHandle h, int is_write, uint64_t start, uint64_
         return VIX_E_DISK_OUTOFRANGE;
     if (is_write && h->read_only)
         return VIX_E_FILE_READ_ONLY;
-    if ((r = calloc(1, sizeof *r)) == NULL)
+    if ((err = nfc_take(h->nfc, count * SECTOR)) != VIX_OK)
+        return err;
+    if ((r = calloc(1, sizeof *r)) == NULL) {
+        nfc_give(h->nfc, count * SECTOR);
         return VIX_E_OUT_OF_MEMORY;
+    }
     r->is_write = is_write;
     r->start = start;
     r->count = count;
@@ -520,8 +701,12 @@ static VixError submit(VixDiskLibHandle h, int is_write, uint64_t start, uint64_
     r->cb = cb;
     r->cb_data = cb_data;
 
+    if (h->cb_mode == CB_INLINE) {  /* completed, callback called, before we return */
+        run_request(h, r);
+        return VIX_ASYNC;
+    }
     pthread_mutex_lock(&h->mu);
-    if (h->nworkers == 0) {  /* start the workers on first use */
+    if (h->nworkers == 0 && h->cb_mode == CB_THREAD) {  /* start the workers on first use */
         unsigned long want = env_ulong("VMRESTORE_VDDK_SIM_WORKERS", 4);
         if (want < 1)
             want = 1;
@@ -549,6 +734,8 @@ static VixError submit(VixDiskLibHandle h, int is_write, uint64_t start, uint64_
 
 static void wait_idle(VixDiskLibHandle h)
 {
+    if (h->cb_mode == CB_WAIT)
+        run_queue(h);
     pthread_mutex_lock(&h->mu);
     while (h->pending > 0)
         pthread_cond_wait(&h->idle, &h->mu);
@@ -564,6 +751,18 @@ static int has_pending(VixDiskLibHandle h)
     return p != 0;
 }
 
+/* A synchronous read/write: its NFC buffer is held for the call. */
+static VixError sync_io(VixDiskLibHandle h, int is_write, uint64_t start, uint64_t count,
+                        uint8_t *rbuf, const uint8_t *wbuf)
+{
+    VixError err = nfc_take(h->nfc, count * SECTOR);
+    if (err != VIX_OK)
+        return err;
+    err = do_io(h, is_write, start, count, rbuf, wbuf);
+    nfc_give(h->nfc, count * SECTOR);
+    return err;
+}
+
 /* ---- the API ---------------------------------------------------------------- */
 
 VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
@@ -571,18 +770,39 @@ VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
                            VixDiskLibGenericLogFunc *panic, const char *libDir,
                            const char *configFile)
 {
+    int (*vim_version)(void);
+
     (void)panic;
     (void)libDir;
+    g_strict = env_ulong("VMRESTORE_VDDK_SIM_STRICT", 1) != 0;
     g_log = log;
     g_warn = warn;
+    g_log_tid = 0;
+    if (g_strict && my_tid() != getpid()) {
+        sim_log(1, "VixDiskLib_InitEx: called from a thread other than the main thread\n");
+        trace("VixDiskLib_InitEx refused: not the main thread");
+        return VIX_E_FAIL;
+    }
+    /* VMware's library loads its companions by name: only the search path finds them. */
+    if (g_companion == NULL && (g_companion = dlopen(COMPANION, RTLD_NOW)) == NULL) {
+        sim_log(1, "VixDiskLib: Failed to load %s: %s\n", COMPANION, dlerror());
+        trace("VixDiskLib_InitEx failed: %s not found", COMPANION);
+        return VIX_E_FAIL;
+    }
+    vim_version = (int (*)(void))dlsym(g_companion, "VixDiskLibVim_Version");
+    if (vim_version == NULL || vim_version() != 8) {
+        sim_log(1, "VixDiskLib: %s is not the companion of this library\n", COMPANION);
+        return VIX_E_FAIL;
+    }
     free(g_config_file);
     g_config_file = sdup(configFile);
     pthread_mutex_lock(&g_mu);
-    g_connects = g_prepares = 0;
+    g_connects = g_prepares = g_ends = 0;
+    g_nnfc = 0;
     pthread_mutex_unlock(&g_mu);
     g_initialized = 1;
     trace("VixDiskLib_InitEx %u.%u", majorVersion, minorVersion);
-    sim_logf(g_log, "vddk_sim: initialized (API %u.%u)\n", majorVersion, minorVersion);
+    sim_log(0, "vddk_sim: initialized (API %u.%u)\n", majorVersion, minorVersion);
     return VIX_OK;
 }
 
@@ -593,6 +813,16 @@ void VixDiskLib_Exit(void)
     g_config_file = NULL;
     g_initialized = 0;
     g_log = g_warn = NULL;
+    if (g_companion != NULL) {
+        dlclose(g_companion);
+        g_companion = NULL;
+    }
+    pthread_mutex_lock(&g_mu);
+    for (int i = 0; i < MAX_PREPARED; i++) {
+        free(g_prepared[i]);
+        g_prepared[i] = NULL;
+    }
+    pthread_mutex_unlock(&g_mu);
 }
 
 const char *VixDiskLib_ListTransportModes(void)
@@ -603,16 +833,36 @@ const char *VixDiskLib_ListTransportModes(void)
 VixError VixDiskLib_Cleanup(const VixDiskLibConnectParams *connectParams,
                             uint32_t *numCleanedUp, uint32_t *numRemaining)
 {
+    VixError err = session_enter("VixDiskLib_Cleanup");
+    if (err != VIX_OK)
+        return err;
     trace("VixDiskLib_Cleanup server=%s",
           connectParams && connectParams->serverName ? connectParams->serverName : "-");
     if (numCleanedUp)
         *numCleanedUp = 0;
     if (numRemaining)
         *numRemaining = 0;
+    session_leave();
     return VIX_OK;
 }
 
+static VixError connect_ex(const VixDiskLibConnectParams *p, Bool readOnly,
+                           const char *snapshotRef, const char *transportModes,
+                           VixDiskLibConnection *connection);
+
 VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool readOnly,
+                              const char *snapshotRef, const char *transportModes,
+                              VixDiskLibConnection *connection)
+{
+    VixError err = session_enter("VixDiskLib_ConnectEx");
+    if (err != VIX_OK)
+        return err;
+    err = connect_ex(p, readOnly, snapshotRef, transportModes, connection);
+    session_leave();
+    return err;
+}
+
+static VixError connect_ex(const VixDiskLibConnectParams *p, Bool readOnly,
                               const char *snapshotRef, const char *transportModes,
                               VixDiskLibConnection *connection)
 {
@@ -630,6 +880,14 @@ VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool readOnly,
     *connection = NULL;
     if (!g_initialized)
         return VIX_E_FAIL;
+    if (g_strict && p == NULL) {
+        sim_log(1, "VixDiskLib_ConnectEx: connectParams is NULL (pass zeroed params for "
+                "local files)\n");
+        return VIX_E_INVALID_ARG;
+    }
+    if (p != NULL && p->specType != VIXDISKLIB_SPEC_VMX &&
+        p->specType != VIXDISKLIB_SPEC_VSTORAGE_OBJECT)
+        return VIX_E_INVALID_ARG;
     faults_parse(&fs);
     err = fault_check(&fs, "connect", global_count(&g_connects));
     if (err != VIX_OK) {
@@ -678,21 +936,68 @@ VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool readOnly,
 
 VixError VixDiskLib_Disconnect(VixDiskLibConnection connection)
 {
+    VixError err;
     if (connection == NULL)
         return VIX_E_INVALID_ARG;
+    if ((err = session_enter("VixDiskLib_Disconnect")) != VIX_OK)
+        return err;
     trace("VixDiskLib_Disconnect");
     free(connection->server);
     free(connection->vmx);
     free(connection->modes);
     free(connection);
+    session_leave();
     return VIX_OK;
 }
 
-static VixError access_call(const char *name, const VixDiskLibConnectParams *p,
-                            const char *identity)
+/* The slot of vmx in g_prepared (g_mu held), or -1. */
+static int prepared_slot(const char *vmx)
 {
+    for (int i = 0; i < MAX_PREPARED; i++)
+        if (g_prepared[i] && strcmp(g_prepared[i], vmx) == 0)
+            return i;
+    return -1;
+}
+
+/* PrepareForAccess (prepare=1) / EndAccess: vCenter disables (re-enables) the
+ * VM's relocation methods. A host has no such service; a VM already disabled
+ * (a session that never called EndAccess) is refused until EndAccess. */
+static VixError access_call(const char *name, const VixDiskLibConnectParams *p,
+                            const char *identity, int prepare)
+{
+    const char *host = getenv("VMRESTORE_VDDK_SIM_HOST");
+    VixError err = VIX_OK;
+    int slot;
+
     if (p == NULL || p->vmxSpec == NULL || identity == NULL)
         return VIX_E_INVALID_ARG;
+    if (host && strcmp(host, "esx") == 0) {
+        sim_log(1, "%s: %s is an ESXi host; disabling VM methods needs vCenter Server\n",
+                name, p->serverName ? p->serverName : "the server");
+        trace("%s vmx=%s refused: esx host", name, p->vmxSpec);
+        return VIX_E_NOT_SUPPORTED;
+    }
+    pthread_mutex_lock(&g_mu);
+    slot = prepared_slot(p->vmxSpec);
+    if (prepare && slot >= 0) {
+        err = VIX_E_OBJECT_IS_BUSY;
+    } else if (prepare) {
+        for (int i = 0; i < MAX_PREPARED; i++)
+            if (g_prepared[i] == NULL) {
+                g_prepared[i] = strdup(p->vmxSpec);
+                break;
+            }
+    } else if (slot >= 0) {
+        free(g_prepared[slot]);
+        g_prepared[slot] = NULL;
+    }
+    pthread_mutex_unlock(&g_mu);
+    if (err != VIX_OK) {
+        sim_log(1, "%s: the methods of %s are already disabled (a session did not call "
+                "EndAccess)\n", name, p->vmxSpec);
+        trace("%s vmx=%s refused: already disabled", name, p->vmxSpec);
+        return err;
+    }
     trace("%s vmx=%s identity=%s", name, p->vmxSpec, identity);
     return VIX_OK;
 }
@@ -707,17 +1012,46 @@ VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *connectParam
         trace("VixDiskLib_PrepareForAccess fault code=%llu", (unsigned long long)err);
         return err;
     }
-    return access_call("VixDiskLib_PrepareForAccess", connectParams, identity);
+    if ((err = session_enter("VixDiskLib_PrepareForAccess")) != VIX_OK)
+        return err;
+    err = access_call("VixDiskLib_PrepareForAccess", connectParams, identity, 1);
+    session_leave();
+    return err;
 }
 
 VixError VixDiskLib_EndAccess(const VixDiskLibConnectParams *connectParams,
                               const char *identity)
 {
-    return access_call("VixDiskLib_EndAccess", connectParams, identity);
+    struct faults fs;
+    VixError err;
+    faults_parse(&fs);
+    if ((err = fault_check(&fs, "end", global_count(&g_ends))) != VIX_OK) {
+        trace("VixDiskLib_EndAccess fault code=%llu", (unsigned long long)err);
+        return err;
+    }
+    if ((err = session_enter("VixDiskLib_EndAccess")) != VIX_OK)
+        return err;
+    err = access_call("VixDiskLib_EndAccess", connectParams, identity, 0);
+    session_leave();
+    return err;
 }
+
+static VixError open_disk(const VixDiskLibConnection connection, const char *path,
+                          uint32_t flags, VixDiskLibHandle *diskHandle);
 
 VixError VixDiskLib_Open(const VixDiskLibConnection connection, const char *path,
                          uint32_t flags, VixDiskLibHandle *diskHandle)
+{
+    VixError err = session_enter("VixDiskLib_Open");
+    if (err != VIX_OK)
+        return err;
+    err = open_disk(connection, path, flags, diskHandle);
+    session_leave();
+    return err;
+}
+
+static VixError open_disk(const VixDiskLibConnection connection, const char *path,
+                          uint32_t flags, VixDiskLibHandle *diskHandle)
 {
     struct VixDiskLibHandleStruct *h;
     char *data = NULL, *desc = NULL;
@@ -764,6 +1098,13 @@ VixError VixDiskLib_Open(const VixDiskLibConnection connection, const char *path
     }
     h->data_path = data;
     h->faults = connection->faults;
+    if (strcmp(h->mode, "nbd") == 0 || strcmp(h->mode, "nbdssl") == 0)
+        h->nfc = nfc_host(connection->server);
+    {
+        const char *cb = getenv("VMRESTORE_VDDK_SIM_CALLBACKS");
+        h->cb_mode = cb && strcmp(cb, "inline") == 0 ? CB_INLINE
+                   : cb && strcmp(cb, "wait") == 0 ? CB_WAIT : CB_THREAD;
+    }
     h->latency_us = env_ulong("VMRESTORE_VDDK_SIM_LATENCY_US", 0);
     pthread_mutex_init(&h->mu, NULL);
     pthread_cond_init(&h->work, NULL);
@@ -772,7 +1113,7 @@ VixError VixDiskLib_Open(const VixDiskLibConnection connection, const char *path
     *diskHandle = h;
     trace("VixDiskLib_Open path=%s mode=%s capacity=%llu ro=%d flags=%u", path, h->mode,
           (unsigned long long)h->capacity, h->read_only, flags);
-    sim_logf(g_log, "vddk_sim: opened %s with transport %s\n", path, h->mode);
+    sim_log(0, "vddk_sim: opened %s with transport %s\n", path, h->mode);
     return VIX_OK;
 
 fail:
@@ -788,8 +1129,11 @@ fail:
 
 VixError VixDiskLib_Close(VixDiskLibHandle h)
 {
+    VixError err;
     if (h == NULL)
         return VIX_E_INVALID_ARG;
+    if ((err = session_enter("VixDiskLib_Close")) != VIX_OK)
+        return err;
     wait_idle(h);
     pthread_mutex_lock(&h->mu);
     h->stop = 1;
@@ -802,9 +1146,11 @@ VixError VixDiskLib_Close(VixDiskLibHandle h)
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->work);
     pthread_cond_destroy(&h->idle);
+    sim_log(0, "vddk_sim: closed %s\n", h->data_path);
     free(h->data_path);
     free(h->uuid);
     free(h);
+    session_leave();
     return VIX_OK;
 }
 
@@ -853,7 +1199,7 @@ VixError VixDiskLib_Read(VixDiskLibHandle h, VixDiskLibSectorType startSector,
         return VIX_E_INVALID_ARG;
     if (has_pending(h))
         return VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED;
-    return do_io(h, 0, startSector, numSectors, readBuffer, NULL);
+    return sync_io(h, 0, startSector, numSectors, readBuffer, NULL);
 }
 
 VixError VixDiskLib_Write(VixDiskLibHandle h, VixDiskLibSectorType startSector,
@@ -863,7 +1209,7 @@ VixError VixDiskLib_Write(VixDiskLibHandle h, VixDiskLibSectorType startSector,
         return VIX_E_INVALID_ARG;
     if (has_pending(h))
         return VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED;
-    return do_io(h, 1, startSector, numSectors, NULL, writeBuffer);
+    return sync_io(h, 1, startSector, numSectors, NULL, writeBuffer);
 }
 
 #ifndef VDDK_SIM_LEGACY /* -DVDDK_SIM_LEGACY: only the calls VDDK 5.5 had */

@@ -118,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     setup_logging(args.verbose, args.log_file)
+    if argv is None:  # the real command line: VDDK may re-execute it (LD_LIBRARY_PATH)
+        from vmrestore import vddk
+
+        vddk.allow_reexec()
     try:
         rc = args.func(args)
         return int(rc or 0)

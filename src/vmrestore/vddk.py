@@ -9,6 +9,16 @@ missing -> the operation that needs one says which), and initialized once per
 process. Every VixError becomes ``VddkError`` in one place
 (:meth:`Library.check`), with the library's own text.
 
+The session follows VMware's rules (docs/vddk.md, "VMware's rules"): the
+VDDK's lib64 on the library search path (the CLI re-executes itself with
+LD_LIBRARY_PATH; in-process, VMware's own companion libraries are loaded by
+path first), thread-safe log functions for InitEx (C, ext/core/vddk_log.c,
+drained into ``logging``), InitEx on the main thread, one process-wide lock
+around ConnectEx/Disconnect/Open/Close and the access calls, PrepareForAccess
+only against vCenter (retried once when the VM's methods are already
+disabled; EndAccess failures only logged), zeroed connect params with
+specType set, and Cleanup after every remote session.
+
 No block I/O happens here: the core's VDDK writer (ext/core/writer_vddk.c)
 calls WriteAsync itself, with the disk handle and function addresses this
 module hands it (:meth:`Disk.writer_args`). ``read``/``write`` below are for
@@ -18,6 +28,8 @@ control-plane use and tests (a few sectors), not the data path.
 from __future__ import annotations
 
 import atexit
+import collections
+import ctypes
 import logging
 import os
 import re
@@ -32,6 +44,7 @@ from typing import Any
 from vmrestore.errors import UsageError, VddkError, from_core
 
 log = logging.getLogger("vmrestore.vddk")
+lib_log = logging.getLogger("vmrestore.vddk.lib")  # what VixDiskLib itself logged
 
 LIBDIR_ENV = "VMRESTORE_VDDK_LIBDIR"
 LIBNAME = "libvixDiskLib.so"
@@ -40,7 +53,23 @@ SECTOR = 512
 API_MAJOR, API_MINOR = 6, 0
 
 VIX_OK = 0
+VIX_E_FAIL = 1
+VIX_E_OBJECT_IS_BUSY = 5
+VIX_E_NOT_SUPPORTED = 6
 VIX_ASYNC = 25000
+SPEC_VMX = 0
+
+# VMware's rule: the VDDK's lib64 must be on the library search path, because
+# libvixDiskLib loads its companion libraries by name at run time.
+SEARCH_PATH_VAR = "LD_LIBRARY_PATH"
+REEXEC_MARK = "VMRESTORE_VDDK_REEXECUTED"
+COMPANION_PREFIXES = ("libvixDiskLib", "libdiskLib")  # VMware's own, in lib64
+ENDPOINTS = ("vcenter", "esx")
+
+# One lock for the calls VMware says must not run concurrently: ConnectEx,
+# Disconnect, Open, Close (they set up and tear down libraries), and the
+# access calls made with the same connect params.
+SESSION_LOCK = threading.RLock()
 
 FLAG_UNBUFFERED = 1
 FLAG_SINGLE_LINK = 2
@@ -90,6 +119,112 @@ def find_library(libdir: str | os.PathLike[str] | None = None) -> Path:
     raise VddkError(f"no {LIBNAME} in {base / 'lib64'} (is {base} a VDDK directory?)")
 
 
+def _loader_search_path() -> list[str]:
+    """LD_LIBRARY_PATH as the dynamic loader read it when this process started.
+
+    glibc reads it once, at start: setting os.environ later changes nothing for
+    dlopen, so the process's initial environment is what counts.
+    """
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        raw = f"{SEARCH_PATH_VAR}={os.environ.get(SEARCH_PATH_VAR, '')}".encode()
+    key = SEARCH_PATH_VAR.encode() + b"="
+    for item in raw.split(b"\0"):
+        if item.startswith(key):
+            return [p for p in item[len(key):].decode(errors="replace").split(":") if p]
+    return []
+
+
+def _abs(p: Path) -> Path:
+    """Absolute, symlinks kept: lib64/libvixDiskLib.so may link elsewhere, lib64 counts."""
+    return Path(os.path.abspath(p))
+
+
+def on_search_path(lib: Path) -> bool:
+    """True when the loader's search path holds the directory of lib (its lib64)."""
+    d = lib.parent.resolve()
+    return any(Path(p).resolve() == d for p in _loader_search_path())
+
+
+_ALLOW_REEXEC = False
+
+
+def allow_reexec() -> None:
+    """Called by the CLI's main() only: this process may re-execute itself."""
+    global _ALLOW_REEXEC
+    _ALLOW_REEXEC = True
+
+
+def ensure_search_path(libdir: str | os.PathLike[str] | None) -> None:
+    """VMware's rule for the CLI: re-execute with LD_LIBRARY_PATH naming the VDDK's lib64.
+
+    Does nothing when the search path already holds it, when not called from
+    the command line (tests, library use: Library.load preloads instead), when
+    this process was already re-executed, or when no library is found (the
+    load that follows says why).
+    """
+    try:
+        path = _abs(find_library(libdir))
+    except (UsageError, VddkError):
+        return
+    if not _ALLOW_REEXEC or on_search_path(path) or os.environ.get(REEXEC_MARK):
+        return
+    env = dict(os.environ)
+    env[SEARCH_PATH_VAR] = ":".join([str(path.parent), *_loader_search_path()])
+    env[REEXEC_MARK] = "1"
+    log.debug("re-executing with %s=%s", SEARCH_PATH_VAR, env[SEARCH_PATH_VAR])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "vmrestore", *sys.argv[1:]], env)
+
+
+def _preload_companions(lib: Path) -> list[str]:
+    """Load VMware's own libraries of lib64 by path, so lookups by name find them loaded.
+
+    The in-process fallback when the search path lacks lib64 (the loader matches
+    a by-name dlopen against the SONAME of a library already loaded). Third-party
+    libraries VDDK ships (libssl, libcurl, ...) are left alone: only the search
+    path should bring those in.
+    """
+    done = []
+    for p in sorted(lib.parent.glob("lib*.so*")):
+        if p.resolve() == lib.resolve() or not p.name.startswith(COMPANION_PREFIXES):
+            continue
+        try:
+            ctypes.CDLL(str(p), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise VddkError(f"cannot load VixDiskLib's companion {p}: {e}") from None
+        done.append(p.name)
+    return done
+
+
+# -- VixDiskLib's own log messages ------------------------------------------------
+
+_last_warnings: collections.deque[str] = collections.deque(maxlen=3)
+
+
+def drain_log() -> None:
+    """Move what VixDiskLib logged (C ring, any thread) into Python logging; main thread only."""
+    from vmrestore import _pipeline
+
+    entries, dropped = _pipeline.vddk_log_drain()
+    for level, text in entries:  # warnings at INFO: an error that follows quotes them
+        if level == 0:
+            lib_log.debug("%s", text)
+        else:
+            lib_log.log(logging.INFO if level == 1 else logging.CRITICAL, "%s", text)
+            _last_warnings.append(text)
+    if dropped:
+        lib_log.warning("%d VixDiskLib log messages dropped (log ring full)", dropped)
+
+
+def last_warning() -> str | None:
+    """The library's most recent warning (drained first): the reason behind a bare code."""
+    drain_log()
+    return _last_warnings[-1] if _last_warnings else None
+
+
 @dataclass(frozen=True)
 class FunctionStatus:
     name: str
@@ -127,6 +262,7 @@ class ConnectSpec:
     nfc_host_port: int = 0
     transports: tuple[str, ...] = ()  # tried in order; () = library default
     snapshot: str | None = None  # snapshot moref (read access to a snapshot)
+    endpoint: str = "vcenter"  # "esx": an ESXi host directly (no PrepareForAccess)
 
 
 class Library:
@@ -135,7 +271,7 @@ class Library:
     _cache: dict[Path, Library] = {}  # noqa: RUF012 - process-wide on purpose
     _lock = threading.Lock()
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check: bool = True) -> None:
         import cffi
 
         decl = _decl()
@@ -144,21 +280,35 @@ class Library:
         self.ffi.cdef(decl.CDEF)
         self.functions = decl.FUNCTIONS
         self.needs: dict[str, tuple[str, ...]] = decl.NEEDS
+        if on_search_path(path):
+            self.search_path = f"{SEARCH_PATH_VAR} holds {path.parent}"
+        else:
+            names = _preload_companions(path)
+            self.search_path = (f"{path.parent} not in {SEARCH_PATH_VAR}; companions loaded "
+                                f"by path: {', '.join(names) or 'none found'}")
         try:
             self.lib = self.ffi.dlopen(str(path))
         except OSError as e:
             raise VddkError(f"cannot load VixDiskLib {path}: {e}") from None
         self.present = {f.name: hasattr(self.lib, f.name) for f in self.functions}
+        self.refused: str | None = None
         missing = [f for f in self.functions if f.required and not self.present[f.name]]
         if missing:
             names = ", ".join(f"{f.name} (VDDK {f.since})" for f in missing)
-            raise VddkError(f"{path} is not a usable VixDiskLib: it lacks {names}")
+            self.refused = f"{path} is not a usable VixDiskLib: it lacks {names}"
+            if check:
+                raise VddkError(self.refused)
         self._initialized = False
+
+    @classmethod
+    def probe(cls, libdir: str | os.PathLike[str] | None = None) -> Library:
+        """The library loaded but neither checked nor initialized (``vddk info`` on a refusal)."""
+        return cls(_abs(find_library(libdir)), check=False)
 
     @classmethod
     def load(cls, libdir: str | os.PathLike[str] | None = None, init: bool = True) -> Library:
         """Find, dlopen, check and (once per process) InitEx the library."""
-        path = find_library(libdir).resolve()
+        path = _abs(find_library(libdir))
         with cls._lock:
             lib = cls._cache.get(path)
             if lib is None:
@@ -169,13 +319,28 @@ class Library:
         return lib
 
     def _init(self) -> None:
+        """InitEx once per process, from the main thread, with thread-safe log functions."""
+        from vmrestore import _pipeline
+
+        if threading.current_thread() is not threading.main_thread():
+            raise VddkError(f"VixDiskLib {self.path} must be initialized from the main thread "
+                            "(VMware's rule): load it with vddk.Library.load() before "
+                            "starting threads")
         config = os.environ.get("VMRESTORE_VDDK_CONFIG")
+        fns = _pipeline.vddk_log_functions()
+        logf = {k: self.ffi.cast("VixDiskLibGenericLogFunc *", v) for k, v in fns.items()}
         err = self.lib.VixDiskLib_InitEx(
-            API_MAJOR, API_MINOR, self.ffi.NULL, self.ffi.NULL, self.ffi.NULL,
+            API_MAJOR, API_MINOR, logf["log"], logf["warn"], logf["panic"],
             str(self.path.parent.parent).encode(),
             config.encode() if config else self.ffi.NULL,
         )
-        self.check(err, f"VixDiskLib_InitEx ({self.path})")
+        if int(err) != VIX_OK:
+            e = self.error(err, f"VixDiskLib_InitEx ({self.path})")
+            if not on_search_path(self.path):
+                e = VddkError(f"{e} (is {self.path.parent} on {SEARCH_PATH_VAR}?)",
+                              code=e.code, text=e.text, kind=e.kind)
+            raise e
+        drain_log()
         self._initialized = True
         atexit.register(self._exit)
 
@@ -187,7 +352,9 @@ class Library:
     # -- the one place where VixErrors become exceptions ---------------------
 
     def error(self, err: int, what: str) -> VddkError:
-        """VddkError for err, with the library's text (GetErrorText, then FreeErrorText)."""
+        """VddkError for err, with the library's text (GetErrorText, then FreeErrorText)
+
+        and the library's last logged warning when it says more than the code."""
         code = int(err) & 0xFFFF
         ptr = self.lib.VixDiskLib_GetErrorText(err, self.ffi.NULL)
         try:
@@ -195,7 +362,10 @@ class Library:
         finally:
             if ptr:
                 self.lib.VixDiskLib_FreeErrorText(ptr)
-        return VddkError(f"{what}: {text} (VixError {code})", code=code, text=text)
+        why = last_warning()
+        _last_warnings.clear()
+        detail = f" [library: {why}]" if why else ""
+        return VddkError(f"{what}: {text} (VixError {code}){detail}", code=code, text=text)
 
     def check(self, err: int, what: str) -> None:
         if int(err) != VIX_OK:
@@ -225,10 +395,12 @@ class Library:
         return self.ffi.string(ptr).decode().split(":") if ptr else []
 
     def report(self) -> dict[str, Any]:
-        """What the loaded library offers, for `vmrestore vddk info`."""
+        """What the loaded library offers, for `vmrestore vddk info` (also when refused)."""
         return {
             "path": str(self.path),
-            "transport_modes": self.transport_modes(),
+            "refused": self.refused,
+            "search_path": self.search_path,
+            "transport_modes": self.transport_modes() if self.refused is None else [],
             "features": {k: all(self.present[n] for n in v) for k, v in self.needs.items()},
             "functions": [f.__dict__ for f in self.function_status()],
         }
@@ -252,8 +424,9 @@ class Library:
                 raise VddkError("VixDiskLib_AllocateConnectParams: out of memory")
             p = ffi.gc(p, self.lib.VixDiskLib_FreeConnectParams)
         else:
-            p = ffi.new("VixDiskLibConnectParams *")
+            p = ffi.new("VixDiskLibConnectParams *")  # zero-filled
         keep.append(p)
+        p.specType = SPEC_VMX  # set, not left to the allocator's zero
         p.vmxSpec = s(spec.vmx_spec)
         p.serverName = s(spec.server)
         p.thumbPrint = s(spec.thumbprint)
@@ -268,44 +441,99 @@ class Library:
     def connect(self, spec: ConnectSpec, read_only: bool = False) -> Connection:
         return Connection(self, spec, read_only)
 
+    def _session_call(self, fn: Any, *args: Any) -> int:
+        """A call VMware wants serialized: under SESSION_LOCK, then the log drained."""
+        with SESSION_LOCK:
+            err = fn(*args)
+        drain_log()
+        return int(err)
+
     def prepare_for_access(self, spec: ConnectSpec, identity: str = "vmrestore") -> None:
         keep: list[Any] = []
-        err = self.lib.VixDiskLib_PrepareForAccess(self._params(spec, keep), identity.encode())
+        err = self._session_call(self.lib.VixDiskLib_PrepareForAccess,
+                                 self._params(spec, keep), identity.encode())
         self.check(err, f"VixDiskLib_PrepareForAccess {spec.vmx_spec} on {spec.server}")
 
     def end_access(self, spec: ConnectSpec, identity: str = "vmrestore") -> None:
         keep: list[Any] = []
-        err = self.lib.VixDiskLib_EndAccess(self._params(spec, keep), identity.encode())
+        err = self._session_call(self.lib.VixDiskLib_EndAccess,
+                                 self._params(spec, keep), identity.encode())
         self.check(err, f"VixDiskLib_EndAccess {spec.vmx_spec} on {spec.server}")
 
     def cleanup(self, spec: ConnectSpec) -> tuple[int, int]:
-        """Undo state an unclean end left on the host; returns (cleaned, remaining)."""
+        """Undo state a session left on the host; returns (cleaned, remaining)."""
         keep: list[Any] = []
         params = self._params(ConnectSpec(**{**spec.__dict__, "vmx_spec": None}), keep)
         cleaned = self.ffi.new("uint32_t *")
         remaining = self.ffi.new("uint32_t *")
-        err = self.lib.VixDiskLib_Cleanup(params, cleaned, remaining)
+        err = self._session_call(self.lib.VixDiskLib_Cleanup, params, cleaned, remaining)
         self.check(err, f"VixDiskLib_Cleanup on {spec.server}")
         return int(cleaned[0]), int(remaining[0])
 
-    def access(self, spec: ConnectSpec, identity: str = "vmrestore") -> _Access:
-        """Context manager: PrepareForAccess ... EndAccess (remote VMs only)."""
-        return _Access(self, spec, identity)
+    def cleanup_quietly(self, spec: ConnectSpec) -> None:
+        """Cleanup after a session: a failure is logged, never raised (it must not mask
+        the session's own error nor fail a finished restore)."""
+        if spec.server is None:
+            return
+        try:
+            cleaned, remaining = self.cleanup(spec)
+        except VddkError as e:
+            log.warning("VixDiskLib_Cleanup after the session failed: %s", e)
+            return
+        if cleaned or remaining:
+            log.info("VixDiskLib_Cleanup on %s: %d cleaned up, %d remaining",
+                     spec.server, cleaned, remaining)
+
+    def access(self, spec: ConnectSpec, identity: str = "vmrestore") -> Access:
+        """Context manager: PrepareForAccess ... EndAccess (VMs behind vCenter only)."""
+        return Access(self, spec, identity)
 
 
-class _Access:
+class Access:
+    """PrepareForAccess ... EndAccess around the disks' use, as VMware specifies.
+
+    Only against vCenter (``spec.endpoint == "vcenter"``): an ESXi host has no
+    method to disable. Call it before the snapshot is taken and end it after the
+    snapshot is removed. A VM whose methods are already disabled (a session that
+    died before EndAccess) gets EndAccess and one retry. EndAccess failures are
+    logged, never raised: they must not mask the restore's error nor fail a
+    restore that finished.
+    """
+
     def __init__(self, lib: Library, spec: ConnectSpec, identity: str) -> None:
         self.lib, self.spec, self.identity = lib, spec, identity
-        self.active = spec.server is not None and spec.vmx_spec is not None
+        self.active = (spec.server is not None and spec.vmx_spec is not None
+                       and spec.endpoint == "vcenter")
+        self.prepared = False
 
-    def __enter__(self) -> _Access:
-        if self.active:
+    def begin(self) -> None:
+        if not self.active or self.prepared:
+            return
+        try:
             self.lib.prepare_for_access(self.spec, self.identity)
+        except VddkError as e:
+            if e.code != VIX_E_OBJECT_IS_BUSY:
+                raise
+            log.warning("%s; ending the earlier access and retrying once", e)
+            self.end()
+            self.lib.prepare_for_access(self.spec, self.identity)
+        self.prepared = True
+
+    def end(self) -> None:
+        try:
+            self.lib.end_access(self.spec, self.identity)
+        except VddkError as e:
+            log.warning("%s (the VM's methods may stay disabled until vCenter re-enables "
+                        "them)", e)
+
+    def __enter__(self) -> Access:
+        self.begin()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.active:
-            self.lib.end_access(self.spec, self.identity)
+        if self.prepared:
+            self.prepared = False
+            self.end()
 
 
 class Connection:
@@ -316,14 +544,15 @@ class Connection:
         self.spec = spec
         ffi = lib.ffi
         self._keep: list[Any] = []
-        params = lib._params(spec, self._keep) if spec.server is not None else ffi.NULL
+        params = lib._params(spec, self._keep)  # local files too: zeroed, never NULL
         modes = ":".join(spec.transports)
         for m in spec.transports:
             if m not in TRANSPORT_MODES:
                 raise UsageError(f"unknown VDDK transport mode {m!r} (one of "
                                  f"{', '.join(TRANSPORT_MODES)})")
         out = ffi.new("VixDiskLibConnection *")
-        err = lib.lib.VixDiskLib_ConnectEx(
+        err = lib._session_call(
+            lib.lib.VixDiskLib_ConnectEx,
             params, b"\x01" if read_only else b"\x00",
             spec.snapshot.encode() if spec.snapshot else ffi.NULL,
             modes.encode() if modes else ffi.NULL, out,
@@ -339,7 +568,7 @@ class Connection:
     def close(self) -> None:
         if self.handle is not None:
             h, self.handle = self.handle, None
-            self.lib.check(self.lib.lib.VixDiskLib_Disconnect(h),
+            self.lib.check(self.lib._session_call(self.lib.lib.VixDiskLib_Disconnect, h),
                            f"VixDiskLib_Disconnect from {self.spec.server or 'local files'}")
 
     def __enter__(self) -> Connection:
@@ -358,7 +587,8 @@ class Disk:
         self.path = path
         self.flags = flags
         out = self.lib.ffi.new("VixDiskLibHandle *")
-        err = self.lib.lib.VixDiskLib_Open(conn.handle, path.encode(), flags, out)
+        err = self.lib._session_call(self.lib.lib.VixDiskLib_Open, conn.handle, path.encode(),
+                                     flags, out)
         self.lib.check(err, f"VixDiskLib_Open {path}")
         self.handle = out[0]
 
@@ -453,7 +683,8 @@ class Disk:
     def close(self) -> None:
         if self.handle is not None:
             h, self.handle = self.handle, None
-            self.lib.check(self.lib.lib.VixDiskLib_Close(h), f"VixDiskLib_Close {self.path}")
+            self.lib.check(self.lib._session_call(self.lib.lib.VixDiskLib_Close, h),
+                           f"VixDiskLib_Close {self.path}")
 
     def __enter__(self) -> Disk:
         return self
@@ -464,10 +695,12 @@ class Disk:
 
 # -- the data path: a core writer over an open disk, and a whole-disk restore -----
 
-# Measured defaults (bench/test_bench_vddk.py, docs/vddk.md): requests in flight
-# per disk handle and bytes per WriteAsync (VMware: async buffers <= 2 MiB).
+# Requests in flight per disk handle (measured, docs/vddk.md), bytes per WriteAsync
+# and bytes the library may hold per disk handle: an NFC message is the data + 24
+# bytes from the host's small NFC buffer pool (docs/vddk.md, "NFC buffers").
 DEFAULT_QUEUE_DEPTH = 16
-DEFAULT_MAX_REQUEST = 2 << 20
+DEFAULT_MAX_REQUEST = 1 << 20
+DEFAULT_MAX_INFLIGHT = 8 << 20
 
 
 @dataclass
@@ -491,6 +724,15 @@ class VddkWriter:
     transport: str  # the mode VixDiskLib chose (san, hotadd, nbd, nbdssl, file)
     info: DiskInfo
     target: Any  # transport.vddk_uri.VddkTarget
+
+
+def with_library_reason(e: Exception) -> Exception:
+    """A VddkError from the data path, with the library's last warning when it has one."""
+    why = last_warning()
+    _last_warnings.clear()
+    if isinstance(e, VddkError) and why and why not in str(e):
+        return VddkError(f"{e} [library: {why}]", code=e.code, text=e.text, kind=e.kind)
+    return e
 
 
 def _writer_class() -> type:
@@ -521,16 +763,18 @@ _WRITER_CLS: type | None = None
 
 @contextmanager
 def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None = None,
-                max_request: int = DEFAULT_MAX_REQUEST, identity: str = "vmrestore",
+                max_request: int = DEFAULT_MAX_REQUEST,
+                max_inflight: int = DEFAULT_MAX_INFLIGHT, identity: str = "vmrestore",
                 target_zeroed: bool | None = None) -> Iterator[VddkWriter]:
     """A core writer onto a VDDK disk, for the pipeline (``.writer``: a _pipeline.Writer).
 
     target is a ``transport.vddk_uri.VddkTarget`` (or a vddk:// string). Brackets
-    the data phase with PrepareForAccess/EndAccess, connects, opens the disk,
-    refuses a disk smaller than ``size`` (TargetError), and closes everything in
-    order afterwards. On any failure VixDiskLib_Cleanup runs before the error
-    propagates, so the host holds no leftover state. ``target_zeroed`` (None:
-    the URI's ``new=``) says whether zero runs may be skipped.
+    the data phase with PrepareForAccess/EndAccess (vCenter only, and not when the
+    URI says the caller holds the bracket: ``access=caller``), connects, opens the
+    disk, refuses a disk smaller than ``size`` (TargetError), and closes
+    everything in order afterwards. VixDiskLib_Cleanup runs after every remote
+    session, failed or not; its own failure is only logged. ``target_zeroed``
+    (None: the URI's ``new=``) says whether zero runs may be skipped.
     """
     from vmrestore import _pipeline
     from vmrestore.errors import TargetError
@@ -543,31 +787,28 @@ def open_writer(target: Any, size: int, *, libdir: str | os.PathLike[str] | None
     lib.require("async-write")
     spec = target.spec
     flags = FLAG_UNBUFFERED if target.unbuffered else 0
-    try:
-        with lib.access(spec, identity), lib.connect(spec) as conn, \
-                conn.open(target.disk_path, flags) as disk:
-            info = disk.info()
-            if info.size < size:
-                raise TargetError(f"{target.label}: the disk holds {info.size} bytes, "
-                                  f"the restore needs {size}")
-            try:
-                w = _pipeline.open_vddk_writer(
-                    disk.writer_args(), info.size, target.disk_path, max_request,
-                    _pipeline.F_TARGET_ZEROED if zeroed else 0, _writer_class())
-            except _pipeline.CoreError as e:
-                raise from_core(e, where=target.label) from None
-            log.info("%s: VixDiskLib transport %s", target.label, disk.transport_mode)
-            try:
-                yield VddkWriter(w, disk.transport_mode, info, target)
-            finally:
-                _pipeline.Writer.close(w)
-    except BaseException:
-        if spec.server is not None:
-            try:
-                lib.cleanup(spec)
-            except VddkError as e:  # report the first error, not the cleanup's
-                log.warning("VixDiskLib_Cleanup after a failure also failed: %s", e)
-        raise
+    with ExitStack() as stack:
+        stack.callback(lib.cleanup_quietly, spec)  # runs last, after EndAccess
+        if not target.caller_access:
+            stack.enter_context(lib.access(spec, identity))
+        conn = stack.enter_context(lib.connect(spec))
+        disk = stack.enter_context(conn.open(target.disk_path, flags))
+        info = disk.info()
+        if info.size < size:
+            raise TargetError(f"{target.label}: the disk holds {info.size} bytes, "
+                              f"the restore needs {size}")
+        try:
+            w = _pipeline.open_vddk_writer(
+                disk.writer_args(), info.size, target.disk_path, max_request,
+                _pipeline.F_TARGET_ZEROED if zeroed else 0, _writer_class(), max_inflight)
+        except _pipeline.CoreError as e:
+            raise with_library_reason(from_core(e, where=target.label)) from None
+        log.info("%s: VixDiskLib transport %s", target.label, disk.transport_mode)
+        try:
+            yield VddkWriter(w, disk.transport_mode, info, target)
+        finally:
+            _pipeline.Writer.close(w)
+            drain_log()
 
 
 def open_session_writer(target: Any, size: int, **kw: Any) -> Any:
@@ -581,7 +822,8 @@ def open_session_writer(target: Any, size: int, **kw: Any) -> Any:
 def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
                       libdir: str | os.PathLike[str] | None = None, point: str | None = None,
                       queue_depth: int = DEFAULT_QUEUE_DEPTH,
-                      max_request: int = DEFAULT_MAX_REQUEST, threads: int = 0,
+                      max_request: int = DEFAULT_MAX_REQUEST,
+                      max_inflight: int = DEFAULT_MAX_INFLIGHT, threads: int = 0,
                       progress: Any = None) -> VddkRestoreResult:
     """Restore disk ``disk`` of a backup chain through VixDiskLib (vddk:// target).
 
@@ -605,7 +847,8 @@ def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
             chain = chain.at(point)
         dp = build_plan(chain, disk)
         fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in dp.sources]
-        with open_writer(target, dp.capacity, libdir=libdir, max_request=max_request) as vw:
+        with open_writer(target, dp.capacity, libdir=libdir, max_request=max_request,
+                         max_inflight=max_inflight) as vw:
             t0 = time.monotonic()
             try:
                 pipe = _pipeline.Pipeline(dp.plan, fds, vw.writer, threads=threads,
@@ -622,9 +865,11 @@ def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
                     pipe.cancel()
                     pipe.wait()
                     raise
+                drain_log()
                 err = pipe.error()
                 if err is not None:
-                    raise from_core(err, where=f"disk {disk} -> {target.label}")
+                    raise with_library_reason(
+                        from_core(err, where=f"disk {disk} -> {target.label}")) from None
                 c = pipe.counters()
             finally:
                 pipe.close()
@@ -641,16 +886,31 @@ def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
 # -- vddk_sim ----------------------------------------------------------------------
 
 
-def sim_library() -> Path:
-    """The built vddk_sim shared library (ext/vddk_sim), or VddkError if not built."""
+SIM_COMPANION = "libvixDiskLibVim.so.8"  # ext/build_vddk_sim.py's COMPANION_SONAME
+
+
+def sim_library(name: str = "_vddk_sim") -> Path:
+    """The built vddk_sim shared library (ext/vddk_sim), or VddkError if not built.
+
+    name ``_vddk_sim_vim`` gives its companion library instead."""
     here = Path(__file__).resolve().parent
-    found = sorted(here.glob("_vddk_sim*.so"))
+    found = sorted(here.glob(f"{name}.*so"))
     if not found:
         raise VddkError(
-            "vddk_sim is not built: run 'python setup.py build_ext --inplace' "
+            f"vddk_sim ({name}) is not built: run 'python setup.py build_ext --inplace' "
             "(or scripts/bootstrap.sh)"
         )
     return found[0]
+
+
+def _link(link: Path, to: Path) -> None:
+    """link -> to, replaced atomically when it points elsewhere."""
+    if link.is_symlink() and Path(os.readlink(link)) == to:
+        return
+    tmp = link.parent / f".{link.name}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(to)
+    tmp.replace(link)
 
 
 def sim_libdir(base: str | os.PathLike[str] | None = None) -> Path:
@@ -658,17 +918,12 @@ def sim_libdir(base: str | os.PathLike[str] | None = None) -> Path:
 
     Made under base, else the user cache dir; pass the result as --vddk-libdir.
     """
-    so = sim_library()
     root = Path(base) if base else Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmrestore" / "vddk-sim"
     lib64 = root / "lib64"
     lib64.mkdir(parents=True, exist_ok=True)
-    link = lib64 / LIBNAME
-    if not (link.is_symlink() and Path(os.readlink(link)) == so):
-        tmp = lib64 / f".{LIBNAME}.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(so)
-        tmp.replace(link)
+    _link(lib64 / LIBNAME, sim_library())
+    _link(lib64 / SIM_COMPANION, sim_library("_vddk_sim_vim"))
     return root
 
 

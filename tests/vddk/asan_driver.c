@@ -5,12 +5,19 @@
  * FreeErrorText), Wait + Flush, and every close. Exit 0 when the data reads
  * back identical and ASan/LSan found nothing.
  *
- * usage: asan_driver FLAT_FILE SIZE_BYTES */
+ * It passes the core's thread-safe log functions (ext/core/vddk_log.c) to
+ * InitEx and zeroed connect params to ConnectEx; the completion mode comes
+ * from VMRESTORE_VDDK_SIM_CALLBACKS (thread / inline / wait). With a third
+ * argument "null-loggers" it passes NULL loggers instead: the strict sim must
+ * then abort when its default logger is used from a second thread.
+ *
+ * usage: asan_driver FLAT_FILE SIZE_BYTES [null-loggers] */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "vddk_log.h"
 #include "vixdisklib.h"
 #include "writer.h"
 #include "writer_vddk.h"
@@ -60,7 +67,10 @@ static int run(const char *path, uint64_t size, uint32_t max_request, int queue_
     unsigned char *data, *back;
     void *lane;
 
-    CHECK(VixDiskLib_ConnectEx(NULL, 0, NULL, NULL, &conn) == VIX_OK, "connect\n");
+    VixDiskLibConnectParams params;
+    memset(&params, 0, sizeof params);
+    params.specType = VIXDISKLIB_SPEC_VMX;
+    CHECK(VixDiskLib_ConnectEx(&params, 0, NULL, NULL, &conn) == VIX_OK, "connect\n");
     CHECK(VixDiskLib_Open(conn, path, 0, &h) == VIX_OK, "open %s\n", path);
     memset(&o, 0, sizeof o);
     o.handle = (uintptr_t)h;
@@ -121,14 +131,26 @@ static int run(const char *path, uint64_t size, uint32_t max_request, int queue_
 
 int main(int argc, char **argv)
 {
-    CHECK(argc == 3, "usage: %s FLAT SIZE\n", argv[0]);
+    CHECK(argc == 3 || argc == 4, "usage: %s FLAT SIZE [null-loggers]\n", argv[0]);
     uint64_t size = strtoull(argv[2], NULL, 10);
-    CHECK(VixDiskLib_InitEx(6, 0, NULL, NULL, NULL, NULL, NULL) == VIX_OK, "init\n");
+    if (argc == 4) {
+        CHECK(VixDiskLib_InitEx(6, 0, NULL, NULL, NULL, NULL, NULL) == VIX_OK, "init\n");
+        run(argv[1], size, 0, 8, 0);  /* the strict sim aborts in here */
+        puts("not aborted");
+        return 0;
+    }
+    CHECK(VixDiskLib_InitEx(6, 0, vmr_vddk_log, vmr_vddk_warn, vmr_vddk_panic, NULL, NULL)
+          == VIX_OK, "init\n");
     run(argv[1], size, 0, 8, 0);            /* 1 MiB requests, 8 in flight */
     run(argv[1], size, 128 * 1024, 32, 0);  /* each split in 8 WriteAsync calls */
     setenv("VMRESTORE_VDDK_SIM_FAIL", "write:5+:8", 1);
     run(argv[1], size, 256 * 1024, 4, 1);   /* errors from the 5th call on */
     VixDiskLib_Exit();
+    {
+        struct vmr_vddk_log_entry e[8];
+        uint64_t dropped;
+        CHECK(vmr_vddk_log_drain(e, 8, &dropped) > 0, "nothing logged\n");
+    }
     puts("ok");
     return 0;
 }

@@ -32,7 +32,10 @@ def sim(tmp_path: Path, sim_libdir: Path, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setenv("VMRESTORE_VDDK_PASSWORD", "secret")
     for var in ("VMRESTORE_VDDK_SIM_FAIL", "VMRESTORE_VDDK_SIM_LATENCY_US",
                 "VMRESTORE_VDDK_SIM_TRANSPORTS", "VMRESTORE_VDDK_SIM_THUMBPRINT",
-                "VMRESTORE_VDDK_SIM_USER", "VMRESTORE_VDDK_SIM_PASSWORD"):
+                "VMRESTORE_VDDK_SIM_USER", "VMRESTORE_VDDK_SIM_PASSWORD",
+                "VMRESTORE_VDDK_SIM_HOST", "VMRESTORE_VDDK_SIM_CALLBACKS",
+                "VMRESTORE_VDDK_SIM_NFC_MEMORY", "VMRESTORE_VDDK_SIM_NFC_MAX_ALLOC",
+                "VMRESTORE_VDDK_SIM_STRICT"):
         monkeypatch.delenv(var, raising=False)
     yield s
 

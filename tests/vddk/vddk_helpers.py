@@ -53,17 +53,20 @@ def compile_so(out: Path, sources: list[Path], *flags: str) -> Path:
     """Build a small shared library (for missing/legacy-library tests)."""
     need_tool("gcc")
     cmd = ["gcc", "-shared", "-fPIC", "-O1", "-pthread", f"-I{DECL_DIR}", *flags,
-           *map(str, sources), "-o", str(out)]
+           *map(str, sources), "-ldl", "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return out
 
 
 def libdir_for(so: Path, base: Path) -> Path:
-    """A VDDK-shaped dir (base/lib64/libvixDiskLib.so.8) holding so."""
+    """A VDDK-shaped dir (base/lib64/libvixDiskLib.so.8) holding so and the sim's companion."""
+    from vmrestore import vddk
+
     lib64 = base / "lib64"
     lib64.mkdir(parents=True, exist_ok=True)
     shutil.copy(so, lib64 / "libvixDiskLib.so.8")
+    shutil.copy(vddk.sim_library("_vddk_sim_vim"), lib64 / vddk.SIM_COMPANION)
     return base
 
 

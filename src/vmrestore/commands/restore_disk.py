@@ -99,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if args.disk < 0:
         raise UsageError("--disk must be >= 0")
+    from vmrestore.transport import vddk_uri
+
+    if vddk_uri.is_vddk_uri(args.target):  # VMware's search path rule, before any load
+        from vmrestore import vddk
+
+        vddk.ensure_search_path(vddk_uri.parse(args.target).libdir)
     with Display(quiet=args.quiet) as display:
         task = display.task(f"disk {args.disk}", None, "bytes")
 

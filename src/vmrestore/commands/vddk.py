@@ -51,7 +51,9 @@ def register(subparsers: Any) -> None:
     rd.add_argument("--queue-depth", type=number(1, 4096), default=None,
                     help="WriteAsync requests in flight (default: measured, see docs/vddk.md)")
     rd.add_argument("--max-request", type=number(512, 1 << 30), default=None, metavar="BYTES",
-                    help="bytes per WriteAsync (default 2 MiB)")
+                    help="bytes per WriteAsync (default 1 MiB: NFC buffers, docs/vddk.md)")
+    rd.add_argument("--max-inflight", type=number(512, 1 << 34), default=None, metavar="BYTES",
+                    help="bytes WriteAsync may hold per disk (default 8 MiB)")
     rd.add_argument("--threads", type=number(0, 1024), default=0,
                     help="decompress threads (0 = default)")
     rd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -67,13 +69,29 @@ def _libdir(value: str | None) -> str | None:
 
 def run_info(args: argparse.Namespace) -> int:
     from vmrestore import vddk
+    from vmrestore.errors import VddkError
 
-    lib = vddk.Library.load(_libdir(args.vddk_libdir))
+    libdir = _libdir(args.vddk_libdir)
+    vddk.ensure_search_path(libdir)
+    refused: VddkError | None = None
+    try:
+        lib = vddk.Library.load(libdir)
+    except VddkError as e:  # still show what the library offers, then fail
+        refused = e
+        try:
+            lib = vddk.Library.probe(libdir)
+        except VddkError:
+            raise e from None
     report = lib.report()
+    report["refused"] = str(refused) if refused else None
+    rc = refused.exit_code if refused else 0
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return rc
     print(f"library: {report['path']}")
+    if refused:
+        print(f"REFUSED: {refused}")
+    print(f"search path: {report['search_path']}")
     print(f"transport modes: {':'.join(report['transport_modes'])}")
     print("features: " + ", ".join(f"{k} {'yes' if v else 'NO'}"
                                    for k, v in report["features"].items()))
@@ -81,7 +99,7 @@ def run_info(args: argparse.Namespace) -> int:
         state = "ok" if f["present"] else ("MISSING" if f["required"] else "absent")
         kind = "required" if f["required"] else f"optional, VDDK {f['since']}"
         print(f"  {f['name']:<36} {state:<8} ({kind}) {f['purpose']}")
-    return 0
+    return rc
 
 
 def run_sim_libdir(args: argparse.Namespace) -> int:
@@ -96,11 +114,14 @@ def run_restore_disk(args: argparse.Namespace) -> int:
     from vmrestore.transport import vddk_uri
 
     target = vddk_uri.parse(args.to)
+    vddk.ensure_search_path(_libdir(args.vddk_libdir) or target.libdir)
     kw: dict[str, Any] = {"threads": args.threads}
     if args.queue_depth:
         kw["queue_depth"] = args.queue_depth
     if args.max_request:
         kw["max_request"] = args.max_request
+    if args.max_inflight:
+        kw["max_inflight"] = args.max_inflight
     with ui.Display(quiet=args.quiet) as display:
         task = display.task(f"disk {args.disk} -> {target.label}")
 

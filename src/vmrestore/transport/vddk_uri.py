@@ -4,7 +4,7 @@ Form (documented in ``restore-disk --help`` and docs/vddk.md)::
 
     vddk://[USER@]SERVER[:PORT]/DATASTORE/DIR/DISK.vmdk?vm=MOREF[&transports=MODES]
            [&thumbprint=SHA1][&password_file=PATH][&snapshot=MOREF][&nfc_port=N]
-           [&new=1][&unbuffered=1][&libdir=DIR]
+           [&new=1][&unbuffered=1][&libdir=DIR][&endpoint=vcenter|esx][&access=caller]
     vddk:///ABS/PATH/DISK.vmdk        a local disk file through VixDiskLib ("file" mode)
 
 * The first path segment is the datastore: ``/ds1/vm/vm.vmdk`` is the disk
@@ -18,6 +18,9 @@ Form (documented in ``restore-disk --help`` and docs/vddk.md)::
   else the URI's ``USER:PASSWORD@`` (discouraged: visible in process lists).
 * ``new=1``: the disk was just created (reads as zeros): zero runs are skipped.
 * ``libdir`` overrides ``--vddk-libdir`` / ``$VMRESTORE_VDDK_LIBDIR``.
+* ``endpoint=esx``: SERVER is an ESXi host, not vCenter: no PrepareForAccess.
+* ``access=caller``: the caller brackets the VM with PrepareForAccess/EndAccess
+  (the orchestrator does, around the snapshot); the session does not.
 """
 
 from __future__ import annotations
@@ -30,17 +33,17 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from vmrestore.errors import UsageError
-from vmrestore.vddk import TRANSPORT_MODES, ConnectSpec
+from vmrestore.vddk import ENDPOINTS, TRANSPORT_MODES, ConnectSpec
 
 SCHEME = "vddk"
 PASSWORD_ENV = "VMRESTORE_VDDK_PASSWORD"
 _KNOWN = {"vm", "vmx", "transports", "thumbprint", "password_file", "snapshot", "nfc_port",
-          "new", "unbuffered", "libdir"}
+          "new", "unbuffered", "libdir", "endpoint", "access"}
 
 HELP = (
     "vddk://[USER@]SERVER[:PORT]/DATASTORE/DIR/DISK.vmdk?vm=MOREF"
     "[&transports=san:hotadd:nbdssl:nbd][&thumbprint=SHA1][&password_file=PATH]"
-    "[&new=1][&libdir=DIR] (password also from $VMRESTORE_VDDK_PASSWORD); "
+    "[&new=1][&libdir=DIR][&endpoint=esx] (password also from $VMRESTORE_VDDK_PASSWORD); "
     "vddk:///PATH/DISK.vmdk for a local disk file"
 )
 
@@ -54,6 +57,7 @@ class VddkTarget:
     new_disk: bool = False
     unbuffered: bool = False
     libdir: str | None = None
+    caller_access: bool = False  # access=caller: PrepareForAccess is the caller's
 
     @property
     def label(self) -> str:
@@ -138,20 +142,26 @@ def parse(uri: str) -> VddkTarget:
         nfc_port = int(q.get("nfc_port") or 0)
     except ValueError as e:
         raise UsageError(f"{uri}: bad port: {e}") from None
+    endpoint = q.get("endpoint") or "vcenter"
+    if endpoint not in ENDPOINTS:
+        raise UsageError(f"{uri}: endpoint must be one of {', '.join(ENDPOINTS)}")
+    if q.get("access", "") not in ("", "caller"):
+        raise UsageError(f"{uri}: access must be 'caller' (or absent)")
 
     spec = ConnectSpec(
         server=u.hostname, user=user, password=password, thumbprint=q.get("thumbprint") or None,
         vmx_spec=vmx, port=port, nfc_host_port=nfc_port, transports=transports,
-        snapshot=q.get("snapshot") or None,
+        snapshot=q.get("snapshot") or None, endpoint=endpoint,
     )
     return VddkTarget(spec, disk_path, _flag(q, "new", uri), _flag(q, "unbuffered", uri),
-                      q.get("libdir") or None)
+                      q.get("libdir") or None, q.get("access") == "caller")
 
 
 def build(server: str, disk_path: str, vm: str, user: str, *, port: int = 0,
           transports: tuple[str, ...] = (), thumbprint: str | None = None,
           password_file: str | None = None, new: bool = False,
-          libdir: str | None = None) -> str:
+          libdir: str | None = None, endpoint: str = "vcenter",
+          caller_access: bool = False) -> str:
     """The vddk:// URI for a disk vSphere names ``disk_path`` ("[ds] dir/x.vmdk").
 
     For the orchestrator (``restore --disk-library vddk``): it knows these parts
@@ -173,6 +183,10 @@ def build(server: str, disk_path: str, vm: str, user: str, *, port: int = 0,
         q["new"] = "1"
     if libdir:
         q["libdir"] = libdir
+    if endpoint != "vcenter":
+        q["endpoint"] = endpoint
+    if caller_access:
+        q["access"] = "caller"
     return f"{SCHEME}://{netloc}/{path}?{urlencode(q, safe=':/')}"
 
 
