@@ -108,6 +108,9 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
         root.addHandler(fh)
 
 
+REAL_COMMAND_LINE = False  # main() runs on this process's own argv (not called in-process)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # vmrestore never does linear algebra, but numpy's OpenBLAS starts one spinning
     # thread per core at import: ~0.1-0.3 CPU-s stolen from the restore (perf, docs/core.md).
@@ -118,10 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     setup_logging(args.verbose, args.log_file)
-    if argv is None:  # the real command line: VDDK may re-execute it (LD_LIBRARY_PATH)
-        from vmrestore import vddk
-
-        vddk.allow_reexec()
+    global REAL_COMMAND_LINE
+    REAL_COMMAND_LINE = argv is None  # vddk may then re-execute it (LD_LIBRARY_PATH)
     try:
         rc = args.func(args)
         return int(rc or 0)

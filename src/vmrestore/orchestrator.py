@@ -193,6 +193,7 @@ class Orchestrator:
     def rollback(self) -> None:
         """Remove what this job created (from the ledger), newest first."""
         self._release_attachments()
+        self._end_vddk_access()
         if self.job.original:
             self._rollback_original()
             return
@@ -270,6 +271,7 @@ class Orchestrator:
         with contextlib.suppress(Exception):
             if self.state is not None and self.state.data and self.report.status == "ok":
                 self._release_attachments()
+        self._end_vddk_access()
         if self._movers is not None:
             with contextlib.suppress(Exception):
                 self._movers.close()
@@ -402,7 +404,8 @@ class Orchestrator:
                 libdir = str(vddk.sim_libdir())
                 os.environ.update(vddk.sim_env_for_lab(self.lab))
                 self.say(f"disk library: vddk_sim ({libdir}) over the lab's datastores")
-            vddk.find_library(libdir)  # a missing library is refused here, not in phase 4
+            # Refused here, not in phase 4; InitEx now, on the main thread (VMware's rule).
+            self._vddk_lib = vddk.Library.load(libdir)
             self._vddk_libdir = libdir
             self._vddk_password_file = job.password_file or (
                 str(self.lab.password_file) if on_lab else None)
@@ -586,6 +589,7 @@ class Orchestrator:
     def create_snapshot(self) -> str:
         from vmrestore.vsphere import snapshots
 
+        self._begin_vddk_access()  # VMware: before the snapshot is taken
         vvol = sorted(ds for ds in self.layout.datastores if self.ds_types.get(ds) == "VVOL")
         if vvol:
             self.report.phases["snapshot"].status = "skipped"
@@ -805,8 +809,31 @@ class Orchestrator:
         uri = vddk_uri.build(host, base, self.vm._moId, self.session.target.user, port=port,
                              transports=(mode,), thumbprint=self.job.thumbprint,
                              password_file=self._vddk_password_file, new=True,
-                             libdir=self._vddk_libdir)
+                             libdir=self._vddk_libdir, endpoint=self._vddk_endpoint(),
+                             caller_access=True)
         return _Attachment(uri, lambda: None, f"VixDiskLib {mode}")
+
+    def _vddk_endpoint(self) -> str:
+        """'esx' when connected straight to a host (no PrepareForAccess there)."""
+        return "esx" if self.session.content.about.apiType == "HostAgent" else "vcenter"
+
+    def _begin_vddk_access(self) -> None:
+        """PrepareForAccess for the VM (vCenter only), held until the snapshot is removed."""
+        if self.job.disk_library != "vddk" or getattr(self, "_vddk_access", None) is not None:
+            return
+        from vmrestore import vddk
+        from vmrestore.transport import vddk_uri
+
+        uri = self._vddk_target("[-] -.vmdk", "nbd").uri  # the connection part only
+        self._vddk_access = vddk.Access(self._vddk_lib, vddk_uri.parse(uri).spec, "vmrestore")
+        self._vddk_access.begin()
+
+    def _end_vddk_access(self) -> None:
+        """EndAccess (after the snapshot's removal, or on the way out); failures only logged."""
+        acc = getattr(self, "_vddk_access", None)
+        if acc is not None:
+            self._vddk_access = None
+            acc.__exit__(None, None, None)
 
     @staticmethod
     def _nbd_uri(ex: Any) -> str:
@@ -831,6 +858,7 @@ class Orchestrator:
             self.report.snapshot = "committed (removed)"
             parts.append("snapshot committed")
             self.say(f"phase 5 commit: snapshot of {self.layout.name} committed")
+        self._end_vddk_access()  # VMware: after the snapshot is removed
         if self.job.power_on:
             power.power_on(self.session, self.vm)
             self.report.powered_on = True

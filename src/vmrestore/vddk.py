@@ -147,13 +147,9 @@ def on_search_path(lib: Path) -> bool:
     return any(Path(p).resolve() == d for p in _loader_search_path())
 
 
-_ALLOW_REEXEC = False
-
-
-def allow_reexec() -> None:
-    """Called by the CLI's main() only: this process may re-execute itself."""
-    global _ALLOW_REEXEC
-    _ALLOW_REEXEC = True
+def _may_reexec() -> bool:
+    """Only the `vmrestore` command running on its own argv may re-execute itself."""
+    return bool(getattr(sys.modules.get("vmrestore.cli"), "REAL_COMMAND_LINE", False))
 
 
 def ensure_search_path(libdir: str | os.PathLike[str] | None) -> None:
@@ -168,7 +164,7 @@ def ensure_search_path(libdir: str | os.PathLike[str] | None) -> None:
         path = _abs(find_library(libdir))
     except (UsageError, VddkError):
         return
-    if not _ALLOW_REEXEC or on_search_path(path) or os.environ.get(REEXEC_MARK):
+    if not _may_reexec() or on_search_path(path) or os.environ.get(REEXEC_MARK):
         return
     env = dict(os.environ)
     env[SEARCH_PATH_VAR] = ":".join([str(path.parent), *_loader_search_path()])

@@ -204,12 +204,22 @@ def test_proxy_mover_subprocess(lab, lab_si, backup, tmp_path) -> None:
 def test_disk_library_vddk(lab, lab_si, backup, tmp_path, transport, extra) -> None:
     """--disk-library vddk: VixDiskLib (vddk_sim on the lab) writes the base disks."""
     name = unique(f"r-vddk-{transport}")
+    trace = tmp_path / "vddk-trace.log"
     p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--transport",
                          transport, "--disk-library", "vddk", "--network-map",
-                         "VM Network=Restore Network", *extra, state_dir=tmp_path)
+                         "VM Network=Restore Network", *extra, state_dir=tmp_path,
+                         env=lab_env(lab, VMRESTORE_VDDK_SIM_TRACE=str(trace)))
     assert p.returncode == 0, p.stderr
     assert all("VixDiskLib" in d["reason"] and d["transport"] == transport
                for d in rep["disks"])
+    # One PrepareForAccess for the VM before any disk session (it precedes the snapshot),
+    # one EndAccess after every disk's session (it follows the snapshot's removal).
+    calls = [line.split()[0] for line in trace.read_text().splitlines()]
+    assert calls.count("VixDiskLib_PrepareForAccess") == 1
+    assert calls.count("VixDiskLib_EndAccess") == 1
+    assert calls.index("VixDiskLib_PrepareForAccess") < calls.index("VixDiskLib_ConnectEx")
+    assert calls.index("VixDiskLib_EndAccess") > max(
+        i for i, c in enumerate(calls) if c == "VixDiskLib_Cleanup")
     prov = ["thick-eager", "thick-eager"] if transport == "san" else ["thick-eager", "thin"]
     assert_restored(lab, lab_si, name, backup.images, prov)
 
