@@ -37,6 +37,17 @@ def _popen_restore(*args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_first_write(target: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the restore has written data (not a fixed sleep: start-up under load varies)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if any(target.read_bytes()):
+            return
+        time.sleep(0.05)
+    pytest.fail("the restore wrote nothing within 60 s")
+
+
 def test_nbdkit_killed_mid_restore(tmp_path: Path, backed_up: tuple[bytes, Path]) -> None:
     data, bk = backed_up
     target = tmp_path / "t.img"
@@ -45,8 +56,7 @@ def test_nbdkit_killed_mid_restore(tmp_path: Path, backed_up: tuple[bytes, Path]
                 "delay-zero=150ms") as srv:
         proc = _popen_restore(str(bk), "--disk", "0", "--to", srv.uri + "&retries=2", "-q",
                               "--queue-depth", "2", "--connections", "1")
-        time.sleep(1.0)
-        assert proc.poll() is None, proc.communicate()
+        _wait_first_write(target, proc)
         t0 = time.monotonic()
         srv.kill()
         _out, err = proc.communicate(timeout=60)
