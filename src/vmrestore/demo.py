@@ -85,7 +85,7 @@ def _remove_old_demo_vms(lab: Any, names: list[str]) -> None:
                 cleanup.destroy_vm(s, vm)
             for ds in lab.datastores:
                 if cleanup.datastore_dir_exists(s, dc, ds, name):
-                    cleanup.delete_datastore_dir(s, dc, f"[{ds}] {name}")
+                    cleanup.delete_datastore_path(s, dc, f"[{ds}] {name}")
 
 
 def _restore(inc: str, name: str, lab_dir: str, *extra: str) -> dict[str, Any]:

@@ -3,10 +3,13 @@
 Two kinds of small files under the state directory (default
 ``BACKUP_DIR/.vmrestore/``, or ``--state-dir``, or ``$VMRESTORE_STATE_DIR``):
 
-- ``restore-<vm>-<id>.json`` (the job state, version 1): the job's identity,
-  the phase reached, the ledger of what this restore created (VM by managed
-  object id, snapshot, host attachments such as NBD exports and hot-added
-  disks) and each disk's status. Rollback and ``--resume`` read only this.
+- ``restore-<vm>-<id>.json`` (the job state, version 1, :class:`StateDoc`):
+  the job's identity, the phase reached, the typed ledger of what this
+  restore created (:class:`Created`: the VM by managed object id and the
+  owner token written into its configuration, the datastore directories it
+  made, its snapshot; host attachments such as NBD exports and hot-added
+  disks) and each disk's status. Rollback and ``--resume`` read only this,
+  and remove only what the ledger names (docs/errors.md, Ownership).
 - ``restore-<vm>-<id>.disk<N>.ckpt`` (checkpoint, version 1): the number of
   leading plan entries of disk N that are written *and flushed*, plus the
   plan's length and digest so a checkpoint is never applied to another plan.
@@ -26,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from vmrestore.errors import UsageError
 
@@ -117,8 +122,83 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
                       int(d.get("bytes_done", 0)))
 
 
+# -- the job-state document (one declaration: validation and serialisation) ---------------
+
+
+class VMRecord(msgspec.Struct):
+    """The VM this job created: its moref, and the token in its extraConfig (ownership)."""
+
+    name: str
+    moref: str = ""   # "" while CreateVM runs: then only the token can prove the VM is ours
+    token: str = ""   # extraConfig vmrestore.owner; "" in files of builds without tokens
+
+
+class Attachment(msgspec.Struct):
+    """A host attachment this job made (an NBD export, a hot-added disk), by its id."""
+
+    kind: str
+    id: str
+    disk: int
+
+
+class Created(msgspec.Struct):
+    """The ledger: everything rollback may remove, recorded when this job created it."""
+
+    vm: VMRecord | None = None
+    dirs: list[str] = msgspec.field(default_factory=list)  # "[ds] name" made by MakeDirectory
+    snapshot: bool = False
+
+
+class DiskStatus(msgspec.Struct):
+    status: str = "pending"   # pending | running | done
+    transport: str | None = None
+
+
+class OriginalRecord(msgspec.Struct):
+    """--original: the VM rolled back in place (never removed), and what was done to it."""
+
+    moref: str
+    name: str
+    found_by: str = ""
+    files: list[str] = msgspec.field(default_factory=list)
+    snapshot: str | None = None      # the safety snapshot's moref while it exists
+    powered_off: bool = False        # this job powered the VM off
+
+
+class StateDoc(msgspec.Struct):
+    """``restore-<vm>-<id>.json`` (docs/restore.md)."""
+
+    version: int
+    identity: dict[str, Any]
+    status: str = "running"   # running | done | failed-kept | rollback-failed
+    phase: str = "initialize"
+    created: Created = msgspec.field(default_factory=Created)
+    attachments: list[Attachment] = msgspec.field(default_factory=list)
+    disks: dict[str, DiskStatus] = msgspec.field(default_factory=dict)
+    original: OriginalRecord | None = None
+    started: float = 0.0
+    updated: float = 0.0
+    pid: int = 0
+
+
+def decode_state(raw: bytes, where: str) -> StateDoc:
+    """A job-state file, validated; a bad one names the field (UsageError)."""
+    try:
+        doc = msgspec.json.decode(raw, type=StateDoc)
+    except msgspec.ValidationError as e:
+        raise UsageError(f"job state {where}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise UsageError(f"job state {where} unreadable: {e}") from None
+    if doc.version != STATE_VERSION:
+        raise UsageError(f"job state {where} has version {doc.version!r}")
+    return doc
+
+
 class JobState:
-    """The job-state file plus its lock (one run of a job at a time)."""
+    """The job-state file plus its lock (one run of a job at a time).
+
+    ``doc`` is the typed document (None until start() or load()).
+    """
 
     def __init__(self, directory: Path, job: Any, vm_name: str) -> None:
         self.dir = directory
@@ -126,7 +206,7 @@ class JobState:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in vm_name)[:40]
         self.stem = f"restore-{safe}-{self.id}"
         self.path = directory / f"{self.stem}.json"
-        self.data: dict[str, Any] = {}
+        self.doc: StateDoc | None = None
         self._lock_fd: int | None = None
         self._identity = job.identity()
 
@@ -151,31 +231,39 @@ class JobState:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def load(self) -> dict[str, Any]:
+    def peek(self) -> StateDoc:
+        """The file as it is, without adopting it (the previous run's ledger)."""
         try:
-            d = json.loads(self.path.read_text())
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"job state {self.path} unreadable: {e.strerror}") from None
+        return decode_state(raw, str(self.path))
+
+    def load(self) -> StateDoc:
+        try:
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             raise UsageError(f"--resume: no interrupted restore of this job in {self.dir} "
                              f"(looked for {self.path.name})") from None
-        except (OSError, ValueError) as e:
-            raise UsageError(f"job state {self.path} unreadable: {e}") from None
-        if d.get("version") != STATE_VERSION:
-            raise UsageError(f"job state {self.path} has version {d.get('version')!r}")
-        if d.get("identity") != json.loads(json.dumps(self._identity)):
+        except OSError as e:
+            raise UsageError(f"job state {self.path} unreadable: {e.strerror}") from None
+        doc = decode_state(raw, str(self.path))
+        if doc.identity != json.loads(json.dumps(self._identity)):
             raise UsageError(f"--resume: job state {self.path} belongs to a different job")
-        self.data = d
-        return d
+        self.doc = doc
+        return doc
 
     def start(self) -> None:
-        self.data = {"version": STATE_VERSION, "identity": self._identity, "status": "running",
-                     "phase": "initialize", "created": {}, "attachments": [], "disks": {},
-                     "started": time.time(), "pid": os.getpid()}
+        self.doc = StateDoc(version=STATE_VERSION, identity=self._identity,
+                            started=time.time(), pid=os.getpid())
         self.save()
 
     def save(self) -> None:
-        self.data["updated"] = time.time()
+        if self.doc is None:
+            return
+        self.doc.updated = time.time()
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True).encode())
+        atomic_write(self.path, msgspec.json.format(msgspec.json.encode(self.doc), indent=1))
 
     def checkpoint_path(self, disk: int) -> Path:
         return self.dir / f"{self.stem}.disk{disk}.ckpt"
@@ -190,10 +278,17 @@ class JobState:
 
     # -- ledger helpers ----------------------------------------------------------------
     def attach(self, kind: str, ident: str, disk: int) -> None:
-        self.data.setdefault("attachments", []).append({"kind": kind, "id": ident, "disk": disk})
+        assert self.doc is not None
+        self.doc.attachments.append(Attachment(kind, ident, disk))
         self.save()
 
     def detach(self, kind: str, ident: str) -> None:
-        self.data["attachments"] = [a for a in self.data.get("attachments", [])
-                                    if not (a["kind"] == kind and a["id"] == ident)]
+        assert self.doc is not None
+        self.doc.attachments = [a for a in self.doc.attachments
+                                if not (a.kind == kind and a.id == ident)]
         self.save()
+
+    def disk(self, index: int) -> DiskStatus:
+        """The status record of disk index (created pending)."""
+        assert self.doc is not None
+        return self.doc.disks.setdefault(str(index), DiskStatus())

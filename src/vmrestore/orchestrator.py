@@ -29,10 +29,13 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from vmrestore import infra as infra_mod
 from vmrestore.errors import (
@@ -45,6 +48,7 @@ from vmrestore.errors import (
     VSphereError,
 )
 from vmrestore.job import RestoreJob
+from vmrestore.jobstate import Created, DiskStatus, OriginalRecord, VMRecord
 from vmrestore.report import PHASES, Report
 from vmrestore.timeline import role_busy
 
@@ -114,8 +118,8 @@ class Orchestrator:
             self.display.log(msg)
 
     def _save_phase(self, name: str) -> None:
-        if self.state is not None and self.state.data:
-            self.state.data["phase"] = name
+        if self.state is not None and self.state.doc is not None:
+            self.state.doc.phase = name
             self.state.save()
 
     def _phase(self, name: str, fn: Callable[[], str | None]) -> None:
@@ -173,21 +177,21 @@ class Orchestrator:
             self._release_attachments()
             if self.vm is not None:
                 self.report.kept.append(f"VM {self.layout.name} ({self.vm._moId})")
-            if self.state is not None and self.state.data:
-                self.state.data["status"] = "failed-kept"
+            if self.state is not None and self.state.doc is not None:
+                self.state.doc.status = "failed-kept"
                 self.state.save()
                 self.report.kept.append(f"job state {self.state.path} (use --resume)")
             return
         try:
             self.rollback()
-            if self.state is not None and self.state.data:
+            if self.state is not None and self.state.doc is not None:
                 self.state.remove()
         except Exception as e2:  # whatever broke: report it, keep the ledger for a retry
             log.debug("rollback failed", exc_info=True)
             self.report.rollback.append(f"rollback incomplete: {e2}")
             self.say(f"rollback incomplete: {e2}")
-            if self.state is not None and self.state.data:
-                self.state.data["status"] = "rollback-failed"
+            if self.state is not None and self.state.doc is not None:
+                self.state.doc.status = "rollback-failed"
                 self.state.save()
 
     def rollback(self) -> None:
@@ -197,33 +201,51 @@ class Orchestrator:
         if self.job.original:
             self._rollback_original()
             return
-        vm = self.vm
-        if vm is None and self.state is not None and self.state.data.get("created", {}).get("vm"):
-            vm = self.session.vm_by_moref(self.state.data["created"]["vm"]["moref"])
-        if vm is not None and self.session is not None:
-            from vmrestore.vsphere import cleanup
+        from vmrestore.vsphere import cleanup
 
-            name = self.layout.name if self.layout else vm._moId
-            cleanup.destroy_vm(self.session, vm)
-            self.report.rollback.append(f"destroyed VM {name} ({vm._moId}) with its disks "
-                                        "and snapshot")
-            self.vm = None
-            if self.state is not None and self.state.data:
-                self.state.data["created"].pop("vm", None)
-                self.state.save()
-        elif self.state is not None and self.state.data.get("created", {}).get("vm"):
-            vm_info = self.state.data["created"]["vm"]
-            raise VSphereError(f"VM {vm_info['name']} ({vm_info['moref']}) left in place: "
+        doc = self.state.doc if self.state is not None else None
+        rec = doc.created.vm if doc is not None else None
+        if rec is not None and self.session is None:
+            raise VSphereError(f"VM {rec.name} ({rec.moref or 'being created'}) left in place: "
                                "no vCenter connection to remove it")
-        dirs = self.state.data.get("created", {}).get("dirs", []) if self.state else []
-        if dirs and self.session is not None:
-            from vmrestore.vsphere import cleanup
-
-            for ds_path in dirs:
-                if cleanup.delete_datastore_dir(self.session, self.dc, ds_path):
-                    self.report.rollback.append(f"deleted {ds_path}")
-            self.state.data["created"]["dirs"] = []
+        vm = self._our_vm(rec) if rec is not None else self.vm
+        ours: set[str] = set()
+        if vm is not None and self.session is not None:
+            ours = cleanup.vm_files(vm)  # what our directories may hold once it is gone
+            cleanup.destroy_vm(self.session, vm)
+            self.report.rollback.append(f"destroyed VM {rec.name if rec else vm._moId} "
+                                        f"({vm._moId}) with its disks and snapshot")
+        self.vm = None
+        if doc is not None and doc.created.vm is not None:
+            doc.created.vm = None
             self.state.save()
+        if doc is not None and doc.created.dirs and self.session is not None:
+            for ds_path in list(doc.created.dirs):
+                how = cleanup.delete_datastore_dir(self.session, self.dc, ds_path, ours)
+                if how != "gone":
+                    self.report.rollback.append(
+                        f"deleted {ds_path}" if how == "deleted" else
+                        f"left {ds_path} in place: it holds files this job did not create")
+                doc.created.dirs.remove(ds_path)
+                self.state.save()
+
+    def _our_vm(self, rec: Any) -> Any:
+        """The VM the ledger names, if it still exists and carries this job's owner token.
+
+        By moref; while CreateVM ran (no moref recorded yet), by name AND token. A VM of
+        that name without the token was made by someone else: never ours to remove.
+        """
+        from vmrestore.vsphere import cleanup
+
+        vm = self.session.vm_by_moref(rec.moref) if rec.moref else \
+            self.session.find_vm(self.dc, rec.name) if self.dc is not None else None
+        if vm is None or not cleanup.vm_exists(vm):
+            return None
+        if rec.token and cleanup.owner_token(vm) != rec.token:
+            self.report.rollback.append(f"left VM {rec.name} ({vm._moId}) in place: it is not "
+                                        "the VM this job created")
+            return None
+        return vm
 
     def _rollback_original(self) -> None:
         """The original VM is never removed: revert it to the safety snapshot (the disks and
@@ -231,45 +253,47 @@ class Orchestrator:
         from vmrestore import original as orig
         from vmrestore.vsphere import power
 
-        rec = self.state.data.get("original", {}) if self.state is not None else {}
-        if not rec.get("moref"):
+        doc = self.state.doc if self.state is not None else None
+        rec = doc.original if doc is not None else None
+        if rec is None or not rec.moref:
             return
         if self.session is None:
-            raise VSphereError(f"VM {rec.get('name')} ({rec['moref']}): no vCenter connection "
+            raise VSphereError(f"VM {rec.name} ({rec.moref}): no vCenter connection "
                                "to revert it to its safety snapshot")
-        vm = self.session.vm_by_moref(rec["moref"])
-        if rec.get("snapshot"):
-            orig.revert(self.session, vm, rec["snapshot"], self.hostd, rec.get("files", []))
-            self.report.rollback.append(f"reverted VM {rec.get('name')} ({rec['moref']}) to its "
+        vm = self.session.vm_by_moref(rec.moref)
+        if rec.snapshot:
+            orig.revert(self.session, vm, rec.snapshot, self.hostd, rec.files)
+            self.report.rollback.append(f"reverted VM {rec.name} ({rec.moref}) to its "
                                         "safety snapshot and removed it: disks and "
                                         "configuration as before the rollback")
-            rec.pop("snapshot")
+            rec.snapshot = None
             self.state.save()
-        if rec.get("powered_off"):
+        if rec.powered_off:
             power.power_on(self.session, vm)
-            self.report.rollback.append(f"powered VM {rec.get('name')} on again")
-            rec["powered_off"] = False
+            self.report.rollback.append(f"powered VM {rec.name} on again")
+            rec.powered_off = False
             self.state.save()
 
     def _release_attachments(self) -> None:
-        if self.state is None or not self.state.data or self.hostd is None:
+        if self.state is None or self.state.doc is None or self.hostd is None:
             return
-        for a in list(self.state.data.get("attachments", [])):
+        for a in list(self.state.doc.attachments):
             try:
-                if a["kind"] == "export":
-                    self.hostd.unexport_nbd(a["id"])
-                elif a["kind"] == "hotadd":
-                    self.hostd.hot_remove(a["id"])
-                self.report.rollback.append(f"released {a['kind']} {a['id']} (disk {a['disk']})")
+                if a.kind == "export":
+                    self.hostd.unexport_nbd(a.id)
+                elif a.kind == "hotadd":
+                    self.hostd.hot_remove(a.id)
+                self.report.rollback.append(f"released {a.kind} {a.id} (disk {a.disk})")
             except HostServiceError as e:
                 if e.kind != "not-found":
-                    self.report.rollback.append(f"could not release {a['kind']} {a['id']}: {e}")
+                    self.report.rollback.append(f"could not release {a.kind} {a.id}: {e}")
                     continue
-            self.state.detach(a["kind"], a["id"])
+            self.state.detach(a.kind, a.id)
 
     def _release_everything(self) -> None:
         with contextlib.suppress(Exception):
-            if self.state is not None and self.state.data and self.report.status == "ok":
+            if self.state is not None and self.state.doc is not None and \
+                    self.report.status == "ok":
                 self._release_attachments()
         self._end_vddk_access()
         if self._movers is not None:
@@ -361,13 +385,13 @@ class Orchestrator:
         if job.resume:
             self.state.load()
             self.report.resumed = True
-            self.say(f"resuming job {self.state.id} from phase {self.state.data.get('phase')}")
+            self.say(f"resuming job {self.state.id} from phase {self.state.doc.phase}")
         elif self.state.exists():
-            old = json.loads(self.state.path.read_text())
-            if old.get("created", {}).get("vm"):
+            old = self.state.peek()
+            if old.created.vm is not None:
                 raise UsageError(
                     f"an interrupted restore of VM {self.layout.name!r} exists (state "
-                    f"{self.state.path}, status {old.get('status')}): rerun with --resume, or "
+                    f"{self.state.path}, status {old.status}): rerun with --resume, or "
                     "remove the VM and that file")
             self.state.start()
         else:
@@ -465,8 +489,9 @@ class Orchestrator:
         if self.job.quick_rollback and os.environ.get("VMRESTORE_MOVER") == "subprocess":
             raise UsageError("--quick-rollback runs in the in-process mover in this build "
                              "(unset VMRESTORE_MOVER=subprocess)")
-        rec = self.state.data.get("original") if self.job.resume else None
-        o = orig.locate(self.session, self.dc, self.chain.vm_config, self.layout, self.job, rec)
+        rec = self.state.doc.original if self.job.resume else None
+        o = orig.locate(self.session, self.dc, self.chain.vm_config, self.layout, self.job,
+                        msgspec.structs.asdict(rec) if rec is not None else None)
         self.original = o
         self.report.vm_name, self.report.vm_moref = o.name, o.moref
         self.report.original = {**o.as_dict(), "mode": "quick rollback" if
@@ -476,9 +501,10 @@ class Orchestrator:
         for t in self.layout.disks:
             d = self.report.disk(t.index)
             d.datastore, d.file, d.provisioning = t.datastore, t.file_name, t.provisioning
-        self.state.data["original"] = {**(rec or {}), "moref": o.moref, "name": o.name,
-                                       "found_by": o.found_by,
-                                       "files": [d.file_name for d in o.disks]}
+        self.state.doc.original = OriginalRecord(
+            moref=o.moref, name=o.name, found_by=o.found_by,
+            files=[d.file_name for d in o.disks], snapshot=rec.snapshot if rec else None,
+            powered_off=rec.powered_off if rec else False)
         self.state.save()
         self.say(f"original VM {o.name} ({o.moref}) found by {o.found_by}: {o.power_state}, "
                  f"{len(o.disks)} disk(s) matching the backup")
@@ -506,32 +532,42 @@ class Orchestrator:
 
         if self.original is not None:
             return self._config_original()
-        created = self.state.data.setdefault("created", {})
-        if self.job.resume and created.get("vm"):
-            self.vm = self.session.vm_by_moref(created["vm"]["moref"])
-            try:
-                name = self.vm.name
-            except Exception:
-                self.vm = None
-                created.pop("vm", None)
-                raise VSphereError(f"--resume: VM {created['vm']['name']} "
-                                   f"({created['vm']['moref']}) no longer exists") from None
+        created = self.state.doc.created
+        if self.job.resume and created.vm is not None:
+            rec = created.vm
+            self.vm = self._our_vm(rec)
+            if self.vm is None:
+                created.vm = None
+                self.state.save()
+                raise VSphereError(f"--resume: VM {rec.name} ({rec.moref or 'being created'}) "
+                                   "of the interrupted run no longer exists")
+            rec.moref = self.vm._moId
+            self.state.save()
             self.report.vm_moref = self.vm._moId
             self.report.phases["config"].status = "resumed"
-            return f"VM {name} ({self.vm._moId}) from the interrupted run"
+            return f"VM {rec.name} ({self.vm._moId}) from the interrupted run"
         L = self.layout
         self._make_dirs(created)
+        # Recorded before CreateVM: the token it writes into the VM's extraConfig is how a
+        # VM of this name is recognised as ours (a racer may create one of the same name).
+        created.vm = VMRecord(name=L.name, token=secrets.token_hex(16))
+        self.state.save()
         try:
-            self.vm = create_vm(self.session, self.dc, L, self._folder, self._pool, self._host)
+            home = f"[{L.datastore}] {L.name}"
+            self.vm = create_vm(self.session, self.dc, L, self._folder, self._pool, self._host,
+                                owner_token=created.vm.token,
+                                vm_path=f"{home}/{L.name}.vmx" if home in created.dirs else None)
         except VSphereError:
-            # A create that failed half-way may still have registered the VM: find it.
-            vm = self.session.find_vm(self.dc, L.name)
-            if vm is not None:
-                self.vm = vm
-                created["vm"] = {"moref": vm._moId, "name": L.name}
-                self.state.save()
+            # A create that failed half-way may still have registered the VM: ours only
+            # if it carries our token; a name collision is this job's failure, nothing more.
+            self.vm = self._our_vm(created.vm)
+            if self.vm is None:
+                created.vm = None
+            else:
+                created.vm.moref = self.vm._moId
+            self.state.save()
             raise
-        created["vm"] = {"moref": self.vm._moId, "name": L.name}
+        created.vm.moref = self.vm._moId
         self.state.save()
         self.report.vm_moref = self.vm._moId
         nets = ", ".join(f"{n.source_network}->{n.network}" if n.source_network != n.network
@@ -547,14 +583,14 @@ class Orchestrator:
         from vmrestore import original as orig
         from vmrestore.vsphere import power
 
-        o, rec = self.original, self.state.data["original"]
+        o, rec = self.original, self.state.doc.original
         self.vm = o.vm
         parts = []
         if o.vm.runtime.powerState != "poweredOff":
             self.say(f"phase 2 config: VM {o.name} is {o.vm.runtime.powerState}: powering it "
                      "off (--force)")
             power.power_off(self.session, o.vm)
-            rec["powered_off"] = True
+            rec.powered_off = True
             self.state.save()
             parts.append(f"powered off (was {o.power_state})")
         else:
@@ -568,21 +604,23 @@ class Orchestrator:
         self.say(f"phase 2 config: {', '.join(parts)}")
         return f"VM {o.name} ({o.moref}); " + ", ".join(parts)
 
-    def _make_dirs(self, created: dict[str, Any]) -> None:
-        """Create the VM's directory on each disk datastore; the ones that did not exist
-        before are recorded as ours (rollback deletes them, and only them)."""
-        from vmrestore.vsphere.cleanup import datastore_dir_exists
+    def _make_dirs(self, created: Created) -> None:
+        """Make the VM's directory on each disk datastore. Only a directory this call made
+        is recorded as ours (FileAlreadyExists: someone else's, or an earlier VM's, never
+        deleted by our rollback)."""
+        from pyVmomi import vim
 
         fm = self.session.content.fileManager
-        ours = created.setdefault("dirs", [])
         for ds in self.layout.datastores:
             path = f"[{ds}] {self.layout.name}"
-            if datastore_dir_exists(self.session, self.dc, ds, self.layout.name):
+            if path in created.dirs:
                 continue
-            ours.append(path)
+            try:
+                fm.MakeDirectory(name=path, datacenter=self.dc, createParentDirectories=False)
+            except vim.fault.FileAlreadyExists:
+                continue
+            created.dirs.append(path)
             self.state.save()
-            if ds != self.layout.datastore:  # CreateVM makes the home directory itself
-                fm.MakeDirectory(name=path, datacenter=self.dc, createParentDirectories=True)
 
     # --- phase 3 ----------------------------------------------------------------------
 
@@ -605,7 +643,7 @@ class Orchestrator:
             return "snapshot exists from the interrupted run"
         snapshots.create(self.session, self.vm, "vmrestore: keeps the VM off its base disks "
                          "while they are written")
-        self.state.data["created"]["snapshot"] = True
+        self.state.doc.created.snapshot = True
         self.state.save()
         self.report.snapshot = "taken"
         self.say(f"phase 3 snapshot: created {snapshots.SNAPSHOT_NAME} on {self.layout.name}")
@@ -615,13 +653,12 @@ class Orchestrator:
         from vmrestore import original as orig
         from vmrestore.vsphere import disks as vdisks
 
-        rec = self.state.data["original"]
-        if rec.get("snapshot"):
+        rec = self.state.doc.original
+        if rec.snapshot:
             self.report.phases["snapshot"].status = "resumed"
             self.report.snapshot = "safety snapshot taken (earlier run)"
-            return f"safety snapshot {rec['snapshot']} from the interrupted run"
-        rec["snapshot"] = orig.take_safety_snapshot(self.session, self.vm, self.hostd,
-                                                    rec["files"])
+            return f"safety snapshot {rec.snapshot} from the interrupted run"
+        rec.snapshot = orig.take_safety_snapshot(self.session, self.vm, self.hostd, rec.files)
         self.state.save()
         # The VM now runs on the snapshot's deltas: the rollback writes those (current) files.
         now = sorted(vdisks.vm_disks(self.vm), key=lambda d: (d.controller_key, d.unit))
@@ -630,7 +667,7 @@ class Orchestrator:
         self.report.snapshot = "safety snapshot taken"
         self.say(f"phase 3 snapshot: safety snapshot {orig.SAFETY_SNAPSHOT} of {self.vm.name}: "
                  "a failure reverts to it")
-        return f"safety snapshot {orig.SAFETY_SNAPSHOT} ({rec['snapshot']})"
+        return f"safety snapshot {orig.SAFETY_SNAPSHOT} ({rec.snapshot})"
 
     # --- phase 4 ----------------------------------------------------------------------
 
@@ -640,11 +677,11 @@ class Orchestrator:
         total = 0
         for t in self.layout.disks:
             rd = self.report.disk(t.index)
-            st = self.state.data["disks"].setdefault(str(t.index), {"status": "pending"})
-            if st.get("status") == "done":
+            st = self.state.disk(t.index)
+            if st.status == "done":
                 rd.status = "skipped"
                 rd.history.append("written by the interrupted run")
-                rd.transport = st.get("transport", rd.transport)
+                rd.transport = st.transport or rd.transport
                 continue
             if self.original is not None:
                 # The original VM's current file (the safety snapshot's delta): a revert
@@ -664,7 +701,7 @@ class Orchestrator:
             total += rd.bytes_written + rd.bytes_zeroed
         return f"{len(self.layout.disks)} disk(s), {total / (1 << 20):.1f} MiB moved"
 
-    def _restore_one(self, t: Any, base: str, rd: Any, st: dict[str, Any]) -> None:
+    def _restore_one(self, t: Any, base: str, rd: Any, st: DiskStatus) -> None:
         from vmrestore.jobstate import read_checkpoint
         from vmrestore.mover.session import DiskJob
 
@@ -676,11 +713,11 @@ class Orchestrator:
             start = 0
             ck = read_checkpoint(ckpt_path)
             if ck is not None and attempt == 0 and self.job.resume and \
-                    st.get("transport", mode) == mode:
+                    (st.transport or mode) == mode:
                 start = ck.prefix
             elif ck is not None:
                 ckpt_path.unlink()
-            st.update(status="running", transport=mode)
+            st.status, st.transport = "running", mode
             self.state.save()
             task = None
             if self.display is not None:
@@ -726,7 +763,7 @@ class Orchestrator:
             rd.timeline = out.timeline
             if self.original is not None:
                 rd.rollback = self._rollback_figures(t, out)
-            st.update(status="done", transport=mode)
+            st.status, st.transport = "done", mode
             self.state.save()
             self.say(f"disk {t.index}: {mode}, {rd.bytes_written / (1 << 20):.1f} MiB written, "
                      f"{rd.bytes_zeroed / (1 << 20):.1f} MiB zeroed, "
@@ -864,7 +901,7 @@ class Orchestrator:
             self.report.powered_on = True
             parts.append("powered on")
             self.say(f"phase 5 commit: {self.layout.name} powered on")
-        self.state.data["status"] = "done"
+        self.state.doc.status = "done"
         self.state.save()
         return ", ".join(parts) or "nothing to commit"
 
@@ -873,15 +910,15 @@ class Orchestrator:
         from vmrestore import original as orig
         from vmrestore.vsphere import power
 
-        rec, parts = self.state.data["original"], []
+        rec, parts = self.state.doc.original, []
         if not self.job.keep_config:
             changes = orig.apply_config(self.session, self.dc, self.vm, self.layout)
             self.report.original["config_changes"] = changes
             parts.append("configuration restored: " + ("; ".join(changes) or "no change"))
-        if rec.get("snapshot"):
-            orig.remove_safety_snapshot(self.session, self.vm, rec["snapshot"], self.hostd,
-                                        rec["files"])
-            rec.pop("snapshot")
+        if rec.snapshot:
+            orig.remove_safety_snapshot(self.session, self.vm, rec.snapshot, self.hostd,
+                                        rec.files)
+            rec.snapshot = None
             self.state.save()
             self.report.snapshot = "safety snapshot removed (merged)"
             parts.append("safety snapshot removed")
@@ -889,8 +926,8 @@ class Orchestrator:
             power.power_on(self.session, self.vm)
             self.report.powered_on = True
             parts.append("powered on")
-        rec["powered_off"] = False
-        self.state.data["status"] = "done"
+        rec.powered_off = False
+        self.state.doc.status = "done"
         self.state.save()
         self.say(f"phase 5 commit: {self.vm.name}: {', '.join(parts) or 'nothing to do'}")
         return ", ".join(parts) or "nothing to commit"

@@ -165,8 +165,18 @@ def nic_backing(vim: Any, net: Any) -> Any:
     return vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=net.name, network=net)
 
 
-def config_spec(session: Any, dc: Any, layout: TargetLayout) -> Any:
-    """A ConfigSpec that creates the VM with its controllers, NICs and (empty) disks."""
+OWNER_KEY = "vmrestore.owner"  # extraConfig key: the creating job's token (docs/errors.md)
+
+
+def config_spec(session: Any, dc: Any, layout: TargetLayout, owner_token: str = "",
+                vm_path: str | None = None) -> Any:
+    """A ConfigSpec that creates the VM with its controllers, NICs and (empty) disks.
+
+    ``owner_token`` goes into extraConfig (vmrestore.owner): how the job that
+    created the VM recognises it later, whatever else is called the same.
+    ``vm_path``: the .vmx in a directory the job made itself; None lets vSphere
+    pick a fresh directory on the home datastore.
+    """
     from pyVmomi import vim
 
     for ds in layout.datastores:
@@ -204,18 +214,20 @@ def config_spec(session: Any, dc: Any, layout: TargetLayout) -> Any:
     return vim.vm.ConfigSpec(
         name=layout.name, guestId=layout.guest_id, numCPUs=layout.num_cpus,
         memoryMB=layout.memory_mb, firmware=layout.firmware,
-        files=vim.vm.FileInfo(vmPathName=f"[{layout.datastore}]"),
+        files=vim.vm.FileInfo(vmPathName=vm_path or f"[{layout.datastore}]"),
         annotation=f"Restored by vmrestore from a backup of {layout.source_name}",
+        extraConfig=[vim.option.OptionValue(key=OWNER_KEY, value=owner_token)]
+        if owner_token else [],
         deviceChange=changes)
 
 
 def create_vm(session: Any, dc: Any, layout: TargetLayout, folder: Any, pool: Any,
-              host: Any) -> Any:
+              host: Any, owner_token: str = "", vm_path: str | None = None) -> Any:
     """Create and register the VM; a name already taken is refused before anything is made."""
     if session.find_vm(dc, layout.name) is not None:
         raise VSphereError(f"a VM named {layout.name!r} already exists in datacenter {dc.name} "
                            "(choose another with --name)")
-    spec = config_spec(session, dc, layout)
+    spec = config_spec(session, dc, layout, owner_token, vm_path)
     task = folder.CreateVM_Task(config=spec, pool=pool, host=host)
     session.wait(task, f"create VM {layout.name!r} on {host.name}")
     return session.task_result(task)
