@@ -55,7 +55,7 @@ def test_state_lifecycle_and_resume_identity(tmp_path) -> None:
     st = jobstate.JobState(tmp_path, job, "vm1")
     st.lock()
     st.start()
-    st.data["created"]["vm"] = {"moref": "vm-1", "name": "vm1"}
+    st.doc.created.vm = jobstate.VMRecord(name="vm1", moref="vm-1", token="t0")
     st.attach("export", "e1", 0)
     st.save()
     st.unlock()
@@ -65,10 +65,10 @@ def test_state_lifecycle_and_resume_identity(tmp_path) -> None:
     st2 = jobstate.JobState(tmp_path, again, "vm1")
     assert st2.path == st.path  # same job: run flags do not change its id
     d = st2.load()
-    assert d["created"]["vm"]["moref"] == "vm-1"
-    assert d["attachments"] == [{"kind": "export", "id": "e1", "disk": 0}]
+    assert d.created.vm == jobstate.VMRecord(name="vm1", moref="vm-1", token="t0")
+    assert d.attachments == [jobstate.Attachment("export", "e1", 0)]
     st2.detach("export", "e1")
-    assert st2.load()["attachments"] == []
+    assert st2.load().attachments == []
 
     other = RestoreJob(backup=str(tmp_path / "b.vmrb"), name="vm1", datastore="ds2")
     st3 = jobstate.JobState(tmp_path, other, "vm1")
@@ -79,6 +79,25 @@ def test_state_lifecycle_and_resume_identity(tmp_path) -> None:
     jobstate.write_checkpoint(st.checkpoint_path(0), jobstate.Checkpoint(0, 1, 2, "x"))
     st.remove()
     assert not st.path.exists() and not st.checkpoint_path(0).exists()
+
+
+def test_state_of_an_earlier_build_still_loads_and_a_bad_field_is_named(tmp_path) -> None:
+    """Version 1 files written before the ledger was typed (no token), and a forged one."""
+    job = RestoreJob(backup="b", name="vm1")
+    st = jobstate.JobState(tmp_path, job, "vm1")
+    old = {"version": 1, "identity": json.loads(json.dumps(job.identity())), "status": "failed",
+           "phase": "data", "created": {"vm": {"moref": "vm-7", "name": "vm1"}, "dirs": [],
+                                        "snapshot": True},
+           "attachments": [{"kind": "hotadd", "id": "h1", "disk": 1}],
+           "disks": {"0": {"status": "done", "transport": "nbd"}}, "started": 1.0, "pid": 1}
+    st.path.write_text(json.dumps(old))
+    d = st.load()
+    assert d.created.vm.moref == "vm-7" and d.created.vm.token == ""
+    assert d.disks["0"].transport == "nbd" and d.attachments[0].disk == 1
+    old["attachments"] = [{"kind": "hotadd", "id": "h1", "disk": "one"}]
+    st.path.write_text(json.dumps(old))
+    with pytest.raises(UsageError, match=r"attachments\[0\]\.disk"):
+        st.load()
 
 
 def test_one_run_of_a_job_at_a_time(tmp_path) -> None:
