@@ -29,6 +29,7 @@ COMMANDS = (
     "restore_disk",
     "lab",
     "proxy_mover",
+    "proxy_worker",
     "repo_agent",
     "vddk",
     "bench",

@@ -199,3 +199,9 @@ _BY_EXIT: tuple[type[VmrError], ...] = (
     UsageError, FormatError, ChecksumError, SourceError, TargetError, TransportError,
     VSphereError, LabError, VddkError, MoverError, Interrupted,
 )
+
+
+class PlanFailed(VmrError):
+    """Some VMs of a restore plan failed (each rolled back alone; the others are restored)."""
+
+    exit_code = 12

@@ -112,7 +112,7 @@ def load_infra(path: str | Path) -> Infra:
     raw = data.get("proxies")
     if not isinstance(raw, list) or not raw:
         raise UsageError(f"{src}: 'proxies' must be a non-empty list")
-    proxies = [_proxy(item, f"{src}: proxies[{i}]") for i, item in enumerate(raw)]
+    proxies = [parse_proxy(item, f"{src}: proxies[{i}]") for i, item in enumerate(raw)]
     names = [p.name for p in proxies]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -120,7 +120,7 @@ def load_infra(path: str | Path) -> Infra:
     return Infra(proxies, source=str(p))
 
 
-def _proxy(item: Any, where: str) -> Proxy:
+def parse_proxy(item: Any, where: str) -> Proxy:
     if not isinstance(item, dict):
         raise UsageError(f"{where}: expected a mapping")
     allowed = {"name", "slots", "vm", "datastores", "san", "transports"}

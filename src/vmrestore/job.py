@@ -212,8 +212,11 @@ def load_job_file(path: str | Path) -> RestoreJob:
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise UsageError(f"job file {p}: not valid YAML/JSON: {parse_error_text(e)}") from None
     job = from_mapping(data or {}, f"job file {p}")
-    # Relative paths in a job file are relative to the file, not to the caller's cwd.
-    base = p.resolve().parent
+    return resolve_paths(job, p.resolve().parent)
+
+
+def resolve_paths(job: RestoreJob, base: Path) -> RestoreJob:
+    """Relative paths in a job (or plan) file are relative to the file, not to the cwd."""
     for key in ("backup", "password_file", "infra", "ca_file", "state_dir", "vddk_libdir",
                 "token_file"):
         v = getattr(job, key)

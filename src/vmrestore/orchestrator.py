@@ -108,6 +108,8 @@ class Orchestrator:
         self.luns: dict[str, str] = {}
         self.proxy: infra_mod.Proxy | None = None
         self.original: Any = None  # original.Original when rolling back the original VM
+        # A plan's resume: resume this VM when its job state exists, else start it afresh.
+        self.resume_if_found = False
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -382,7 +384,8 @@ class Orchestrator:
         # Job state: one run at a time; --resume picks up the ledger.
         self.state = JobState(state_dir_for(job, self.chain.point.id), job, self.layout.name)
         self.state.lock()
-        if job.resume:
+        if job.resume or (self.resume_if_found and self.state.exists()):
+            job.resume = True
             self.state.load()
             self.report.resumed = True
             self.say(f"resuming job {self.state.id} from phase {self.state.doc.phase}")
@@ -405,10 +408,7 @@ class Orchestrator:
             self.lab.vcenter_url.rstrip("/")
         infra = (infra_mod.load_infra(job.infra) if job.infra else
                  infra_mod.default_infra(self.lab.proxy_vm if on_lab else None))
-        self.slot = infra_mod.acquire_slot(infra, infra_mod.slot_dir(), job.proxy,
-                                           job.transport)
-        self.proxy = self.slot.proxy
-        self.report.proxy = f"{self.proxy.name} (slot {self.slot.index + 1}/{self.proxy.slots})"
+        self._take_slot(infra)
 
         # vCenter/ESXi.
         self.report.vcenter = target.url
@@ -471,7 +471,7 @@ class Orchestrator:
                                      self.ds_types.get(t.datastore, "OTHER"),
                                      self.luns.get(t.datastore))
                  for t in self.layout.disks]
-        for dec in infra_mod.select_transports(job.transport, self.proxy, facts):
+        for dec in self._choose_transports(infra, facts):
             self.decisions[dec.disk] = dec
             if job.disk_library == "vddk":
                 dec.reason += "; written by VixDiskLib"
@@ -480,7 +480,19 @@ class Orchestrator:
         modes = ", ".join(f"disk {d}: {x.mode}" for d, x in sorted(self.decisions.items()))
         self.say(f"phase 1 initialize: proxy {self.report.proxy}, {s.about} at {target.url}, "
                  f"movers {self._movers.name}; {modes}")
-        return f"proxy {self.proxy.name}; {modes}"
+        return f"proxy {self.report.proxy}; {modes}"
+
+    def _take_slot(self, infra: infra_mod.Infra) -> None:
+        """One proxy task slot for the whole job (a plan's runner assigns proxies per disk)."""
+        job = self.job
+        self.slot = infra_mod.acquire_slot(infra, infra_mod.slot_dir(), job.proxy,
+                                           job.transport)
+        self.proxy = self.slot.proxy
+        self.report.proxy = f"{self.proxy.name} (slot {self.slot.index + 1}/{self.proxy.slots})"
+
+    def _choose_transports(self, infra: infra_mod.Infra,
+                           facts: list[infra_mod.DiskFacts]) -> list[infra_mod.Decision]:
+        return infra_mod.select_transports(self.job.transport, self.proxy, facts)
 
     def _locate_original(self) -> None:
         """--original: the VM to roll back, checked (disks, power) before anything changes."""
@@ -798,8 +810,14 @@ class Orchestrator:
         url = str(RepoURL(u.host, u.port, self.chain.point.path, u.tls, u.ca))
         return url + (f"?ca={u.ca}" if u.ca else "")
 
-    def _attach(self, t: Any, base: str, mode: str) -> _Attachment:
-        """Make the base disk writable from the proxy by `mode`; recorded for rollback."""
+    def _attach(self, t: Any, base: str, mode: str, proxy: infra_mod.Proxy | None = None,
+                attempt: int | None = None) -> _Attachment:
+        """Make the base disk writable from the proxy by `mode`; recorded for rollback.
+
+        ``proxy`` (default: the job's) is whose VM a hot-add goes to; ``attempt`` fences
+        the host's export or hot-add (docs/lab.md): a lower attempt's is revoked first.
+        """
+        proxy = proxy or self.proxy
         if mode in self.faults["transports"]:
             raise TransportError(f"disk {t.index}: transport {mode} failed "
                                  "(fault injected by VMRESTORE_FAULT, test only)")
@@ -807,7 +825,7 @@ class Orchestrator:
             return self._vddk_target(base, mode)
         h = self.hostd
         if mode in ("nbd", "nbdssl"):
-            ex = h.export_nbd(base, tls=mode == "nbdssl")
+            ex = h.export_nbd(base, tls=mode == "nbdssl", attempt=attempt)
             self.state.attach("export", ex.id, t.index)
 
             def rel_export() -> None:
@@ -816,7 +834,7 @@ class Orchestrator:
 
             return _Attachment(self._nbd_uri(ex), rel_export, f"export {ex.id}")
         if mode == "hotadd":
-            ha = h.hot_add(base, self.proxy.vm if self.proxy else None)
+            ha = h.hot_add(base, proxy.vm if proxy else None, attempt=attempt)
             self.state.attach("hotadd", ha.id, t.index)
 
             def rel_hotadd() -> None:

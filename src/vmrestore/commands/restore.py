@@ -26,6 +26,7 @@ examples:
   vmrestore restore job.yaml --resume       continue a killed run from its checkpoint
   vmrestore restore --backup inc1.vmrb --original --quick-rollback
                                             roll web01 back, writing only changed blocks
+  vmrestore restore --plan dr.yaml --json   many VMs at once over the proxies (docs/fleet.md)
 
 The report (a table, or --json) names each phase's outcome and, per disk, the transport
 used and why. Exit codes: 0 restored; 2 bad arguments or job file; 3 broken backup;
@@ -43,6 +44,15 @@ def register(sub: Any) -> None:
     p.add_argument("job_file", nargs="?", metavar="JOB.yaml",
                    help="job file (YAML/JSON) with the same fields as the options, e.g. "
                    "'backup: x.vmrb', 'network_map: {A: B}' (docs/restore.md)")
+    pl = p.add_argument_group("many VMs (docs/fleet.md)")
+    pl.add_argument("--plan", metavar="PLAN.yaml",
+                    help="restore every VM of a plan (a list of job entries with an RTO tier), "
+                    "their disks scheduled over the proxies; only --resume, --json, -q, "
+                    "--scheduler may be added")
+    pl.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                    help="with --plan: the Dask scheduler whose workers are the proxies "
+                    "('vmrestore proxy-worker'); default: an embedded LocalCluster running "
+                    "the infra's proxies on this machine")
     src = p.add_argument_group("backup")
     src.add_argument("--backup", metavar="BACKUP",
                      help="restore point file (*.vmrb); its parents are found next to it")
@@ -150,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     from vmrestore.orchestrator import Orchestrator
     from vmrestore.report import Report, format_table
 
+    if args.plan or args.scheduler:
+        from vmrestore.commands.restore_plan import run_plan
+
+        return run_plan(args)
     try:
         job = jobmod.from_args(args)
     except VmrError as e:

@@ -1,0 +1,290 @@
+"""One VM of a plan: the five phases of orchestrator.py, its disks on the plan's proxies.
+
+:class:`PlanVmRestore` is the orchestrator with three things changed:
+
+- the control phases (1-3, 5) each hold one of admission's vCenter operation
+  slots, so a plan of hundreds of VMs never floods vCenter;
+- no task slot is taken for the VM: phase 1 lists, per disk, every
+  (proxy, transport) that can write it, best first, from the proxies the
+  cluster advertises (the same transport rules as a single restore);
+- phase 4 queues each disk with admission and, for each grant, attaches the
+  disk for that proxy and attempt (the host fences older attempts), runs the
+  disk task on the proxy's Dask worker, and releases. A lost worker's attempt
+  is revoked and the disk requeued from its last durable checkpoint; a
+  transport that fails drops that option (hotadd -> nbd) and requeues.
+
+Everything else (rollback from the ledger, job state, resume, the report) is
+the orchestrator's, so a VM that fails rolls back alone while the plan goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from vmrestore import infra as infra_mod
+from vmrestore.errors import HostServiceError, TransportError, UsageError, VSphereError
+from vmrestore.fleet.dispatch import Cancelled, Dispatcher, WorkerLost
+from vmrestore.orchestrator import Orchestrator
+from vmrestore.schedule import Admission, TaskSpec
+from vmrestore.timeline import role_busy
+
+MODE_RANK = {"san": 0, "hotadd": 1, "nbd": 2, "nbdssl": 3}
+CONTROL_PHASES = ("initialize", "config", "snapshot", "commit")
+
+
+@dataclass
+class DiskRun:
+    """What the plan report says about one disk beyond the VM report's disk line."""
+
+    disk: int
+    key: str
+    proxy: str = ""
+    transport: str = ""
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # one per grant
+
+
+@dataclass
+class PlanContext:
+    dispatcher: Dispatcher
+    admission: Admission
+    tier: int
+    t0: float  # the plan's start (monotonic): RTO is measured from here
+    resume: bool = False
+    on_phase: Any = None  # callable(vm name, phase, status)
+
+
+class PlanVmRestore(Orchestrator):
+    def __init__(self, job: Any, ctx: PlanContext, display: Any = None) -> None:
+        super().__init__(job, display=display)
+        self.ctx = ctx
+        self.resume_if_found = ctx.resume
+        self.options: dict[int, list[tuple[str, str]]] = {}
+        self.disk_runs: dict[int, DiskRun] = {}
+        self.phase_times: dict[str, tuple[float, float]] = {}  # phase -> (start, end) from t0
+        self._lock = threading.RLock()  # job state and report: several disk threads
+        self._cancel = threading.Event()
+        self._once: list[Any] = []  # the attempts' run-once files, removed with the job
+
+    # --- phases -----------------------------------------------------------------------------
+
+    def _phase(self, name: str, fn: Any) -> None:
+        start = time.monotonic() - self.ctx.t0
+        if self.ctx.on_phase:
+            self.ctx.on_phase(self.job.name, name, "running")
+        try:
+            if name in CONTROL_PHASES:
+                with self.ctx.admission.vcenter_op():
+                    super()._phase(name, fn)
+            else:
+                super()._phase(name, fn)
+        finally:
+            self.phase_times[name] = (start, time.monotonic() - self.ctx.t0)
+            if self.ctx.on_phase:
+                self.ctx.on_phase(self.job.name, name, self.report.phases[name].status)
+
+    def _take_slot(self, infra: infra_mod.Infra) -> None:
+        self.proxy = None
+        self.report.proxy = "per disk (plan)"
+
+    def _choose_transports(self, infra: infra_mod.Infra,
+                           facts: list[infra_mod.DiskFacts]) -> list[infra_mod.Decision]:
+        """Every (proxy, transport) that can write each disk, best transport first."""
+        primary: dict[int, list[tuple[int, str, str]]] = {}
+        fallback: dict[int, list[tuple[str, str]]] = {}
+        reasons: dict[int, str] = {}
+        refused: list[str] = []
+        for p in self.ctx.dispatcher.known.values():
+            try:
+                decisions = infra_mod.select_transports(self.job.transport, p, facts)
+            except UsageError as e:
+                refused.append(f"{p.name}: {e}")
+                continue
+            for d in decisions:
+                primary.setdefault(d.disk, []).append((MODE_RANK.get(d.mode, 9), p.name, d.mode))
+                reasons.setdefault(d.disk, d.reason)
+                fallback.setdefault(d.disk, []).extend((p.name, m) for m in d.fallback)
+        out = []
+        for f in facts:
+            opts = [(p, m) for _, p, m in sorted(primary.get(f.index, []), key=lambda x: x[0])]
+            opts += [o for o in fallback.get(f.index, []) if o not in opts]
+            if not opts:
+                raise UsageError(f"disk {f.index}: no proxy can write it with transport "
+                                 f"{self.job.transport} ({'; '.join(refused) or 'no proxy'})")
+            self.options[f.index] = opts
+            best = sorted({m for _, m in opts}, key=lambda m: MODE_RANK.get(m, 9))
+            out.append(infra_mod.Decision(f.index, opts[0][1], f"{reasons.get(f.index, '')}; "
+                                          f"plan: {'/'.join(best)} on "
+                                          f"{len({p for p, _ in opts})} proxies"))
+        return out
+
+    # --- phase 4 ----------------------------------------------------------------------------
+
+    def transport_data(self) -> str:
+        from vmrestore.vsphere import disks as vdisks
+
+        todo = []
+        for t in self.layout.disks:
+            rd = self.report.disk(t.index)
+            st = self.state.data["disks"].setdefault(str(t.index), {"status": "pending"})
+            if st.get("status") == "done":
+                rd.status = "skipped"
+                rd.history.append("written by the interrupted run")
+                rd.transport = st.get("transport", rd.transport)
+                continue
+            base = vdisks.disk_for_file(self.vm, t.file_name).base_file
+            rd.file = base
+            self.hostd.prepare_disk(base, t.capacity, t.provisioning)
+            todo.append((t, base, rd, st))
+        errors: list[BaseException] = []
+
+        def one(item: tuple[Any, str, Any, dict[str, Any]]) -> None:
+            try:
+                self._restore_granted(*item)
+            except BaseException as e:
+                errors.append(e)
+                self._cancel.set()  # the VM fails: its other disks stop
+
+        threads = [threading.Thread(target=one, args=(item,), name=f"vmr-disk-{item[0].index}")
+                   for item in todo]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        if real or errors:
+            raise (real or errors)[0]
+        total = sum(d.bytes_written + d.bytes_zeroed for d in self.report.disks)
+        return f"{len(self.layout.disks)} disk(s), {total / (1 << 20):.1f} MiB moved"
+
+    def _task_spec(self, t: Any, size: int) -> TaskSpec:
+        return TaskSpec(key=f"{self.layout.name}/disk{t.index}", vm=self.layout.name,
+                        disk=t.index, size=size, tier=self.ctx.tier, host=self._host.name,
+                        datastore=t.datastore, repo=self.job.repository or "local",
+                        options=tuple(self.options[t.index]))
+
+    def _restore_granted(self, t: Any, base: str, rd: Any, st: dict[str, Any]) -> None:
+        from vmrestore.fleet.worker import run_disk
+        from vmrestore.jobstate import read_checkpoint
+
+        d = self.ctx.dispatcher
+        ckpt_path = self.state.checkpoint_path(t.index)
+        ck = read_checkpoint(ckpt_path)
+        if ck is not None and not self.job.resume:
+            ckpt_path.unlink()
+            ck = None
+        spec = self._task_spec(t, t.capacity - (ck.bytes_done if ck else 0))
+        run = self.disk_runs[t.index] = DiskRun(t.index, spec.key)
+        d.add(spec)
+        while True:
+            g = d.wait_grant(spec.key, self._cancel)
+            proxy = d.proxy(g.proxy)
+            ck = read_checkpoint(ckpt_path)
+            with self._lock:
+                # The fencing token survives orchestrator restarts: it is in the job state.
+                attempt = int(st.get("attempt", 0)) + 1
+                st.update(status="running", transport=g.transport, proxy=g.proxy,
+                          attempt=attempt)
+                self.state.save()
+            record = {"proxy": g.proxy, "transport": g.transport, "attempt": attempt,
+                      "outcome": "running", "start_entry": ck.prefix if ck else 0}
+            run.attempts.append(record)
+            try:
+                with self._lock:
+                    att = self._attach(t, base, g.transport, proxy, attempt)
+            except (TransportError, HostServiceError, VSphereError) as e:
+                record["outcome"] = f"attach failed: {e}"
+                spec = self._without(spec, g, rd, e)
+                d.requeue(g, spec, "failed")
+                continue
+            try:
+                task = self._disk_task(t, att.uri, g.transport, ckpt_path, ck, attempt)
+                once = ckpt_path.with_name(f"{ckpt_path.name}.attempt{attempt}")
+                self._once.append(once)
+                fut = d.run(g, run_disk, task, spec.key, attempt, str(once))
+                out = d.result(g, fut, self._cancel)
+            except WorkerLost as e:
+                self._release(att)
+                record["outcome"] = "lost"
+                rd.history.append(f"attempt {attempt} on {g.proxy} ({g.transport}): {e}")
+                self.say(f"disk {t.index}: {e}; attachment revoked, requeued from its "
+                         "checkpoint")
+                ck = read_checkpoint(ckpt_path)
+                spec = msgspec.structs.replace(
+                    spec, size=max(0, t.capacity - (ck.bytes_done if ck else 0)))
+                d.requeue(g, spec, "lost")
+                continue
+            except (TransportError, HostServiceError) as e:
+                self._release(att)
+                record["outcome"] = f"failed: {e}"
+                spec = self._without(spec, g, rd, e)
+                d.requeue(g, spec, "failed")
+                continue
+            except BaseException as e:
+                self._release(att)
+                record["outcome"] = f"failed: {e}"
+                d.finish(g, "failed")
+                raise
+            self._release(att)
+            record["outcome"] = "ok"
+            d.finish(g, "ok")
+            self._record_outcome(t, rd, st, g, out)
+            run.proxy, run.transport = g.proxy, g.transport
+            return
+
+    def _release_everything(self) -> None:
+        super()._release_everything()
+        for p in self._once:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def _without(self, spec: TaskSpec, g: Any, rd: Any, err: BaseException) -> TaskSpec:
+        """The task without the option that failed; none left: the disk fails."""
+        proxy, mode = g.proxy, g.transport
+        left = tuple(o for o in spec.options if o != (proxy, mode))
+        if not left:
+            self.ctx.dispatcher.finish(g, "failed")
+            raise err
+        note = f"{mode} on {proxy} failed ({err}); next: {left[0][1]} on {left[0][0]}"
+        rd.history.append(note)
+        self.say(f"disk {spec.disk}: {note}")
+        return msgspec.structs.replace(spec, options=left)
+
+    def _release(self, att: Any) -> None:
+        with self._lock, contextlib.suppress(HostServiceError):
+            att.release()
+
+    def _disk_task(self, t: Any, uri: str, mode: str, ckpt_path: Any, ck: Any,
+                   attempt: int) -> Any:
+        """The unit of work the proxy's worker runs (its mover's job description)."""
+        from vmrestore.mover.session import DiskJob
+
+        return DiskJob(disk=t.index, backup=self._point_source(), target=uri, transport=mode,
+                       start_entry=ck.prefix if ck else 0, checkpoint=str(ckpt_path),
+                       token_file=self.job.token_file, threads=self.job.threads,
+                       queue_depth=self.job.queue_depth, stall=self.faults["stall"])
+
+    def _record_outcome(self, t: Any, rd: Any, st: dict[str, Any], g: Any, out: Any) -> None:
+        with self._lock:
+            rd.transport = g.transport
+            rd.status = "ok"
+            rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (
+                out.bytes_written, out.bytes_zeroed, out.bytes_skipped)
+            rd.resumed_from = out.resumed_bytes
+            rd.wire_bytes = out.wire_bytes
+            rd.seconds = out.seconds
+            rd.busy = role_busy(g.transport, out.busy)
+            st.update(status="done", transport=g.transport)
+            self.state.save()
+        self.say(f"disk {t.index}: {g.transport} on {g.proxy}, "
+                 f"{rd.bytes_written / (1 << 20):.1f} MiB written, {rd.mbps:.1f} MB/s")
+
+    def say(self, msg: str) -> None:
+        with self._lock:
+            super().say(f"{self.job.name}: {msg}")
+
