@@ -47,7 +47,7 @@ def _run_plan(plan: Path, lab: Any, kill: str | None) -> tuple[int, dict[str, An
     env = {**os.environ, "VMRESTORE_LAB_DIR": str(lab.dir), "VMRESTORE_PROGRESS": "plain",
            # Each disk in eight slices with a durable checkpoint and a short pause after
            # each: the kill lands mid-disk and the successor resumes from a checkpoint.
-           "VMRESTORE_FAULT": "stall:data:0.1"}
+           "VMRESTORE_FAULT": "stall:data:0.05"}
     proc = subprocess.Popen([sys.executable, "-m", "vmrestore", "restore", "--plan", str(plan),
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -105,7 +105,8 @@ def test_twenty_vms_over_three_proxies_with_a_worker_killed(fleet_lab, fleet_bac
     assert not (fleet_lab.datastores["ds-local"].dir / "plan-corrupt").exists()
 
     # Every other VM restored, every disk byte-identical to its source image.
-    failed = {n: (v["failed_phase"], v["error"]) for n, v in by_name.items() if v["status"] != "ok"}
+    failed = {n: (v["failed_phase"], v["error"]) for n, v in by_name.items()
+              if v["status"] != "ok"}
     assert len(by_name) == 20 and not failed, failed
     for name, v in by_name.items():
         images = fleet_backups[name[len("plan-")]].images
@@ -120,7 +121,8 @@ def test_twenty_vms_over_three_proxies_with_a_worker_killed(fleet_lab, fleet_bac
             if any(a["outcome"] == "lost" for a in d["attempts"])]
     assert lost, "no disk attempt was lost with the killed worker"
     for _, d in lost:
-        assert d["attempts"][0]["proxy"] == VICTIM and d["attempts"][-1]["outcome"] == "ok"
+        assert {a["proxy"] for a in d["attempts"] if a["outcome"] == "lost"} == {VICTIM}, d
+        assert d["attempts"][-1]["outcome"] == "ok"
     victim = next(p for p in report["proxies"] if p["name"] == VICTIM)
     assert victim["lost"] >= 1
     assert all(p["attempts"] > 0 and 0 < p["utilization"] <= 1 for p in report["proxies"])

@@ -64,6 +64,10 @@ class ProxyFacts(WorkerPlugin):
             worker.vmr_proxy = f
 
 
+class WorkersUnknown(Exception):
+    """The cluster could not say which proxies are alive right now (not: none are)."""
+
+
 def _worker_facts(dask_worker: Any) -> dict[str, Any] | None:
     import os
 
@@ -75,6 +79,9 @@ def live_proxies(client: Any, pids: dict[str, int] | None = None
                  ) -> dict[str, tuple[str, Proxy]]:
     """Proxy name -> (worker address, its facts) for every worker that advertises a proxy.
 
+    Raises WorkersUnknown when the workers cannot be asked: a caller must not take
+    that for "every proxy is gone".
+
     ``pids`` (if given) is filled with each proxy worker's process id (the live view
     shows it: which process is which proxy)."""
     names = {addr: str(w.get("name")) for addr, w in
@@ -83,9 +90,12 @@ def live_proxies(client: Any, pids: dict[str, int] | None = None
         return {}
     try:
         facts = client.run(_worker_facts, workers=list(names), on_error="return")
-    except Exception as e:  # a worker vanished between the two calls: next poll
+    except Exception as e:  # a worker vanished between the two calls: ask again
         log.debug("facts query failed: %s", e)
-        return {}
+        try:
+            facts = client.run(_worker_facts, workers=list(names), on_error="return")
+        except Exception as e2:
+            raise WorkersUnknown(f"cannot ask the workers for their proxies: {e2}") from e2
     out: dict[str, tuple[str, Proxy]] = {}
     for addr, f in facts.items():
         if isinstance(f, dict) and f.get("name") == names.get(addr):
@@ -125,7 +135,9 @@ def connect(scheduler: str | None, infra: Infra,
                     "cls": Nanny,
                     "options": {"name": p.name, "nthreads": p.slots,
                                 "resources": {"slot": p.slots},
-                                "silence_logs": logging.ERROR}}
+                                "silence_logs": logging.ERROR,
+                                # Orphans of a killed orchestrator stop on their own.
+                                "death_timeout": 30}}
             cluster.scale(len(infra.proxies))
             client = Client(cluster)
             try:
@@ -144,8 +156,10 @@ def connect(scheduler: str | None, infra: Infra,
 def wait_for_proxies(client: Any, want: int, timeout: float) -> dict[str, tuple[str, Proxy]]:
     """Wait until ``want`` proxies advertise themselves (or the timeout); return them."""
     deadline = time.monotonic() + timeout
+    live: dict[str, tuple[str, Proxy]] = {}
     while True:
-        live = live_proxies(client)
+        with contextlib.suppress(WorkersUnknown):
+            live = live_proxies(client)
         if len(live) >= want or time.monotonic() > deadline:
             return live
         time.sleep(0.2)

@@ -232,8 +232,8 @@ class Dispatcher:
                 next_watch = now + WATCH
                 try:
                     self._watch()
-                except Exception as e:  # a scheduler hiccup: try again next round
-                    log.warning("worker watch failed: %s", e)
+                except Exception as e:  # a scheduler hiccup: no change known, next round
+                    log.warning("worker watch skipped: %s", e)
                 self._check_unplaceable(now)
             for g in self.admission.grants():
                 w = self._waiters.get(g.task.key)

@@ -136,6 +136,8 @@ class PlanVmRestore(Orchestrator):
                 rd.status = "skipped"
                 rd.history.append("written by the interrupted run")
                 rd.transport = st.get("transport", rd.transport)
+                self.disk_runs[t.index] = DiskRun(t.index, "", st.get("proxy", ""),
+                                                  rd.transport)
                 continue
             base = vdisks.disk_for_file(self.vm, t.file_name).base_file
             rd.file = base
