@@ -121,11 +121,13 @@ def test_twenty_vms_over_three_proxies_with_a_worker_killed(fleet_lab, fleet_bac
             if any(a["outcome"] == "lost" for a in d["attempts"])]
     assert lost, "no disk attempt was lost with the killed worker"
     for _, d in lost:
-        assert {a["proxy"] for a in d["attempts"] if a["outcome"] == "lost"} == {VICTIM}, d
+        assert {a["proxy"] for a in d["attempts"] if a["outcome"] == "lost"} == {VICTIM}, \
+            json.dumps({"disk": d, "events": report["events"]})
         assert d["attempts"][-1]["outcome"] == "ok"
     victim = next(p for p in report["proxies"] if p["name"] == VICTIM)
     assert victim["lost"] >= 1
-    assert all(p["attempts"] > 0 and 0 < p["utilization"] <= 1 for p in report["proxies"])
+    assert all(p["attempts"] > 0 and 0 < p["utilization"] <= 1 for p in report["proxies"]), \
+        report["proxies"]
     assert report["mb_per_s"] > 0 and report["bytes_written"] > 0
 
     # No disk was held by two attempts at once: the host's fencing record.
