@@ -83,6 +83,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=number(0, 1000), default=5, metavar="R",
                    help="repo://: reconnects without progress before giving up (default 5)")
     p.add_argument("--client", metavar="NAME", help="repo://: client name shown to the agent")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or interrupted restore to a new local file from its "
+                        "checkpoint (.NAME.vmrestore-resume beside the target)")
+    p.add_argument("--checkpoint-every", type=number(0.05, 3600, float), default=2.0,
+                   metavar="S", help="new local file from a local backup: record durable "
+                                     "progress every S seconds (default 2)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=run)
@@ -125,16 +131,18 @@ def run(args: argparse.Namespace) -> int:
         if args.readers:
             extra["readers"] = args.readers
         new_file = None if args.quick_rollback else _new_local_file(args.target)
-        try:
-            res = restore_disk(args.backup, args.disk, args.target, point=args.point,
-                               force=args.force,
-                               target_zeroed=True if args.target_zeroed else None,
-                               threads=args.threads, queue_depth=args.queue_depth,
-                               lanes=args.connections, buffers=args.buffers,
-                               direct=not args.no_direct, on_counters=progress, **extra)
-        except BaseException:
-            _remove_partial(new_file)
-            raise
+        if args.resume and new_file is None:
+            raise UsageError(f"--resume continues a restore to a new local file; {args.target} "
+                             "is not one (it exists, or is not a local path)")
+        common = {"point": args.point, "threads": args.threads,
+                  "queue_depth": args.queue_depth, "lanes": args.connections,
+                  "buffers": args.buffers, "direct": not args.no_direct,
+                  "on_counters": progress, **extra}
+        if new_file is None:
+            res = restore_disk(args.backup, args.disk, args.target, force=args.force,
+                               target_zeroed=True if args.target_zeroed else None, **common)
+        else:
+            res = _restore_new_file(args, new_file, common)
         task.done()
     if args.json:
         json.dump(res.as_dict(), sys.stdout, indent=2)
@@ -168,13 +176,24 @@ def _new_local_file(target: str) -> Path | None:
     return Path(path)
 
 
-def _remove_partial(path: Path | None) -> None:
-    """A failed run removes the file it created: a half-written disk must not look restored.
+def _restore_new_file(args: argparse.Namespace, target: Path, common: dict[str, Any]) -> Any:
+    """Write a hidden partial file (checkpointed for a local backup), then put it in place."""
+    from vmrestore.checkpoint import Checkpointer
+    from vmrestore.mover.client import is_repo_url
+    from vmrestore.restore_disk import restore_disk
+    from vmrestore.resume import new_file_target
 
-    Only the file THIS run created (inode and token, vmrestore.ownership): a run
-    that lost a race for the path removes nothing.
-    """
-    from vmrestore import ownership
-
-    if path is not None and ownership.remove_if_ours(ownership.created_here(path)):
-        log.info("removed the partly written target %s", path)
+    local = not is_repo_url(args.backup)
+    with new_file_target(target, args.backup, args.disk, args.point, resume=args.resume,
+                         checkpoints=local) as t:
+        cp = Checkpointer(args.checkpoint_every, t.record, base=t.start, name="resume-checkpoint")
+        try:
+            # a file this run created reads as zeros where not written: zero runs are skipped
+            res = restore_disk(args.backup, args.disk, str(t.partial), start_entry=t.start,
+                               force=t.start > 0, target_zeroed=True,
+                               **({"on_start": cp.start} if local else {}), **common)
+        finally:
+            cp.stop()
+        t.commit()
+    res.target = str(target)
+    return res
