@@ -116,6 +116,17 @@ def build_asan_driver(tmp: Path) -> Path:
     return exe
 
 
+def wait_written(target: Path, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Wait until a restore running in proc has written data into target (all zeros before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(target, "rb") as f:
+            if f.read().strip(b"\0"):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the restore wrote nothing before it ended or the time ran out")
+
+
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -112,6 +113,34 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
 REAL_COMMAND_LINE = False  # main() runs on this process's own argv (not called in-process)
 
 
+# The signal that ended the run (SIGINT unless SIGTERM or SIGHUP came).
+_stopped_by = signal.SIGINT
+
+
+def _stop_like_ctrl_c(signum: int, _frame: object) -> None:
+    """SIGTERM (systemd, `timeout`) and SIGHUP (a closed terminal) end a run as Ctrl-C does.
+
+    Raising KeyboardInterrupt takes every path Ctrl-C takes: the pipeline is
+    cancelled, a partial target is kept for --resume or removed, a restore rolls
+    back, exit code 130 as for Ctrl-C; the message names the signal.
+    """
+    global _stopped_by
+    _stopped_by = signal.Signals(signum)
+    raise KeyboardInterrupt(_stopped_by.name)
+
+
+def install_signal_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:  # `nohup` (SIG_IGN) stays as it is
+            signal.signal(sig, _stop_like_ctrl_c)
+
+
+def _interrupted_exit(message: str) -> int:
+    by = f" ({_stopped_by.name})" if _stopped_by != signal.SIGINT else ""
+    print(message + by, file=sys.stderr)
+    return Interrupted.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # vmrestore never does linear algebra, but numpy's OpenBLAS starts one spinning
     # thread per core at import: ~0.1-0.3 CPU-s stolen from the restore (perf, docs/core.md).
@@ -124,12 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, args.log_file)
     global REAL_COMMAND_LINE
     REAL_COMMAND_LINE = argv is None  # vddk may then re-execute it (LD_LIBRARY_PATH)
+    install_signal_handlers()
     try:
         rc = args.func(args)
         return int(rc or 0)
     except KeyboardInterrupt:
-        print("vmrestore: interrupted", file=sys.stderr)
-        return Interrupted.exit_code
+        return _interrupted_exit("vmrestore: interrupted")
+    except Interrupted as e:
+        return _interrupted_exit(f"vmrestore: error: {e}")
     except VmrError as e:
         log.debug("error", exc_info=True)
         print(f"vmrestore: error: {e}", file=sys.stderr)

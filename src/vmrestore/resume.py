@@ -77,10 +77,10 @@ def _lock(target: Path) -> tuple[int, Path]:
         os.close(fd)
 
 
-def _unlock(fd: int, path: Path, remove: bool) -> None:
-    if remove:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+def _unlock(fd: int, path: Path) -> None:
+    """Remove the lock file, then drop the lock (a run that opened it meanwhile retries)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
     os.close(fd)
 
 
@@ -201,10 +201,10 @@ class NewFileTarget:
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
 
-    def release(self, done: bool) -> None:
-        """Drop the run lock (and its file when nothing is left to resume)."""
+    def release(self) -> None:
+        """Drop the run lock."""
         if self._lock is not None:
-            _unlock(*self._lock, remove=done)
+            _unlock(*self._lock)
             self._lock = None
 
     def discard(self) -> None:
@@ -220,7 +220,7 @@ class NewFileTarget:
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
 
-    def keep_or_discard(self, exc: BaseException) -> bool:
+    def keep_or_discard(self, exc: BaseException) -> None:
         """After a failure: keep a resumable partial (progress recorded), else remove it."""
         from vmrestore.errors import Interrupted, TransportError
 
@@ -229,9 +229,8 @@ class NewFileTarget:
             log.warning("%s: kept the partial restore %s (%d plan entries done): rerun with "
                         "--resume to continue, or delete it", self.target, self.partial.name,
                         self.state.entry)
-            return False
+            return
         self.discard()
-        return True
 
 
 @contextlib.contextmanager
@@ -240,13 +239,11 @@ def new_file_target(target: Path, backup: str, disk: int, point: str | None, *,
     """A NewFileTarget prepared for this run; on failure kept for --resume or removed."""
     t = NewFileTarget(target, backup, disk, point, checkpoints)
     try:
-        t.prepare(resume)
-    except BaseException:
-        t.release(False)
-        raise
-    try:
-        yield t
-    except BaseException as e:
-        t.release(t.keep_or_discard(e))
-        raise
-    t.release(True)
+        t.prepare(resume)  # a refusal here touches nothing
+        try:
+            yield t
+        except BaseException as e:
+            t.keep_or_discard(e)
+            raise
+    finally:
+        t.release()

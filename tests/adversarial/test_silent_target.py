@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from core_helpers import MiB, Nbdkit, backup, make_image, nbdkit
+from core_helpers import MiB, Nbdkit, backup, make_image, nbdkit, wait_written
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_server_stopped_mid_restore_fails_in_bounded_time(
     with nbdkit(tmp_path, target, "--filter=delay", "delay-write=150ms") as srv:
         proc = _popen(str(bk), "--disk", "0", "--to", srv.uri + "&timeout=2&retries=1", "-q",
                       "--connections", "1", "--queue-depth", "2")
-        time.sleep(1.0)
+        wait_written(target, proc)
         assert proc.poll() is None, proc.communicate()
         with stopped(srv):
             t0 = time.monotonic()
@@ -92,7 +92,7 @@ def test_ctrl_c_stops_a_restore_stuck_on_a_silent_server(
         # default timeout (30 s): only Ctrl-C can end this quickly
         proc = _popen(str(bk), "--disk", "0", "--to", srv.uri, "-q",
                       "--connections", "1", "--queue-depth", "2")
-        time.sleep(1.0)
+        wait_written(target, proc)
         assert proc.poll() is None, proc.communicate()
         with stopped(srv):
             time.sleep(0.5)

@@ -151,7 +151,6 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import signal
     import sys
 
     from vmrestore import job as jobmod
@@ -176,10 +175,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         raise
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: clean rollback, exit 130
-
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGTERM and SIGHUP stop like Ctrl-C (clean rollback): cli.install_signal_handlers
     with ui.Display(quiet=args.quiet or False) as display:
         orch = Orchestrator(job, display=display)
         report = orch.run()

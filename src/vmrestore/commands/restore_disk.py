@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmrestore.commands import number
-from vmrestore.errors import UsageError
+from vmrestore.errors import UsageError, VmrError
 
 log = logging.getLogger("vmrestore.restore_disk")
 
@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         if args.readers:
             extra["readers"] = args.readers
         new_file = None if args.quick_rollback else _new_local_file(args.target)
+        if new_file is not None and not _is_file_target(args.target):
+            new_file = None  # san:LUN writes the LUN in place, never through a partial file
         if args.resume and new_file is None:
             raise UsageError(f"--resume continues a restore to a new local file; {args.target} "
                              "is not one (it exists, or is not a local path)")
@@ -176,6 +178,15 @@ def _new_local_file(target: str) -> Path | None:
     return Path(path)
 
 
+def _is_file_target(target: str) -> bool:
+    from vmrestore.transport.uri import parse_target
+
+    try:
+        return parse_target(target).kind == "file"
+    except UsageError:
+        return False
+
+
 def _restore_new_file(args: argparse.Namespace, target: Path, common: dict[str, Any]) -> Any:
     """Write a hidden partial file (checkpointed for a local backup), then put it in place."""
     from vmrestore.checkpoint import Checkpointer
@@ -192,6 +203,15 @@ def _restore_new_file(args: argparse.Namespace, target: Path, common: dict[str, 
             res = restore_disk(args.backup, args.disk, str(t.partial), start_entry=t.start,
                                force=t.start > 0, target_zeroed=True,
                                **({"on_start": cp.start} if local else {}), **common)
+        except VmrError as e:  # name the target the user gave, not only the hidden file
+            if str(t.partial) not in str(e):
+                raise
+            named = str(e).replace(str(t.partial), f"{target} (written as {t.partial.name})")
+            try:
+                again = type(e)(named)
+            except TypeError:
+                raise e from None
+            raise again from None
         finally:
             cp.stop()
         t.commit()

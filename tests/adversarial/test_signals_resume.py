@@ -1,0 +1,156 @@
+"""restore-disk to a new file under signals, kill -9 and a racing second run.
+
+SIGTERM and SIGHUP stop it like Ctrl-C (exit 130, one message naming the signal);
+no run that did not finish leaves a file under the target's name; kill -9 leaves a
+hidden partial file and a checkpoint that `--resume` continues to a byte-identical
+disk; a second run for the same target while the first lives is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core_helpers import backup
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 192 MiB incompressible disk and its backup (codec none: quick to make, slow enough
+    to restore that a checkpoint comes before the end)."""
+    d = tmp_path_factory.mktemp("signals")
+    img = d / "disk.img"
+    with open(img, "wb") as f:
+        for _ in range(192):
+            f.write(os.urandom(MiB))
+    return img, backup(img, d / "b.vmrb", "--codec", "none")
+
+
+def _start(bk: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vmrestore", "restore-disk", str(bk),
+                             "--disk", "0", "--to", str(out), "-q", "--threads", "1",
+                             "--connections", "1", "--checkpoint-every", "0.1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_checkpoint(proc: subprocess.Popen[str], out: Path) -> dict:
+    state = out.with_name(f".{out.name}.vmrestore-resume")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            doc = json.loads(state.read_text())
+            if doc["entry"] > 0:
+                return doc
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint before the run ended: {proc.communicate()}")
+
+
+def _leftovers(d: Path, out: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_stops_like_ctrl_c_and_nothing_looks_restored(
+        tmp_path: Path, big: tuple[Path, Path], sig: signal.Signals) -> None:
+    _img, bk = big
+    out = tmp_path / "new.img"
+    proc = _start(bk, out)
+    _wait_checkpoint(proc, out)
+    proc.send_signal(sig)
+    _o, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("vmrestore: ")
+              and "interrupted" in ln]
+    assert len(errors) == 1, err
+    if sig != signal.SIGINT:
+        assert sig.name in errors[0]
+    assert not out.exists()  # never a file that looks restored
+    # progress was recorded: the partial file is kept for --resume, and said so
+    assert "--resume" in err
+    assert _leftovers(tmp_path, out) == [f".{out.name}.vmrestore-partial",
+                                         f".{out.name}.vmrestore-resume"]
+
+
+def test_kill9_then_resume_is_byte_identical(tmp_path: Path, big: tuple[Path, Path]) -> None:
+    img, bk = big
+    out = tmp_path / "new.img"
+    proc = _start(bk, out)
+    ckpt = _wait_checkpoint(proc, out)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not out.exists()
+    assert ckpt["entry"] > 0
+    r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                        "0", "--to", str(out), "--resume", "--json", "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["target"] == str(out)
+    # it continued: fewer entries than the whole plan were run
+    assert res["entries"] < 192
+    assert out.read_bytes() == img.read_bytes()
+    assert _leftovers(tmp_path, out) == []
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path: Path, big: tuple[Path, Path]) -> None:
+    _img, bk = big
+    out = tmp_path / "new.img"
+    r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                        "0", "--to", str(out), "--resume", "-q"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr, r.stderr
+    proc = _start(bk, out)
+    _wait_checkpoint(proc, out)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    # another disk index than the killed run's
+    r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                        "0", "--point", bk.name, "--to", str(out), "--resume", "-q"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "must ask for the same" in r.stderr, r.stderr
+    # the partial file replaced by another one
+    partial = out.with_name(f".{out.name}.vmrestore-partial")
+    partial.unlink()
+    partial.write_bytes(b"x")
+    r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                        "0", "--to", str(out), "--resume", "-q"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 6 and "replaced since" in r.stderr, r.stderr
+    # without --resume a fresh run replaces a dead run's leftovers and succeeds
+    r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                        "0", "--to", str(out), "-q"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _leftovers(tmp_path, out) == []
+
+
+def test_second_run_for_the_same_target_is_refused_while_the_first_lives(
+        tmp_path: Path, big: tuple[Path, Path]) -> None:
+    img, bk = big
+    out = tmp_path / "new.img"
+    first = _start(bk, out)
+    _wait_checkpoint(first, out)
+    os.kill(first.pid, signal.SIGSTOP)  # alive, but making no progress meanwhile
+    try:
+        second = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk),
+                                 "--disk", "0", "--to", str(out), "-q"],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _o, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 6 and "another restore is writing it" in second.stderr
+    assert out.read_bytes() == img.read_bytes()
+    assert _leftovers(tmp_path, out) == []
