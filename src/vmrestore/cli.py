@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, args.log_file)
     global REAL_COMMAND_LINE
     REAL_COMMAND_LINE = argv is None  # vddk may then re-execute it (LD_LIBRARY_PATH)
-    install_signal_handlers()
+    if REAL_COMMAND_LINE:  # a process of its own: not a test calling main() in-process
+        install_signal_handlers()
     try:
         rc = args.func(args)
         return int(rc or 0)
