@@ -256,6 +256,16 @@ def test_kill_9_leaves_no_valid_looking_file(tmp_path: Path) -> None:
         open_point(partial[0])
     with pytest.raises(IncompleteBackupError):
         open_chain(partial[0])
+    # the next run for the same output removes what the killed one left (its pid is dead),
+    # and never a partial file of a run still alive
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(MIB))
+    alive = tmp_path / f".b.vmrb.{os.getpid()}.partial"
+    alive.write_bytes(b"a live run's")
+    r = subprocess.run([sys.executable, "-m", "vmrestore", "backup", "create", "--disk",
+                        str(small), "-q", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not partial[0].exists() and alive.exists()
 
 
 def test_block_device_source(cli, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@
 requires; what goes in (which blocks, which codec, dedup) is decided by
 create.py. Until ``finish`` returns, the final name does not exist; a crash
 leaves at most a hidden ``.NAME.PID.partial`` file without a footer, which
-readers reject as incomplete. A parent file is never opened for writing.
+readers reject as incomplete; the next run for NAME removes those whose PID
+is no longer running (a live one may be another run writing NAME now). A
+parent file is never opened for writing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,43 @@ log = logging.getLogger(__name__)
 def temp_name(out_path: str) -> str:
     d, base = os.path.split(os.path.abspath(out_path))
     return os.path.join(d, f".{base}.{os.getpid()}.partial")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (EPERM: it does, not ours)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out_path: str) -> list[str]:
+    """Remove ``.NAME.PID.partial`` files of runs that died (kill -9); returns what went."""
+    d, base = os.path.split(os.path.abspath(out_path))
+    prefix, removed = f".{base}.", []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix):-len(".partial")]
+        if not (name.startswith(prefix) and name.endswith(".partial") and pid.isdigit()):
+            continue
+        if int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(d, name))
+        except OSError as e:
+            log.warning("could not remove %s left by a killed run: %s", name, e.strerror)
+            continue
+        log.info("removed %s, left by a run that was killed (pid %s)", name, pid)
+        removed.append(name)
+    return removed
 
 
 def check_output(out_path: str, force: bool) -> None:
@@ -55,6 +94,7 @@ class PointWriter:
         self.parent_id = parent_id
         self.parent_checksum = parent_checksum
         self.tmp_path = temp_name(out_path)
+        remove_stale_partials(out_path)
         try:
             self.fd = os.open(self.tmp_path,
                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
