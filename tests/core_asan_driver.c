@@ -41,9 +41,11 @@ int main(int argc, char **argv)
     struct vmr_writer wr;
     int rc;
     if (argc > 6) {
-        /* flush_every 1 MiB: early-writeback flushes run under ASan too */
+        /* flush_every 1 MiB and max_write 64 KiB: early-writeback flushes and split
+         * writes (64 KiB parts) run under ASan too */
         struct vmr_nbd_options o = {.uri = argv[6], .retries = 2, .retry_delay_ms = 50,
-                                    .tls_verify_peer = -1, .flush_every = 1u << 20};
+                                    .tls_verify_peer = -1, .flush_every = 1u << 20,
+                                    .max_write = 64u << 10};
         rc = vmr_nbd_writer_open(&o, size, &wr, &err);
     } else {
         rc = vmr_file_writer_open(argv[3], size, (compare ? 0 : VMR_FILE_CREATE) | VMR_FILE_FORCE,

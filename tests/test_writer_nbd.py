@@ -83,3 +83,35 @@ def test_nbd_uri_forms() -> None:
     for bad in ("nbd+unix:///x", "nbd:///x", "ftp://x/y", "san:/dev/x", "file://host/x", ""):
         with pytest.raises(UsageError):
             parse_target(bad)
+
+
+def test_nbd_request_size_splits_writes(tmp_path: Path) -> None:
+    """request-size=64: every 1 MiB block goes out as 16 writes, the bytes still land."""
+    import re
+
+    data = make_image(tmp_path / "disk.img", 6, tail=4096, seed=13)
+    plan = synth_plan(data, tmp_path / "src.bin")
+    target = tmp_path / "target.img"
+    target.write_bytes(b"\xaa" * len(data))
+    log = tmp_path / "nbdkit.log"
+    with nbdkit(tmp_path, target, "--filter=log", f"logfile={log}") as srv:
+        res = run_plan(plan, [str(tmp_path / "src.bin")], srv.uri + "&request-size=64",
+                       capacity=len(data), queue_depth=4)
+    assert target.read_bytes() == data
+    sizes = [int(c, 16) for c in re.findall(r"Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)",
+                                            log.read_text())]
+    assert sizes and max(sizes) == 64 << 10
+    assert sum(sizes) == res.bytes_written
+
+
+def test_nbd_split_write_failure_is_reported_once(tmp_path: Path) -> None:
+    """A part answered with EIO fails its block with a target error naming an offset."""
+    data = make_image(tmp_path / "disk.img", 4, seed=14)
+    plan = synth_plan(data, tmp_path / "src.bin")
+    target = tmp_path / "target.img"
+    target.write_bytes(bytes(len(data)))
+    with nbdkit(tmp_path, target, "--filter=error", "error-pwrite=EIO",
+                "error-pwrite-rate=100%") as srv, pytest.raises(TargetError,
+                                                                match=r"disk offset \d+"):
+        run_plan(plan, [str(tmp_path / "src.bin")], srv.uri + "&request-size=256&retries=1",
+                 capacity=len(data), queue_depth=2)

@@ -72,6 +72,7 @@ cdef extern from "writer.h" nogil:
         uint64_t flush_every
         uint32_t timeout_ms
         int (*interrupted)() noexcept
+        uint32_t max_write
     struct vmr_extent:
         uint64_t voff
         uint64_t len
@@ -258,7 +259,8 @@ cdef class Writer:
     @staticmethod
     def open_nbd(str uri, uint64_t size, uint32_t retries=3, uint32_t retry_delay_ms=200,
                  uint32_t flags=0, psk_file=None, tls_username=None, cert_dir=None,
-                 int tls_verify_peer=-1, uint64_t flush_every=0, uint32_t timeout_ms=0):
+                 int tls_verify_peer=-1, uint64_t flush_every=0, uint32_t timeout_ms=0,
+                 uint32_t max_write=0):
         cdef Writer w = Writer.__new__(Writer)
         cdef vmr_error e
         cdef vmr_nbd_options o
@@ -279,6 +281,7 @@ cdef class Writer:
         o.flush_every = flush_every
         o.timeout_ms = timeout_ms
         o.interrupted = _interrupted
+        o.max_write = max_write
         _error_init(&e)
         with nogil:
             rc = vmr_nbd_writer_open(&o, size, &w.wr, &e)

@@ -243,6 +243,8 @@ struct vmr_nbd_options {
     /* Optional: asked while vmr_nbd_writer_open waits for the server; non-zero
      * gives up (VMR_E_INTERRUPTED), so Ctrl-C stops a connection nobody answers. */
     int (*interrupted)(void);
+    uint32_t max_write;     /* larger writes go out as several requests of at most this
+                             * many bytes (0 = one request per write); writer_nbd.c */
 };
 int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct vmr_writer *out,
                         struct vmr_error *err);

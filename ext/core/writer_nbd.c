@@ -38,6 +38,12 @@
  * one passing counts as a lost connection (ETIMEDOUT: reconnect, retry, then a
  * TRANSPORT error saying how long nothing came); a flush waits the same way.
  * A connection that timed out is closed without waiting for what it owes.
+ *
+ * Request size (max_write, URI request-size=KiB): a block larger than
+ * max_write goes out as several NBD writes, and the pipeline's completion runs
+ * once, after the last of them, with the first error. For servers with a
+ * smaller preferred or maximum request than the backup's block size, and for
+ * tuning (nbdcopy sends 256 KiB; docs/benchmarks.md, "Request size").
  * cancel() (the pipeline stops: Ctrl-C or another lane's error) leaves a
  * grace of CANCEL_GRACE_MS for answers still owed, then fails what is left,
  * with no retry or reconnect. */
@@ -61,6 +67,7 @@ struct nbd_writer {
     uint32_t retries, retry_delay_ms;
     uint64_t size;
     uint64_t flush_every;   /* bytes written between early-writeback flushes, 0 = never */
+    uint32_t max_write;     /* split writes larger than this (0 = never) */
     int can_zero, can_fast_zero, can_trim, can_flush, can_multi_conn;
     uint32_t timeout_ms;    /* deadline of one request / flush / connection */
     int (*interrupted)(void);   /* only while opening (the caller's thread) */
@@ -469,13 +476,14 @@ static int nw_poll(void *lane, int timeout_ms, struct vmr_error *err)
     return L->nactive;
 }
 
-static int enqueue(struct nbd_lane *L, const void *buf, uint32_t count, uint64_t off,
-                   uint32_t flags, int zero, struct vmr_completion cb, struct vmr_error *err)
+static struct nreq *new_req(struct nbd_lane *L, const void *buf, uint32_t count, uint64_t off,
+                            uint32_t flags, int zero, struct vmr_completion cb,
+                            struct vmr_error *err)
 {
     struct nreq *r = calloc(1, sizeof *r);
     if (r == NULL) {
         vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, off, "out of memory");
-        return -1;
+        return NULL;
     }
     r->L = L;
     r->buf = buf;
@@ -484,17 +492,87 @@ static int enqueue(struct nbd_lane *L, const void *buf, uint32_t count, uint64_t
     r->flags = flags;
     r->zero = zero;
     r->cb = cb;
+    return r;
+}
+
+static void push(struct nbd_lane *L, struct nreq *r)
+{
     r->next = L->active;
     L->active = r;
     L->nactive++;
     submit(L, r);
+}
+
+static int enqueue(struct nbd_lane *L, const void *buf, uint32_t count, uint64_t off,
+                   uint32_t flags, int zero, struct vmr_completion cb, struct vmr_error *err)
+{
+    struct nreq *r = new_req(L, buf, count, off, flags, zero, cb, err);
+    if (r == NULL)
+        return -1;
+    push(L, r);
     return 0;
+}
+
+/* One pipeline write sent as several NBD requests: completes once, after the last. */
+struct split {
+    struct vmr_completion cb;   /* the pipeline's */
+    uint32_t left;
+    int failed;
+    struct vmr_error e;         /* the first part's error */
+};
+
+static void split_done(void *data, const struct vmr_error *e)
+{
+    struct split *s = data;
+    if (e != NULL && !s->failed) {
+        s->failed = 1;
+        s->e = *e;
+    }
+    if (--s->left > 0)
+        return;
+    struct vmr_completion cb = s->cb;
+    struct vmr_error first = s->e;
+    int failed = s->failed;
+    free(s);
+    cb.fn(cb.data, failed ? &first : NULL);
 }
 
 static int nw_submit_pwrite(void *lane, const void *buf, uint32_t count, uint64_t off,
                             uint32_t flags, struct vmr_completion cb, struct vmr_error *err)
 {
-    return enqueue(lane, buf, count, off, flags, 0, cb, err);
+    struct nbd_lane *L = lane;
+    uint32_t part = L->w->max_write;
+    if (part == 0 || count <= part)
+        return enqueue(L, buf, count, off, flags, 0, cb, err);
+    uint32_t n = (uint32_t)(((uint64_t)count + part - 1) / part);
+    struct split *s = calloc(1, sizeof *s);
+    struct nreq **parts = calloc(n, sizeof *parts);
+    if (s == NULL || parts == NULL) {
+        free(s);
+        free(parts);
+        vmr_error_set(err, VMR_E_INTERNAL, ENOMEM, off, "out of memory");
+        return -1;
+    }
+    s->cb = cb;
+    s->left = n;
+    struct vmr_completion sub = {split_done, s};
+    /* allocate every part before sending any: a failure then leaves nothing in flight */
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t at = (uint64_t)i * part;
+        uint32_t len = count - at < part ? (uint32_t)(count - at) : part;
+        parts[i] = new_req(L, (const char *)buf + at, len, off + at, flags, 0, sub, err);
+        if (parts[i] == NULL) {
+            for (uint32_t j = 0; j < i; j++)
+                free(parts[j]);
+            free(parts);
+            free(s);
+            return -1;
+        }
+    }
+    for (uint32_t i = 0; i < n; i++)
+        push(L, parts[i]);
+    free(parts);
+    return 0;
 }
 
 static int nw_submit_zero(void *lane, uint32_t count, uint64_t off, uint32_t flags,
@@ -879,6 +957,7 @@ int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct
     w->retries = opt->retries;
     w->retry_delay_ms = opt->retry_delay_ms;
     w->flush_every = opt->flush_every;
+    w->max_write = opt->max_write;
     w->timeout_ms = opt->timeout_ms ? opt->timeout_ms : DEFAULT_TIMEOUT_MS;
     w->interrupted = opt->interrupted;
     /* a probe connection learns the export's size and what the server offers */

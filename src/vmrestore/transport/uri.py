@@ -19,7 +19,9 @@ URI forms (docs/core.md, "Targets"):
     ``tls-verify-peer=0|1``, ``flush-every=MiB`` (early writeback: an unwaited
     flush per connection every MiB written, 0 = only the final flush),
     ``timeout=SECONDS`` (how long one request, flush or connection attempt
-    may wait for the server before it counts as lost, default 30).
+    may wait for the server before it counts as lost, default 30),
+    ``request-size=KiB`` (a larger block goes out as several NBD writes of at
+    most this size; default 0 = one request per block).
 ``san:LUN?map=MAP.json`` (or ``san:?map=MAP.json``, LUN taken from the map)
     A raw LUN (block device or file) written at the disk's physical extents
     given by MAP.json: ``{"version": 1, "lun": PATH, "size": BYTES,
@@ -49,7 +51,8 @@ log = logging.getLogger("vmrestore.transport")
 
 MAP_VERSION = 1
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
-_OWN_NBD_PARAMS = ("connections", "retries", "tls-verify-peer", "flush-every", "timeout")
+_OWN_NBD_PARAMS = ("connections", "retries", "tls-verify-peer", "flush-every", "request-size",
+                   "timeout")
 DEFAULT_NBD_TIMEOUT_S = 30
 
 
@@ -103,9 +106,11 @@ def parse_target(uri: str) -> TargetSpec:
             raise UsageError(f"{uri}: {scheme} needs ?socket=PATH")
         if "unix" not in scheme and not parts.hostname:
             raise UsageError(f"{uri}: no host")
-        for k in ("connections", "retries", "flush-every", "timeout"):
+        for k in ("connections", "retries", "flush-every", "timeout", "request-size"):
             if k in own and not (own[k].isdigit() and int(own[k]) < 1 << 31):
                 raise UsageError(f"{uri}: {k}= must be a number")
+        if int(own.get("request-size", 0)) > 1 << 16:
+            raise UsageError(f"{uri}: request-size= must be 0..65536 KiB")
         if own.get("timeout") == "0" or int(own.get("timeout", 1)) > 86400:
             raise UsageError(f"{uri}: timeout= must be 1..86400 seconds")
         # built by hand: urlunsplit drops the '//' of nbd+unix:///export
@@ -205,10 +210,11 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
             verify = spec.options.get("tls-verify-peer")
             every = spec.options.get("flush-every", o.flush_every_mib)
             every = pl.DEFAULT_NBD_FLUSH_EVERY_MIB if every is None else int(every)
+            req_kib = int(spec.options.get("request-size", pl.DEFAULT_NBD_REQUEST_KIB))
             w = pl.Writer.open_nbd(spec.nbd_uri, size, retries=retries,
                                    retry_delay_ms=o.retry_delay_ms, flags=flags,
                                    tls_verify_peer=-1 if verify is None else int(verify == "1"),
-                                   flush_every=every << 20,
+                                   flush_every=every << 20, max_write=req_kib << 10,
                                    timeout_ms=int(1000 * float(spec.options.get(
                                        "timeout", o.timeout_s))))
         elif spec.kind == "san":
