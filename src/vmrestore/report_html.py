@@ -101,12 +101,26 @@ def _step(rows: list[dict[str, float]], f: _Frame, value: Any, base: Any) -> str
     return " ".join(f"{x},{y}" for x, y in top + bottom[::-1])
 
 
+def _axis_top(values: list[float]) -> float:
+    """The y range: the peak, unless a few intervals dwarf the rest (zero runs answered
+    at once run at GB/s); then 1.5x the 90th percentile, and those bars are clipped."""
+    if not values:
+        return 0.0
+    peak = max(values)
+    p90 = sorted(values)[int(0.9 * (len(values) - 1))]
+    return 1.5 * p90 if p90 > 0 and peak > 3 * p90 else peak * 1.05
+
+
 def throughput_svg(disk: int, rows: list[dict[str, float]]) -> str:
-    """Stacked step areas: data MB/s, then zeros MB/s on top."""
+    """Stacked step areas: data MB/s, then zeros MB/s on top (clipped bars say their value)."""
     t_end = rows[-1]["t1"] if rows else 1.0
-    peak = max((r["data_mbps"] + r["zero_mbps"] for r in rows), default=0.0)
-    ticks = nice_ticks(peak * 1.05)
+    totals = [r["data_mbps"] + r["zero_mbps"] for r in rows]
+    ticks = nice_ticks(_axis_top(totals))
     f = _Frame(t_end, ticks[-1])
+    top = ticks[-1]
+    clipped = [r for r, v in zip(rows, totals, strict=True) if v > top]
+    rows = [dict(r, data_mbps=min(r["data_mbps"], top),
+                 zero_mbps=min(r["zero_mbps"], top - min(r["data_mbps"], top))) for r in rows]
     parts = [f'<svg class="chart" data-chart="throughput" data-disk="{disk}" '
              f'data-points="{len(rows)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">',
@@ -118,6 +132,9 @@ def throughput_svg(disk: int, rows: list[dict[str, float]]) -> str:
         parts.append(f'<polygon fill="{COLORS["zeros"]}" points="'
                      + _step(rows, f, lambda r: r["data_mbps"] + r["zero_mbps"],
                              lambda r: r["data_mbps"]) + '"/>')
+    for r in clipped:
+        parts.append(f'<text x="{f.x(r["t1"]) + 3}" y="{MT + 10}">'
+                     f'↑ {r["data_mbps"] + r["zero_mbps"]:.0f} MB/s</text>')
     parts += _legend([("data", "data written"), ("zeros", "zeroed / skipped")])
     parts.append("</svg>")
     return "\n".join(parts)
@@ -133,12 +150,21 @@ def busy_svg(disk: int, rows: list[dict[str, float]], roles: list[str]) -> str:
              f"<title>disk {disk}: busy share per stage over time</title>"]
     parts += _axes(f, [0, 25, 50, 75, 100], "busy share (%)", "{:g}%")
     for role in roles:
+        # thin: each interval; thick: a moving average over about half a second
         pts = []
         for r in rows:
             y = f.y(100 * r[role])
             pts += [f"{f.x(r['t0'])},{y}", f"{f.x(r['t1'])},{y}"]
         parts.append(f'<polyline data-role="{role}" fill="none" stroke="{COLORS[role]}" '
-                     f'stroke-width="2" points="{" ".join(pts)}"/>')
+                     f'stroke-width="1" stroke-opacity="0.35" points="{" ".join(pts)}"/>')
+        smooth = []
+        for i, r in enumerate(rows):
+            win = rows[max(0, i - 2):i + 3]
+            span = sum(x["t1"] - x["t0"] for x in win)
+            v = sum(x[role] * (x["t1"] - x["t0"]) for x in win) / span if span > 0 else 0.0
+            smooth.append(f"{f.x((r['t0'] + r['t1']) / 2)},{f.y(100 * v)}")
+        parts.append(f'<polyline data-role="{role}-avg" fill="none" stroke="{COLORS[role]}" '
+                     f'stroke-width="2.5" points="{" ".join(smooth)}"/>')
     parts += _legend([(r, r) for r in roles])
     parts.append("</svg>")
     return "\n".join(parts)
@@ -194,10 +220,11 @@ def render(doc: dict[str, Any]) -> str:
         for p in doc.get("phases") or [])
     status = doc.get("status", "")
     err = f" — {html.escape(str(doc['error']))}" if doc.get("error") else ""
+    backup = f"backup {html.escape(str(doc['backup']))}; " if doc.get("backup") else ""
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="muted">backup {html.escape(str(doc.get("backup", "")))}; proxy '
-        f'{html.escape(str(doc.get("proxy") or "-"))}; status {html.escape(status)}{err}; '
+        f'<p class="muted">{backup}'
+        f'proxy {html.escape(str(doc.get("proxy") or "-"))}; status {html.escape(status)}{err}; '
         f'{doc.get("seconds", 0):.2f} s in all</p>',
     ]
     if phases:
@@ -206,7 +233,8 @@ def render(doc: dict[str, Any]) -> str:
     body += [_disk_section(d) for d in doc.get("disks") or []]
     body.append('<p class="muted">Throughput: bytes finished per sampling interval (data '
                 "written, and zero ranges zeroed or skipped). Busy share: the part of each "
-                "interval a stage was working (per thread, averaged over its threads); the "
+                "interval a stage was working (per thread, averaged over its threads; thin lines "
+                "per interval, thick ones averaged over five); the "
                 "stage busiest over the whole disk is the one the others wait for.</p>")
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
