@@ -45,7 +45,7 @@ def _image(wd: Path, size: int, codec: str = "zstd:3") -> tuple[Path, Path]:
     if not vmrb.exists():
         cmd = [*VMR, "backup", "create", "--disk", str(raw), "--codec", name, "-o", str(vmrb),
                "-q"] + (["--level", level] if level else [])
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return raw, vmrb
 
 
