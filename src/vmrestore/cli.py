@@ -63,7 +63,27 @@ main forms (details: 'vmrestore COMMAND --help', README.md, docs/):
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command module an argument list runs ('restore-disk' -> restore_disk), if any.
+
+    Why: registering every command imports every command module (~0.1 CPU-s,
+    more when the page cache is cold); a run needs only its own. The first
+    argument that is not an option (nor --log-file's value) names it.
+    """
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--log-file":
+            skip = True
+        elif not a.startswith("-"):
+            name = a.replace("-", "_")
+            return name if name in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``only``) the global options plus that one command."""
     parser = argparse.ArgumentParser(
         prog="vmrestore",
         description=(
@@ -81,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file", metavar="PATH", help="also write a debug log to PATH (timestamps, threads)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in (only,) if only else COMMANDS:
         try:
             module = importlib.import_module(f"vmrestore.commands.{name}")
         except ModuleNotFoundError as e:
@@ -145,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # vmrestore never does linear algebra, but numpy's OpenBLAS starts one spinning
     # thread per core at import: ~0.1-0.3 CPU-s stolen from the restore (perf, docs/core.md).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
+    parser = build_parser(command_named(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
