@@ -438,6 +438,8 @@ static void reader_hinted(struct vmr_pipeline *p, void *rh)
     }
 }
 
+#define CMP_CLAIM 16
+
 /* Compare mode: does the target already hold entry i (compare.h)? The target
  * is read into a slot's aligned buffer and hashed there. 1 = it does (the
  * entry is done), 0 = restore it, -1 = stop. */
@@ -490,13 +492,20 @@ static void *reader_main(void *arg)
     } else if (p->src->lookahead > 0 && p->src->ops->hint != NULL && !p->cfg.compare) {
         reader_hinted(p, rh);
     } else {
+        /* compare mode: a reader takes CMP_CLAIM consecutive entries at a time, so each
+         * reads a sequential run of the target (readahead is not split between readers) */
+        size_t claim = ch != NULL ? CMP_CLAIM : 1, i = 0, end = 0;
         while (!LOAD(p->stop)) {
-            size_t i = __atomic_fetch_add(&p->next_entry, 1, __ATOMIC_RELAXED);
-            if (i >= p->n)
-                break;
+            if (i == end) {
+                i = __atomic_fetch_add(&p->next_entry, claim, __ATOMIC_RELAXED);
+                if (i >= p->n)
+                    break;
+                end = i + claim < p->n ? i + claim : p->n;
+            }
             int same = ch != NULL ? compare_first(p, ch, i) : 0;
             if (same < 0 || (same == 0 && read_entry(p, rh, i) != 0))
                 break;
+            i++;
         }
     }
     if (ch != NULL)
