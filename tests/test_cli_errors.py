@@ -188,7 +188,7 @@ def test_restore_wrong_arguments(backup: Path, tmp_path: Path) -> None:
         (["--backup", b, "--network-map", "abc"], 2, "--network-map: expected SRC=DST"),
         (["--backup", b, "--disk-datastore", "9=ds"], 2, "no disk 9"),
         (["--backup", b, "--proxy", "nosuch"], 2, "proxy 'nosuch' not in the infrastructure"),
-        (["--backup", b, "--infra", infra], 2, "field 'slots' must be an integer"),
+        (["--backup", b, "--infra", infra], 2, "field 'proxies[0].slots' (line 4): Expected `int`"),
         (["--backup", str(tmp_path / "none.vmrb")], 5, "cannot open backup"),
     ]
     for args, code, text in cases:
@@ -198,9 +198,16 @@ def test_restore_wrong_arguments(backup: Path, tmp_path: Path) -> None:
 def test_restore_job_file_errors(backup: Path, tmp_path: Path) -> None:
     b = str(backup)
     cases = [
-        ("unknown.yaml", f"backup: {b}\nnmae: x\n", "unknown field 'nmae'"),
-        ("type.yaml", f"backup: {b}\npower_on: maybe\n", "'power_on' must be true or false"),
-        ("int.yaml", f"backup: {b}\nthreads: many\n", "'threads' must be an integer"),
+        ("unknown.yaml", f"backup: {b}\nnmae: x\n", "unknown field 'nmae' (line 2)"),
+        ("type.yaml", f"backup: {b}\npower_on: maybe\n", "'power_on' (line 2): Expected `bool`"),
+        ("int.yaml", f"backup: {b}\nthreads: many\n",
+         "'threads' (line 2): Expected `int | null`, got `str`"),
+        ("nested.yaml", f"backup: {b}\nnetwork_map: {{a: [[1]]}}\n",
+         "'network_map[...]' (line 2): Expected `str`, got `array`"),
+        ("deep.json", "[" * 100000 + "]" * 100000, "nested deeper than 32 levels"),
+        ("deep.yaml", "a:\n" + "".join(" " * i + "- \n" for i in range(1, 3000)),
+         "nested too deeply"),
+        ("binary.yaml", "\ufffd\x00PK", "not a text file"),
         # syntax errors say where (was: the parser's first line, no position)
         ("syntax.yaml", f"backup: [{b}\n", "not valid YAML/JSON: line 2, column 1"),
         ("syntax.json", '{"backup": "x",}', "line 1, column 16"),

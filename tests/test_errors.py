@@ -46,3 +46,31 @@ def test_child_errors_keep_their_class_across_the_process_boundary() -> None:
     # a class name that does not match the code is not trusted; the code decides
     assert type(errors.from_exit(6, "m", "SourceError")) is errors.TargetError
     assert type(errors.from_exit(1, "m", "")) is errors.MoverError  # a crashed child
+
+
+def test_empty_or_control_point_is_refused(tmp_path) -> None:
+    import argparse
+
+    from vmrestore.commands import point_id
+    from vmrestore.job import RestoreJob, validate
+
+    for bad in ("", "  ", "ab\ncd"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            point_id(bad)
+        with pytest.raises(errors.UsageError, match="field 'point'"):
+            validate(RestoreJob(backup="b", point=bad))
+    assert point_id("p1.vmrb") == "p1.vmrb"
+
+
+def test_documents_name_field_and_line(tmp_path) -> None:
+    from vmrestore import schema
+    from vmrestore.infra import InfraDoc
+
+    text = "version: 1\nproxies:\n  - name: a\n  - name: b\n    slots: 99\n"
+    with pytest.raises(errors.UsageError, match=r"X: field 'proxies\[1\]\.slots' \(line 5\)"):
+        schema.load(text.encode(), InfraDoc, "X")
+    with pytest.raises(errors.UsageError, match="byte 0x93 at offset 1 is not UTF-8"):
+        schema.load(b"a\x93", InfraDoc, "X")
+    js = '{"proxies": [\n {"name": "a"},\n {"name": 7}\n]}'
+    with pytest.raises(errors.UsageError, match=r"'proxies\[1\]\.name' \(line 3\)"):
+        schema.load(js.encode(), InfraDoc, "X", json_only=True)

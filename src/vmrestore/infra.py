@@ -33,8 +33,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
+
+from vmrestore import schema
 from vmrestore.errors import UsageError
 
 MODES = ("san", "hotadd", "nbd", "nbdssl")
@@ -42,16 +45,18 @@ THICK = ("thick-lazy", "thick-eager")
 INFRA_VERSION = 1
 
 
-@dataclass
-class Proxy:
-    """One backup proxy: where the proxy-side data mover runs."""
+Mode = Literal["san", "hotadd", "nbd", "nbdssl"]
 
-    name: str
-    slots: int = 4
+
+class Proxy(msgspec.Struct, forbid_unknown_fields=True):
+    """One backup proxy: where the proxy-side data mover runs (an entry of 'proxies')."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    slots: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4  # concurrent disk restores
     vm: str | None = None
     datastores: list[str] | None = None  # None: every datastore (for HotAdd)
-    san: list[str] | str = "auto"  # datastore names, or "auto"
-    transports: tuple[str, ...] = MODES
+    san: list[str] | Literal["auto"] = "auto"  # datastore names, or "auto"
+    transports: Annotated[tuple[Mode, ...], msgspec.Meta(min_length=1)] = MODES
 
     @property
     def is_vm(self) -> bool:
@@ -88,31 +93,22 @@ def default_infra(proxy_vm: str | None = None) -> Infra:
     return Infra([Proxy(name="local", slots=4, vm=proxy_vm)], source="default")
 
 
-def load_infra(path: str | Path) -> Infra:
-    import yaml
+class InfraDoc(msgspec.Struct, forbid_unknown_fields=True):
+    """The infrastructure file (version 1), declared once: loading validates every field."""
 
+    proxies: Annotated[list[Proxy], msgspec.Meta(min_length=1)]
+    version: Literal[1] = INFRA_VERSION
+
+
+def load_infra(path: str | Path) -> Infra:
     p = Path(path)
     src = f"infrastructure file {p}"
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
     except OSError as e:
         raise UsageError(f"{src}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        from vmrestore.job import parse_error_text
-
-        raise UsageError(f"{src}: not valid YAML: {parse_error_text(e)}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{src}: expected a mapping with 'proxies'")
-    if data.get("version", INFRA_VERSION) != INFRA_VERSION:
-        raise UsageError(f"{src}: version {data.get('version')!r} not supported "
-                         f"(this build reads {INFRA_VERSION})")
-    unknown = set(data) - {"version", "proxies"}
-    if unknown:
-        raise UsageError(f"{src}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    raw = data.get("proxies")
-    if not isinstance(raw, list) or not raw:
-        raise UsageError(f"{src}: 'proxies' must be a non-empty list")
-    proxies = [parse_proxy(item, f"{src}: proxies[{i}]") for i, item in enumerate(raw)]
+    doc = schema.load(raw, InfraDoc, src)
+    proxies = doc.proxies
     names = [p.name for p in proxies]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -121,32 +117,8 @@ def load_infra(path: str | Path) -> Infra:
 
 
 def parse_proxy(item: Any, where: str) -> Proxy:
-    if not isinstance(item, dict):
-        raise UsageError(f"{where}: expected a mapping")
-    allowed = {"name", "slots", "vm", "datastores", "san", "transports"}
-    unknown = set(item) - allowed
-    if unknown:
-        raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    name = item.get("name")
-    if not isinstance(name, str) or not name:
-        raise UsageError(f"{where}: field 'name' is required")
-    slots = item.get("slots", 4)
-    if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= 64:
-        raise UsageError(f"{where}: field 'slots' must be an integer 1..64, got {slots!r}")
-    vm = item.get("vm")
-    if vm is not None and not isinstance(vm, str):
-        raise UsageError(f"{where}: field 'vm' must be a VM name")
-    ds = item.get("datastores")
-    if ds is not None and not (isinstance(ds, list) and all(isinstance(d, str) for d in ds)):
-        raise UsageError(f"{where}: field 'datastores' must be a list of datastore names")
-    san = item.get("san", "auto")
-    if not (san == "auto" or (isinstance(san, list) and all(isinstance(d, str) for d in san))):
-        raise UsageError(f"{where}: field 'san' must be 'auto' or a list of datastore names")
-    tr = item.get("transports", list(MODES))
-    if not (isinstance(tr, list) and tr and all(t in MODES for t in tr)):
-        raise UsageError(f"{where}: field 'transports' must be a non-empty list of "
-                         f"{', '.join(MODES)}")
-    return Proxy(name=name, slots=slots, vm=vm, datastores=ds, san=san, transports=tuple(tr))
+    """One proxy entry given on its own (a worker's command line): checked like the file's."""
+    return schema.convert(item, Proxy, where)
 
 
 # --- task slots -------------------------------------------------------------------------

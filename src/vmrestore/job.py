@@ -9,14 +9,15 @@ the backup: those checks belong to the phases that own them.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+from msgspec import field
+
+from vmrestore import schema
 from vmrestore.errors import UsageError
 
 DISK_FORMATS = ("same", "thin", "thick-lazy", "thick-eager")
@@ -28,9 +29,12 @@ JOB_VERSION = 1
 _NAME_RE = re.compile(r"^[^/\\\x00-\x1f%]{1,80}$")
 
 
-@dataclass
-class RestoreJob:
-    """Everything a restore needs to know, already checked for shape and type."""
+class RestoreJob(msgspec.Struct, kw_only=True):
+    """Everything a restore needs to know, already checked for shape and type.
+
+    The one declaration of the job document (a job file's fields, docs/restore.md):
+    a file is converted into it by msgspec, which checks every field's type.
+    """
 
     backup: str | None = None  # a local restore point file (its chain is resolved)
     # ... or a restore point on a repository agent: repo://HOST:PORT/PATH (exactly one of them)
@@ -80,8 +84,7 @@ class RestoreJob:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the job-state file stores it to check a resume is the same job)."""
-        d = dataclasses.asdict(self)
-        d["disk_datastores"] = {str(k): v for k, v in self.disk_datastores.items()}
+        d: dict[str, Any] = msgspec.to_builtins(self, str_keys=True)
         return d
 
     def identity(self) -> dict[str, Any]:
@@ -93,16 +96,11 @@ class RestoreJob:
         return d
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RestoreJob)}
-_STR_FIELDS = {
-    "backup", "repository", "token_file", "point", "vcenter", "user", "password_file",
-    "thumbprint", "ca_file",
-    "datacenter", "name", "folder", "host", "resource_pool", "datastore", "proxy", "infra",
-    "state_dir", "vddk_libdir", "original_vm",
-}
-_BOOL_FIELDS = {"power_on", "resume", "keep_on_failure", "json", "insecure", "original",
-                "quick_rollback", "keep_config", "force"}
-_INT_FIELDS = {"threads", "queue_depth"}
+_FIELDS = {f.name: f for f in msgspec.structs.fields(RestoreJob)}
+# Text fields a YAML file may give as a number (a point id prefix "1234", a host "10"):
+# taken as the text they were written as.
+_STR_FIELDS = {f.name for f in msgspec.structs.fields(RestoreJob)
+               if f.type in (str, str | None)}
 
 
 def _pairs(items: Iterable[str], what: str) -> dict[str, str]:
@@ -131,87 +129,59 @@ def _disk_index(key: Any, what: str) -> int:
     return n
 
 
-def from_mapping(data: Mapping[str, Any], source: str = "job") -> RestoreJob:
-    """Build a job from a dict (a parsed job file); every field is checked by name."""
+def from_mapping(data: Mapping[str, Any], source: str = "job",
+                 text: str | None = None) -> RestoreJob:
+    """Build a job from a dict (a parsed job file); every field is checked by name.
+
+    ``text``: the file's text, so that an error names the field's line too.
+    """
     if not isinstance(data, Mapping):
         raise UsageError(f"{source}: a job must be a mapping of field: value")
     kw: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        line = schema.line_of(text, f"$.{raw_key}") if text is not None else None
+        at = f" (line {line})" if line else ""
         if key == "version":
             if value != JOB_VERSION:
-                raise UsageError(f"{source}: field 'version': this build reads job version "
+                raise UsageError(f"{source}: field 'version'{at}: this build reads job version "
                                  f"{JOB_VERSION}, got {value!r}")
             continue
         if key == "password":
-            raise UsageError(f"{source}: field 'password': not allowed in a job file; "
+            raise UsageError(f"{source}: field 'password'{at}: not allowed in a job file; "
                              "use 'password_file'")
         if key not in _FIELDS:
             known = ", ".join(sorted(_FIELDS))
-            raise UsageError(f"{source}: unknown field {raw_key!r} (known: {known})")
+            raise UsageError(f"{source}: unknown field {raw_key!r}{at} (known: {known})")
         if value is None:
             continue
-        if key in _STR_FIELDS:
-            if not isinstance(value, str | int) or isinstance(value, bool):
-                raise UsageError(f"{source}: field {key!r} must be a string, got {value!r}")
-            kw[key] = str(value)
-        elif key in _BOOL_FIELDS:
-            if not isinstance(value, bool):
-                raise UsageError(f"{source}: field {key!r} must be true or false, got {value!r}")
-            kw[key] = value
-        elif key in _INT_FIELDS:
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageError(f"{source}: field {key!r} must be an integer, got {value!r}")
-            kw[key] = value
-        elif key == "disk_datastores":
-            if isinstance(value, list):
-                value = _pairs(value, f"{source}: field 'disk_datastores'")
-            if not isinstance(value, Mapping):
-                raise UsageError(f"{source}: field 'disk_datastores' must map disk index to "
-                                 f"datastore, got {value!r}")
-            kw[key] = {_disk_index(k, f"{source}: field 'disk_datastores'"): str(v)
-                       for k, v in value.items()}
-        elif key == "network_map":
-            if isinstance(value, list):
-                value = _pairs(value, f"{source}: field 'network_map'")
-            if not isinstance(value, Mapping):
-                raise UsageError(f"{source}: field 'network_map' must map source network to "
-                                 f"target network, got {value!r}")
-            kw[key] = {str(k): str(v) for k, v in value.items()}
-        else:  # disk_format, transport, disk_library: strings checked in validate()
-            if not isinstance(value, str):
-                raise UsageError(f"{source}: field {key!r} must be a string, got {value!r}")
-            kw[key] = value
+        if key in _STR_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        elif key in ("disk_datastores", "network_map") and isinstance(value, list):
+            value = _pairs(value, f"{source}: field {key!r}{at}")
+        kw[key] = value
     if "backup" not in kw and "repository" not in kw:
         raise UsageError(f"{source}: field 'backup' (a local restore point) or 'repository' "
                          "(repo://HOST:PORT/PATH) is required")
-    return validate(RestoreJob(**kw), source)
-
-
-def parse_error_text(e: Exception) -> str:
-    """A YAML/JSON syntax error as one line with its line and column (a 3 a.m. fix needs both)."""
-    mark = getattr(e, "problem_mark", None)
-    if mark is not None:  # yaml.MarkedYAMLError
-        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', '') or e}"
-    if isinstance(e, json.JSONDecodeError):
-        return f"line {e.lineno}, column {e.colno}: {e.msg}"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    # disk indexes may be written as "1": (strict=False lets a key be a numeric string)
+    if isinstance(kw.get("disk_datastores"), Mapping):
+        kw["disk_datastores"] = {_disk_index(k, f"{source}: field 'disk_datastores'"): v
+                                 for k, v in kw["disk_datastores"].items()}
+    job = schema.convert(kw, RestoreJob, source, text)
+    return validate(job, source)
 
 
 def load_job_file(path: str | Path) -> RestoreJob:
     """Read a YAML or JSON job file (YAML is a superset of JSON, so one parser reads both)."""
-    import yaml
-
     p = Path(path)
+    where = f"job file {p}"
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
-        raise UsageError(f"job file {p}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise UsageError(f"job file {p}: not valid YAML/JSON: {parse_error_text(e)}") from None
-    job = from_mapping(data or {}, f"job file {p}")
+        raise UsageError(f"{where}: {e.strerror}") from None
+    text = schema.text_of(raw, where)
+    data = schema.parse(text, where, json_only=p.suffix == ".json")
+    job = from_mapping(data or {}, where, text)
     return resolve_paths(job, p.resolve().parent)
 
 
@@ -271,6 +241,10 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
     if job.repository is not None and not job.repository.startswith(("repo://", "repos://")):
         raise bad("repository", f"{job.repository!r} is not a repo://HOST:PORT/PATH URL "
                   "(a local file goes in 'backup')")
+    if job.point is not None and (not job.point.strip() or
+                                  any(ord(c) < 32 for c in job.point)):
+        raise bad("point", f"{job.point!r} is not a restore point (a point file name or an id "
+                  "prefix)")
     if job.token_file and not job.repository:
         raise bad("token_file", "only with 'repository'")
     if job.disk_format not in DISK_FORMATS:

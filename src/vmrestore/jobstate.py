@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from vmrestore import schema
 from vmrestore.errors import UsageError
 
 STATE_VERSION = 1
@@ -186,7 +187,8 @@ def decode_state(raw: bytes, where: str) -> StateDoc:
     try:
         doc = msgspec.json.decode(raw, type=StateDoc)
     except msgspec.ValidationError as e:
-        raise UsageError(f"job state {where}: {e}") from None
+        raise schema.field_error(e, f"job state {where}", raw.decode(errors="replace")) \
+            from None
     except msgspec.DecodeError as e:
         raise UsageError(f"job state {where} unreadable: {e}") from None
     if doc.version != STATE_VERSION:

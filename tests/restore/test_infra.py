@@ -96,10 +96,10 @@ def test_load_infra_file(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("text, why", [
-    ("proxies: []\n", "non-empty"),
-    ("proxies:\n  - slots: 1\n", "'name'"),
-    ("proxies:\n  - name: a\n    slots: 0\n", "'slots'"),
-    ("proxies:\n  - name: a\n    transports: [fibre]\n", "'transports'"),
+    ("proxies: []\n", "length >= 1"),
+    ("proxies:\n  - slots: 1\n", "field `name`"),
+    ("proxies:\n  - name: a\n    slots: 0\n", r"proxies\[0\]\.slots' \(line 3\)"),
+    ("proxies:\n  - name: a\n    transports: [fibre]\n", r"transports\[0\]' \(line 3\)"),
     ("proxies:\n  - name: a\n    color: red\n", "color"),
     ("proxies:\n  - name: a\n  - name: a\n", "twice"),
     ("version: 9\nproxies:\n  - name: a\n", "version"),

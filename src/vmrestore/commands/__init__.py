@@ -25,3 +25,18 @@ def number(lo: float, hi: float | None = None, kind: type = int) -> Any:
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def point_id(text: str) -> str:
+    """An argparse ``type=`` for --point: a file name or id prefix, never empty.
+
+    An empty --point used to mean "the latest point" silently (a script's unset
+    variable would restore something else than asked).
+    """
+    if not text.strip() or any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a restore point (a point file name "
+                                         "or an id prefix of 4+ hex digits)")
+    return text
+
+
+point_id.__name__ = "point"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmrestore.commands import number
+from vmrestore.commands import number, point_id
 
 HELP = "restore a whole VM from a backup into vCenter/ESXi (or the lab)"
 
@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
                      "(instead of --backup; blocks cross the network compressed)")
     src.add_argument("--token-file", metavar="F",
                      help="with --repository: the agent's token (default $VMRESTORE_REPO_TOKEN)")
-    src.add_argument("--point", metavar="ID",
+    src.add_argument("--point", type=point_id, metavar="ID",
                      help="an earlier point of the chain: id prefix or file name (default: BACKUP "
                      "itself)")
     vc = p.add_argument_group("target vCenter/ESXi (default: the lab's, when it is up)")

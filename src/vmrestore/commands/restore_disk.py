@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmrestore.commands import number
+from vmrestore.commands import number, point_id
 from vmrestore.errors import UsageError, VmrError
 
 log = logging.getLogger("vmrestore.restore_disk")
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="restore point file (*.vmrb) or repo://HOST:PORT/PATH")
     p.add_argument("--disk", type=int, required=True, metavar="N", help="disk index (from 0)")
     p.add_argument("--to", required=True, metavar="URI", dest="target", help="target (below)")
-    p.add_argument("--point", metavar="ID",
+    p.add_argument("--point", type=point_id, metavar="ID",
                    help="restore an earlier point of the chain: id prefix or file name")
     p.add_argument("--threads", type=number(0, 1024), default=0, metavar="T",
                    help="decompress+verify threads (default 2)")

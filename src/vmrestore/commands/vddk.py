@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from vmrestore.commands import number
+from vmrestore.commands import number, point_id
 
 LIBDIR_HELP = ("VDDK directory holding lib64/libvixDiskLib.so (default: $VMRESTORE_VDDK_LIBDIR; "
                "'sim' = the built-in vddk_sim)")
@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
     rd.add_argument("backup", metavar="BACKUP", help="restore point file (*.vmrb)")
     rd.add_argument("--disk", type=number(0, 65535), default=0, help="disk index (default 0)")
     rd.add_argument("--to", required=True, metavar="URI", help="vddk:// target")
-    rd.add_argument("--point", metavar="ID", help="restore point of the chain (id prefix/file)")
+    rd.add_argument("--point", type=point_id, metavar="ID",
+                    help="restore point of the chain (id prefix/file)")
     rd.add_argument("--vddk-libdir", metavar="DIR", help=LIBDIR_HELP)
     rd.add_argument("--queue-depth", type=number(1, 4096), default=None,
                     help="WriteAsync requests in flight (default: measured, see docs/vddk.md)")

@@ -17,8 +17,9 @@ from typing import Any
 
 import msgspec
 
+from vmrestore import schema
 from vmrestore.errors import UsageError
-from vmrestore.job import RestoreJob, from_mapping, parse_error_text, resolve_paths
+from vmrestore.job import RestoreJob, from_mapping, resolve_paths
 from vmrestore.schedule import Limits
 
 PLAN_VERSION = 1
@@ -70,19 +71,13 @@ class Plan:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and check a plan file; every VM entry becomes a validated RestoreJob."""
-    import yaml
-
     p = Path(path)
     src = f"plan file {p}"
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise UsageError(f"{src}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise UsageError(f"{src}: not valid YAML/JSON: {parse_error_text(e)}") from None
-    return parse_plan(data, p)
+    return parse_plan(schema.parse(schema.text_of(raw, src), src, p.suffix == ".json"), p)
 
 
 def parse_plan(data: Any, p: Path) -> Plan:
