@@ -270,6 +270,13 @@ class Orchestrator:
                                         "configuration as before the rollback")
             rec.snapshot = None
             self.state.save()
+        elif self.report.phases["data"].status != "pending":
+            # VVOL: no safety snapshot to go back to, and the disks are partly rolled back
+            self.report.rollback.append(
+                f"VM {rec.name} ({rec.moref}) not reverted: no safety snapshot (VVOL); its "
+                "disks are partly rolled back and it stays off: run the same restore "
+                "--original again to finish")
+            return
         if rec.powered_off:
             power.power_on(self.session, vm)
             self.report.rollback.append(f"powered VM {rec.name} on again")

@@ -193,3 +193,19 @@ def test_refusals_name_the_reason(lab, lab_si, host_services, backup, tmp_path) 
     assert p.returncode == 8 and "2 VMs are named" in p.stderr, p.stderr
     assert vm2._moId in p.stderr and "--original-vm" in p.stderr
     assert not list(tmp_path.glob("restore-*.json"))
+
+
+def test_vvol_has_no_safety_snapshot(lab, lab_si, host_services, backup, tmp_path) -> None:
+    """On VVOL no snapshot is taken; a failed rollback says the VM was not reverted."""
+    name = unique("orig-v")
+    p, _ = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
+                       "ds-vvol", "--transport", "nbd", "--network-map",
+                       "VM Network=Restore Network", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--name", name,
+                         "--quick-rollback", "--transport", "nbd",
+                         env=lab_env(lab, VMRESTORE_FAULT="phase:commit"), state_dir=tmp_path)
+    assert p.returncode != 0 and rep["failed_phase"] == "commit", p.stderr
+    assert rep["phases"][2]["status"] == "skipped" and "VVOL" in rep["snapshot"]
+    assert any("not reverted: no safety snapshot (VVOL)" in r for r in rep["rollback"])
+    assert find_vm(lab_si, name) is not None
