@@ -74,3 +74,32 @@ def test_documents_name_field_and_line(tmp_path) -> None:
     js = '{"proxies": [\n {"name": "a"},\n {"name": 7}\n]}'
     with pytest.raises(errors.UsageError, match=r"'proxies\[1\]\.name' \(line 3\)"):
         schema.load(js.encode(), InfraDoc, "X", json_only=True)
+
+
+@pytest.mark.parametrize(("forged", "words"), [
+    ({"disks": 5}, "field 'disks': Expected `array | null`, got `int`"),
+    ({"nics": [{"type": ["x"]}]}, "field 'nics[0].type'"),
+    ({"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+     "nested deeper than 32 levels"),
+])
+def test_a_forged_vm_configuration_is_a_format_error_in_one_line(
+        tmp_path, monkeypatch, capsys, forged: dict, words: str) -> None:
+    """Checksums are right (the writer made them), the content is not: exit 3, one line."""
+    from core_helpers import make_image
+    from vmrestore import cli
+    from vmrestore.repository import create
+
+    img = tmp_path / "d.img"
+    make_image(img, 2)
+    real_finish = create.PointWriter.finish
+    monkeypatch.setattr(create.PointWriter, "finish", lambda self, man, cfg, maps:
+                        real_finish(self, man, {**cfg, **forged}, maps))
+    bk = tmp_path / "forged.vmrb"
+    create.create_backup([str(img)], str(bk), vm_config={"name": "f", "disks": [{}]})
+    for argv in (["inspect", str(bk)], ["verify", str(bk)],
+                 ["restore-disk", str(bk), "--disk", "0", "--to", str(tmp_path / "t.img")]):
+        capsys.readouterr()
+        assert cli.main(argv) == 3, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "VM configuration" in err[0] and words in err[0], err
+    assert not (tmp_path / "t.img").exists()

@@ -26,7 +26,7 @@ MAX_DEPTH = 32
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
 
 
-def _check_depth(text: str, where: str) -> None:
+def check_depth(text: str, where: str, error: type[Exception] = UsageError) -> None:
     """Refuse nesting deeper than MAX_DEPTH before a recursive parser sees it (cheap scan)."""
     depth = 0
     quote = ""
@@ -39,8 +39,8 @@ def _check_depth(text: str, where: str) -> None:
         elif ch in "[{":
             depth += 1
             if depth > MAX_DEPTH:
-                raise UsageError(f"{where}: nested deeper than {MAX_DEPTH} levels: not a "
-                                 "document this build reads")
+                raise error(f"{where}: nested deeper than {MAX_DEPTH} levels: not a "
+                            "document this build reads")
         elif ch in "]}":
             depth = max(0, depth - 1)
 
@@ -71,7 +71,7 @@ def parse(text: str, where: str, json_only: bool = False) -> Any:
     """YAML (a superset of JSON) or, with json_only, strict JSON; errors say line and column."""
     import yaml
 
-    _check_depth(text, where)
+    check_depth(text, where)
     try:
         return json.loads(text) if json_only else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
@@ -121,12 +121,12 @@ def field_error(e: msgspec.ValidationError, where: str, text: str | None = None)
 
 
 def convert(data: Any, typ: type[T], where: str, text: str | None = None,
-            strict: bool = True) -> T:
-    """data (parsed) as typ; a bad field is a UsageError naming it and its line."""
+            strict: bool = True, error: type[Exception] = UsageError) -> T:
+    """data (parsed) as typ; a bad field is an error (UsageError) naming it and its line."""
     try:
         return msgspec.convert(data, typ, strict=strict)
     except msgspec.ValidationError as e:
-        raise field_error(e, where, text) from None
+        raise error(str(field_error(e, where, text))) from None
 
 
 def load(raw: bytes, typ: type[T], where: str, json_only: bool = False) -> T:

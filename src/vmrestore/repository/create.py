@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vmrestore import __version__, core, ownership
+from vmrestore import __version__, core, ownership, schema
 from vmrestore.errors import SourceError, UsageError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import Chain, open_chain
@@ -62,15 +62,17 @@ def open_source(path: str) -> _Disk:
 
 
 def load_vm_config(path: str) -> dict[str, Any]:
+    """A --vm-config file: JSON, checked against the section's declaration (fmt.VMConfig)."""
+    where = f"{path}: VM configuration"
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
-        raise UsageError(f"{path}: cannot read VM configuration: {e.strerror}") from e
-    except ValueError as e:
-        raise UsageError(f"{path}: VM configuration is not valid JSON: {e}") from e
+        raise UsageError(f"{path}: cannot read VM configuration: {e.strerror}") from None
+    cfg = schema.parse(schema.text_of(raw, where), where, json_only=True)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path}: VM configuration must be a JSON object")
+    schema.convert(cfg, fmt.VMConfig, where, raw.decode())
     return cfg
 
 

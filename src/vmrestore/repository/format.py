@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from vmrestore import core
@@ -43,6 +44,41 @@ BLOCK_UNCHANGED = 2
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 8 * 1024 * 1024
 DEFAULT_BLOCK_SIZE = 1024 * 1024
+
+
+
+class VMDisk(msgspec.Struct):
+    """A disk of the VM configuration section (docs/format.md); other keys are kept as read."""
+
+    index: int | None = None
+    label: str | None = None
+    controller: str | None = None
+    bus: int | None = None
+    unit: int | None = None
+    capacity: int | None = None
+    provisioning: str | None = None
+    datastore: str | None = None
+
+
+class VMNic(msgspec.Struct):
+    label: str | None = None
+    type: str | None = None
+    network: str | None = None
+    mac: str | None = None
+
+
+class VMConfig(msgspec.Struct):
+    """The VM configuration section (kind 2), declared once: a forged one is refused
+    (FormatError naming the field) instead of failing deep in a restore."""
+
+    name: str | None = None
+    guest_id: str | None = None
+    num_cpus: int | None = None
+    memory_mb: int | None = None
+    firmware: str | None = None
+    disks: list[VMDisk] | None = None
+    nics: list[VMNic] | None = None
+
 
 _HEADER = struct.Struct("<8sHHI16sQQ")  # 48 bytes, then XXH3-128 of them
 _FOOTER = struct.Struct("<8sHHI16s16s16sIIQQ16sQ")  # 112 bytes, then XXH3-128 of them

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from vmrestore import schema
 from vmrestore.errors import (
     ChainError,
     FormatError,
@@ -103,6 +104,8 @@ class RestorePoint:
         self.manifest: dict[str, Any] = self._json(self._only(fmt.SEC_MANIFEST), "manifest")
         vm = [s for s in self.sections if s.kind == fmt.SEC_VM_CONFIG]
         self.vm_config: dict[str, Any] = self._json(vm[0], "VM configuration") if vm else {}
+        schema.convert(self.vm_config, fmt.VMConfig, f"{self.path}: VM configuration",
+                       error=FormatError)
         try:
             self._check_manifest()
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -147,10 +150,13 @@ class RestorePoint:
 
     def _json(self, s: fmt.Section, what: str) -> dict[str, Any]:
         buf = self._section_bytes(s, what)
+        where = f"{self.path}: {what} at offset {s.offset}"
         try:
-            obj = json.loads(buf.decode("utf-8"))
+            text = buf.decode("utf-8")
+            schema.check_depth(text, where, FormatError)
+            obj = json.loads(text)
         except (UnicodeDecodeError, ValueError) as e:
-            raise FormatError(f"{self.path}: {what} at offset {s.offset} is not JSON: {e}") from e
+            raise FormatError(f"{where} is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise FormatError(f"{self.path}: {what} at offset {s.offset} is not a JSON object")
         return obj
