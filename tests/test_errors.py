@@ -103,3 +103,25 @@ def test_a_forged_vm_configuration_is_a_format_error_in_one_line(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "VM configuration" in err[0] and words in err[0], err
     assert not (tmp_path / "t.img").exists()
+
+
+def test_the_report_document_round_trips_and_a_forged_one_is_named(tmp_path, capsys) -> None:
+    import json
+
+    from vmrestore import cli, report
+
+    r = report.Report(vm_name="vm1", backup="b.vmrb", status="failed", failed_phase="data",
+                      error=errors.TargetError("disk 1: EIO"), seconds=1.23456)
+    d = r.disk(1)
+    d.bytes_written, d.seconds, d.history = 4 << 20, 2.0, ["nbd failed; fell back"]
+    doc = r.as_dict()
+    assert doc["error_type"] == "TargetError" and doc["disks"][0]["logical_bytes"] == 4 << 20
+    back = report.from_dict(json.loads(json.dumps(doc)))
+    assert back.as_dict() == {**doc, "error_type": "str"}  # the error comes back as its text
+    doc["disks"][0]["bytes_written"] = "lots"
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["report", str(p)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "field 'disks[0].bytes_written'" in err[0], err

@@ -2,14 +2,21 @@
 
 One dataclass tree, filled by the orchestrator as it goes, so a failed run
 reports as much as a good one (the phase that failed, the cause, what was
-rolled back). ``as_dict`` is the ``--json`` document (versioned, described in
-docs/restore.md); ``format_table`` is the short human summary.
+rolled back). The ``--json`` document (versioned, docs/restore.md) is declared
+once as the msgspec struct :class:`ReportDoc`: ``as_dict`` encodes through it
+and ``from_dict`` decodes and validates with it (a bad report file names the
+field); ``format_table`` is the short human summary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
+
+from vmrestore import schema
+from vmrestore.errors import FormatError
 
 REPORT_VERSION = 1
 PHASES = ("initialize", "config", "snapshot", "data", "commit")
@@ -93,57 +100,120 @@ class Report:
         return d
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "report_version": REPORT_VERSION,
-            "status": self.status,
-            "failed_phase": self.failed_phase,
-            "error": str(self.error) if self.error is not None else None,
-            "error_type": type(self.error).__name__ if self.error is not None else None,
-            "vm": {"name": self.vm_name, "moref": self.vm_moref, "datacenter": self.datacenter,
-                   "host": self.host, "powered_on": self.powered_on},
-            "backup": self.backup, "point": self.point, "vcenter": self.vcenter,
-            "proxy": self.proxy, "snapshot": self.snapshot, "resumed": self.resumed,
-            "seconds": round(self.seconds, 3),
-            "phases": [{"name": p.name, "status": p.status, "seconds": round(p.seconds, 3),
-                        "detail": p.detail} for p in self.phases.values()],
-            "disks": [{
-                "disk": d.disk, "label": d.label, "capacity": d.capacity,
-                "provisioning": d.provisioning, "datastore": d.datastore, "file": d.file,
-                "transport": d.transport, "reason": d.reason, "history": d.history,
-                "status": d.status, "bytes_written": d.bytes_written,
-                "bytes_zeroed": d.bytes_zeroed, "bytes_skipped": d.bytes_skipped,
-                "resumed_from": d.resumed_from, "wire_bytes": d.wire_bytes,
-                "logical_bytes": d.bytes_written + d.bytes_zeroed + d.bytes_skipped,
-                "seconds": round(d.seconds, 3),
-                "mb_per_s": round(d.mbps, 1),
-                "busy": {k: round(v, 3) for k, v in d.busy.items()},
-                "timeline": d.timeline,
-                "original": d.rollback,
-            } for d in sorted(self.disks, key=lambda d: d.disk)],
-            "rollback": self.rollback, "kept": self.kept, "events": self.events,
-            "original": self.original,
-        }
+        d: dict[str, Any] = msgspec.to_builtins(self.doc())
+        return d
+
+    def doc(self) -> ReportDoc:
+        """The ``--json`` document of this report."""
+        err = self.error
+        return ReportDoc(
+            report_version=REPORT_VERSION, status=self.status, failed_phase=self.failed_phase,
+            error=str(err) if err is not None else None,
+            error_type=type(err).__name__ if err is not None else None,
+            vm=VMDoc(self.vm_name, self.vm_moref, self.datacenter, self.host, self.powered_on),
+            backup=self.backup, point=self.point, vcenter=self.vcenter, proxy=self.proxy,
+            snapshot=self.snapshot, resumed=self.resumed, seconds=round(self.seconds, 3),
+            phases=[PhaseDoc(p.name, p.status, round(p.seconds, 3), p.detail)
+                    for p in self.phases.values()],
+            disks=[DiskDoc(
+                disk=d.disk, label=d.label, capacity=d.capacity,
+                provisioning=d.provisioning, datastore=d.datastore, file=d.file,
+                transport=d.transport, reason=d.reason, history=d.history, status=d.status,
+                bytes_written=d.bytes_written, bytes_zeroed=d.bytes_zeroed,
+                bytes_skipped=d.bytes_skipped, resumed_from=d.resumed_from,
+                wire_bytes=d.wire_bytes,
+                logical_bytes=d.bytes_written + d.bytes_zeroed + d.bytes_skipped,
+                seconds=round(d.seconds, 3), mb_per_s=round(d.mbps, 1),
+                busy={k: round(v, 3) for k, v in d.busy.items()}, timeline=d.timeline,
+                original=d.rollback) for d in sorted(self.disks, key=lambda d: d.disk)],
+            rollback=self.rollback, kept=self.kept, events=self.events, original=self.original)
 
 
-def from_dict(d: dict[str, Any]) -> Report:
+# --- the --json document, declared once -------------------------------------------------
+
+
+class VMDoc(msgspec.Struct):
+    name: str = ""
+    moref: str = ""
+    datacenter: str = ""
+    host: str = ""
+    powered_on: bool = False
+
+
+class PhaseDoc(msgspec.Struct):
+    name: str
+    status: str = "pending"
+    seconds: float = 0.0
+    detail: str = ""
+
+
+class DiskDoc(msgspec.Struct):
+    disk: int
+    label: str = ""
+    capacity: int = 0
+    provisioning: str = ""
+    datastore: str = ""
+    file: str = ""
+    transport: str = ""
+    reason: str = ""
+    history: list[str] = msgspec.field(default_factory=list)
+    status: str = "pending"
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    bytes_skipped: int = 0
+    resumed_from: int = 0
+    wire_bytes: int = 0
+    logical_bytes: int = 0         # written + zeroed + skipped (computed)
+    seconds: float = 0.0
+    mb_per_s: float = 0.0          # computed
+    busy: dict[str, float] = msgspec.field(default_factory=dict)
+    timeline: dict[str, Any] = msgspec.field(default_factory=dict)
+    original: dict[str, Any] | None = None  # --original: compared/differing/written figures
+
+
+class ReportDoc(msgspec.Struct):
+    """``restore --json`` (report_version 1)."""
+
+    report_version: int
+    status: str
+    failed_phase: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    vm: VMDoc = msgspec.field(default_factory=VMDoc)
+    backup: str = ""
+    point: str = ""
+    vcenter: str = ""
+    proxy: str = ""
+    snapshot: str = ""
+    resumed: bool = False
+    seconds: float = 0.0
+    phases: list[PhaseDoc] = msgspec.field(default_factory=list)
+    disks: list[DiskDoc] = msgspec.field(default_factory=list)
+    rollback: list[str] = msgspec.field(default_factory=list)
+    kept: list[str] = msgspec.field(default_factory=list)
+    events: list[str] = msgspec.field(default_factory=list)
+    original: dict[str, Any] | None = None
+
+
+def from_dict(d: dict[str, Any], where: str = "report") -> Report:
     """A Report from its ``--json`` document (for tools that print a restore's table)."""
-    r = Report(vm_name=d["vm"]["name"], vm_moref=d["vm"]["moref"], backup=d["backup"],
-               point=d["point"], vcenter=d["vcenter"], proxy=d["proxy"],
-               datacenter=d["vm"]["datacenter"], host=d["vm"]["host"], snapshot=d["snapshot"],
-               powered_on=d["vm"]["powered_on"], resumed=d["resumed"], status=d["status"],
-               failed_phase=d["failed_phase"], error=d["error"], rollback=d["rollback"],
-               kept=d["kept"], events=d["events"], seconds=d["seconds"])
-    for p in d["phases"]:
-        r.phases[p["name"]] = PhaseReport(p["name"], p["status"], p["seconds"], p["detail"])
-    for x in d["disks"]:
+    doc = schema.convert(d, ReportDoc, where, error=FormatError)
+    r = Report(vm_name=doc.vm.name, vm_moref=doc.vm.moref, backup=doc.backup, point=doc.point,
+               vcenter=doc.vcenter, proxy=doc.proxy, datacenter=doc.vm.datacenter,
+               host=doc.vm.host, snapshot=doc.snapshot, powered_on=doc.vm.powered_on,
+               resumed=doc.resumed, status=doc.status, failed_phase=doc.failed_phase,
+               error=doc.error, rollback=doc.rollback, kept=doc.kept, events=doc.events,
+               seconds=doc.seconds, original=doc.original)
+    for p in doc.phases:
+        r.phases[p.name] = PhaseReport(p.name, p.status, p.seconds, p.detail)
+    for x in doc.disks:
         r.disks.append(DiskReport(
-            disk=x["disk"], label=x["label"], capacity=x["capacity"],
-            provisioning=x["provisioning"], datastore=x["datastore"], file=x["file"],
-            transport=x["transport"], reason=x["reason"], history=x["history"],
-            status=x["status"], bytes_written=x["bytes_written"],
-            bytes_zeroed=x["bytes_zeroed"], bytes_skipped=x["bytes_skipped"],
-            resumed_from=x["resumed_from"], wire_bytes=x.get("wire_bytes", 0),
-            seconds=x["seconds"], busy=x["busy"], timeline=x.get("timeline") or {}))
+            disk=x.disk, label=x.label, capacity=x.capacity, provisioning=x.provisioning,
+            datastore=x.datastore, file=x.file, transport=x.transport, reason=x.reason,
+            history=x.history, status=x.status, bytes_written=x.bytes_written,
+            bytes_zeroed=x.bytes_zeroed, bytes_skipped=x.bytes_skipped,
+            resumed_from=x.resumed_from, wire_bytes=x.wire_bytes, seconds=x.seconds,
+            busy=x.busy, timeline=x.timeline, rollback=x.original))
     return r
 
 

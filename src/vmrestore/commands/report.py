@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if "report_version" in doc:
         try:
-            print(rep.format_table(rep.from_dict(doc)))
+            print(rep.format_table(rep.from_dict(doc, str(args.report))))
         except (KeyError, TypeError) as e:
             raise FormatError(f"{args.report}: incomplete restore report ({e})") from None
     else:
