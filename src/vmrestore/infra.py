@@ -42,6 +42,10 @@ from vmrestore.errors import UsageError
 
 MODES = ("san", "hotadd", "nbd", "nbdssl")
 THICK = ("thick-lazy", "thick-eager")
+# SAN writes go straight to the LUN at the extents the host maps for the disk file: only an
+# eager-zeroed disk has every extent allocated and initialised (a thick-lazy one has
+# unwritten extents the host does not map, a thin one has holes).
+SAN_PROVISIONING = "thick-eager"
 INFRA_VERSION = 1
 
 
@@ -251,24 +255,25 @@ def select_transports(requested: str, proxy: Proxy,
                       disks: Sequence[DiskFacts]) -> list[Decision]:
     """Pick a mode per disk; an explicit mode the disks cannot use is refused up front.
 
-    auto: san only when every disk is thick and the proxy sees each disk's
-    LUN; else hotadd per disk when the proxy is a VM that reaches the disk's
-    datastore; else nbd. Every auto choice can fall back to nbd.
+    auto: san only when every disk is thick-eager (eager-zeroed) and the proxy
+    sees each disk's LUN; else hotadd per disk when the proxy is a VM that
+    reaches the disk's datastore; else nbd. Every auto choice can fall back to nbd.
     """
     if requested not in ("auto", *MODES):
         raise UsageError(f"unknown transport {requested!r}")
     if requested != "auto":
         return [_explicit(requested, proxy, d) for d in disks]
 
-    thin = [d for d in disks if d.provisioning not in THICK]
+    thin = [d for d in disks if d.provisioning != SAN_PROVISIONING]
     blind = [d for d in disks if not proxy.sees_lun(d.datastore, d.lun_path)]
     if not thin and not blind and disks:
         lun_ds = sorted({d.datastore for d in disks})
         return [Decision(d.index, "san",
-                         f"auto: every disk is thick and proxy {proxy.name} sees the LUN of "
-                         f"{', '.join(lun_ds)}", ["nbd"]) for d in disks]
+                         f"auto: every disk is thick-eager and proxy {proxy.name} sees the LUN "
+                         f"of {', '.join(lun_ds)}", ["nbd"]) for d in disks]
     if thin:
-        no_san = f"not san: disk {thin[0].index} is {thin[0].provisioning}"
+        no_san = (f"not san: disk {thin[0].index} is {thin[0].provisioning} (SAN writes only "
+                  "eager-zeroed disks)")
     else:
         no_san = (f"not san: proxy {proxy.name} does not see a LUN for datastore "
                   f"{blind[0].datastore}")
@@ -288,16 +293,38 @@ def select_transports(requested: str, proxy: Proxy,
     return out
 
 
+def check_source(repository: str | None, disk_library: str,
+                 decisions: Sequence[Decision]) -> None:
+    """Refuse transports the backup source cannot feed (phase 1, before anything exists).
+
+    repos:// (TLS to the repository agent): Python's TLS session cannot move
+    into the core, so the Python batch loop writes, and it writes local files
+    and block devices only: hotadd, not san/nbd/nbdssl nor VixDiskLib. An auto
+    choice then has no nbd fallback.
+    """
+    if not (repository or "").startswith("repos://"):
+        return
+    for d in decisions:
+        if disk_library == "vddk":
+            raise UsageError(f"disk {d.disk}: a repos:// (TLS) source cannot feed VixDiskLib "
+                             "(--disk-library vddk): use repo:// or the built-in writers")
+        if d.mode != "hotadd":
+            raise UsageError(f"disk {d.disk}: transport {d.mode} refused: a repos:// (TLS) "
+                             "source writes only through hotadd (local block devices); use "
+                             "--transport hotadd with a proxy VM, or repo://")
+        d.fallback = []
+
+
 def _explicit(mode: str, proxy: Proxy, d: DiskFacts) -> Decision:
     if mode not in proxy.transports:
         raise UsageError(f"transport {mode}: proxy {proxy.name} does not offer it "
                          f"(offers {', '.join(proxy.transports)})")
     if mode == "san":
-        if d.provisioning not in THICK:
+        if d.provisioning != SAN_PROVISIONING:
             raise UsageError(
                 f"transport san refused: disk {d.index} would be {d.provisioning} on "
-                f"{d.datastore}; direct SAN writes need every disk thick "
-                "(use --disk-format thick-eager/thick-lazy or another transport)")
+                f"{d.datastore}; direct SAN writes need every disk eager-zeroed "
+                "(use --disk-format thick-eager, or another transport)")
         if not proxy.sees_lun(d.datastore, d.lun_path):
             raise UsageError(
                 f"transport san refused: proxy {proxy.name} does not see a LUN for datastore "

@@ -373,6 +373,10 @@ class Orchestrator:
             from vmrestore.mover.repo_source import open_repository_chain
 
             chain = open_repository_chain(job.repository, job.token_file)
+            if getattr(chain, "tls", False) and job.repository.startswith("repo://"):
+                chain.close()  # the data path hands plain sockets to the core: refuse now
+                raise UsageError(f"{job.repository}: the repository agent requires TLS; "
+                                 "use repos://HOST:PORT/PATH")
         else:
             chain = open_chain(job.backup)
         self._full_chain = chain
@@ -478,7 +482,9 @@ class Orchestrator:
                                      self.ds_types.get(t.datastore, "OTHER"),
                                      self.luns.get(t.datastore))
                  for t in self.layout.disks]
-        for dec in self._choose_transports(infra, facts):
+        decisions = self._proxy_vm_present(self._choose_transports(infra, facts))
+        infra_mod.check_source(job.repository, job.disk_library, decisions)
+        for dec in decisions:
             self.decisions[dec.disk] = dec
             if job.disk_library == "vddk":
                 dec.reason += "; written by VixDiskLib"
@@ -488,6 +494,24 @@ class Orchestrator:
         self.say(f"phase 1 initialize: proxy {self.report.proxy}, {s.about} at {target.url}, "
                  f"movers {self._movers.name}; {modes}")
         return f"proxy {self.report.proxy}; {modes}"
+
+    def _proxy_vm_present(self, decisions: list[infra_mod.Decision]
+                          ) -> list[infra_mod.Decision]:
+        """HotAdd attaches disks to the proxy VM: it must exist, or hotadd is impossible.
+
+        An explicit --transport hotadd is refused; an auto choice becomes nbd, saying why.
+        """
+        if not any(d.mode == "hotadd" for d in decisions) or not self.proxy.vm:
+            return decisions
+        if self.session.find_vm(self.dc, self.proxy.vm) is not None:
+            return decisions
+        why = (f"proxy VM {self.proxy.vm!r} (proxy {self.proxy.name}) not found in datacenter "
+               f"{self.dc.name}")
+        if self.job.transport == "hotadd":
+            raise UsageError(f"transport hotadd refused: {why} (fix the infrastructure file, "
+                             "or use --transport nbd)")
+        return [infra_mod.Decision(d.disk, "nbd", f"auto: {why}; nbd") if d.mode == "hotadd"
+                else d for d in decisions]
 
     def _take_slot(self, infra: infra_mod.Infra) -> None:
         """One proxy task slot for the whole job (a plan's runner assigns proxies per disk)."""

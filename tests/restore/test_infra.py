@@ -21,10 +21,42 @@ VM_PROXY = infra.Proxy("p", vm="vmr-proxy")
 PHYS_PROXY = infra.Proxy("p")
 
 
-def test_auto_san_when_all_thick_and_lun_visible() -> None:
-    ds = infra.select_transports("auto", VM_PROXY, facts("thick-eager", "thick-lazy"))
+def test_auto_san_when_all_eager_zeroed_and_lun_visible() -> None:
+    ds = infra.select_transports("auto", VM_PROXY, facts("thick-eager", "thick-eager"))
     assert [d.mode for d in ds] == ["san", "san"]
     assert all(d.fallback == ["nbd"] and "sees the LUN" in d.reason for d in ds)
+
+
+def test_auto_thick_lazy_disk_means_no_san() -> None:
+    ds = infra.select_transports("auto", VM_PROXY, facts("thick-eager", "thick-lazy"))
+    assert [d.mode for d in ds] == ["hotadd", "hotadd"]
+    assert all("disk 1 is thick-lazy" in d.reason and "eager-zeroed" in d.reason for d in ds)
+
+
+def test_explicit_san_with_thick_lazy_disk_refused_and_suggests_eager() -> None:
+    with pytest.raises(UsageError, match=r"thick-lazy.*--disk-format thick-eager") as ei:
+        infra.select_transports("san", VM_PROXY, facts("thick-lazy"))
+    assert "thick-lazy or" not in str(ei.value) and "/thick-lazy" not in str(ei.value)
+
+
+@pytest.mark.parametrize("mode", ["nbd", "nbdssl", "san"])
+def test_repos_source_refuses_transports_other_than_hotadd(mode: str) -> None:
+    ds = infra.select_transports(mode, VM_PROXY, facts("thick-eager"))
+    with pytest.raises(UsageError, match=f"transport {mode} refused: a repos://"):
+        infra.check_source("repos://h:1/vm/a.vmrb", "builtin", ds)
+    infra.check_source("repo://h:1/vm/a.vmrb", "builtin", ds)  # plain repo:// feeds them all
+
+
+def test_repos_source_auto_hotadd_has_no_nbd_fallback_and_refuses_vddk() -> None:
+    ds = infra.select_transports("auto", VM_PROXY, facts("thin"))
+    assert ds[0].mode == "hotadd" and ds[0].fallback == ["nbd"]
+    infra.check_source("repos://h:1/vm/a.vmrb", "builtin", ds)
+    assert ds[0].fallback == []
+    with pytest.raises(UsageError, match="VixDiskLib"):
+        infra.check_source("repos://h:1/vm/a.vmrb", "vddk", ds)
+    ds = infra.select_transports("auto", PHYS_PROXY, facts("thin"))
+    with pytest.raises(UsageError, match="transport nbd refused"):
+        infra.check_source("repos://h:1/vm/a.vmrb", "builtin", ds)
 
 
 def test_auto_one_thin_disk_means_no_san_for_any() -> None:

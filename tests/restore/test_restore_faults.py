@@ -127,16 +127,17 @@ def test_sigterm_in_data_phase_rolls_back(lab, lab_si, host_services, backup, tm
     assert_nothing_left(lab, host_services, lab_si, name, state)
 
 
-def test_san_refused_by_host_falls_back_to_nbd(lab, lab_si, backup, tmp_path) -> None:
-    """A real (not injected) failure: thick-lazy disks have unwritten extents, so the host
-    gives no SAN extent map; auto chose san (all thick, LUN visible) and falls back."""
+def test_auto_with_thick_lazy_disks_does_not_pick_san(lab, lab_si, backup, tmp_path) -> None:
+    """SAN writes only eager-zeroed disks (a thick-lazy disk has unwritten extents the host
+    does not map): auto no longer tries san and fails over, it picks another mode and says
+    why in phase 1."""
     name = unique("f-lazy")
     p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
                          "ds-san", "--disk-format", "thick-lazy", "--network-map",
                          "VM Network=Restore Network", state_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     for d in rep["disks"]:
-        assert d["transport"] == "nbd"
-        assert "every disk is thick" in d["reason"]
-        assert any("san failed" in h and "extent map" in h for h in d["history"])
+        assert d["transport"] in ("hotadd", "nbd")
+        assert "thick-lazy" in d["reason"] and "eager-zeroed" in d["reason"]
+        assert not any("san failed" in h for h in d["history"])
     assert_restored(lab, lab_si, name, backup.images, ["thick-lazy", "thick-lazy"])

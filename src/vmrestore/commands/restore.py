@@ -117,7 +117,7 @@ def register(sub: Any) -> None:
     tr = p.add_argument_group("data movement")
     tr.add_argument("--transport", choices=("auto", "san", "hotadd", "nbd", "nbdssl"),
                     default=None,
-                    help="how disks are written (default auto: san if every disk is thick "
+                    help="how disks are written (default auto: san if every disk is thick-eager "
                     "and the proxy sees the LUN, else hotadd if the proxy is a VM, else nbd; "
                     "a failing disk falls back to nbd)")
     tr.add_argument("--proxy", metavar="NAME",

@@ -107,6 +107,7 @@ def open_repository_chain(url: str, token_file: str | None = None,
         conn.close()
         raise
     close = chain.close
+    chain.tls = conn.tls  # the agent answered with TLS (a repo:// data path cannot use it)
 
     def close_all() -> None:
         try:
