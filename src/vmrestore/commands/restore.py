@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmrestore.commands import number, point_id
+from vmrestore.commands import point_id
 
 HELP = "restore a whole VM from a backup into vCenter/ESXi (or the lab)"
 
@@ -130,9 +130,9 @@ def register(sub: Any) -> None:
                     "(default: native)")
     tr.add_argument("--vddk-libdir", metavar="DIR",
                     help="VDDK install dir (default $VMRESTORE_VDDK_LIBDIR; on the lab: vddk_sim)")
-    tr.add_argument("--threads", type=number(1, 1024), metavar="T",
+    tr.add_argument("--threads", type=int, metavar="T",
                     help="core worker threads per disk (default: as restore-disk)")
-    tr.add_argument("--queue-depth", type=number(1, 4096), metavar="Q",
+    tr.add_argument("--queue-depth", type=int, metavar="Q",
                     help="requests in flight per disk (default: as restore-disk)")
     fl = p.add_argument_group("failure handling")
     fl.add_argument("--resume", action="store_true", default=None,
