@@ -12,6 +12,7 @@ from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace as msgspec_replace
 
 from vmrestore.schedule import NBD_TRANSPORTS, Admission, Grant, Limits, ProxySpec, TaskSpec
 
@@ -154,3 +155,95 @@ def test_admission_matches_reference_and_never_exceeds_a_limit(data):
             grants[g.task.key] = g
         check_limits(adm, limits, specs, before)
         assert adm.queued() == len(ref.queue)
+
+
+RATES = {"san": 300.0, "hotadd": 250.0, "nbd": 60.0, "nbdssl": 40.0}
+
+
+def near_best(t: TaskSpec, specs: dict[str, ProxySpec]) -> list[tuple[str, str]]:
+    live = [(p, tr) for p, tr in t.options if tr in specs[p].transports]
+    best = max((RATES[tr] for _, tr in live), default=0.0)
+    return [(p, tr) for p, tr in live if RATES[tr] * 2 >= best]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_with_stream_rates_both_passes_are_maximal_and_fallbacks_finish_in_time(data):
+    """With rates: near-best options first, slow ones only within the drain time.
+
+    After every grants(): no queued task could still start on a near-best option; none
+    could start on a slow option within the horizon; every slow grant was within it;
+    a proxy only got a stream while its committed rates were below its bandwidth, and
+    a datastore or host only within its rate budget (or while idle).
+    """
+    proxies = [msgspec_replace(data.draw(proxy_spec(n)),
+                               bandwidth=data.draw(st.sampled_from([None, 400.0, 900.0])))
+               for n in PROXIES]
+    limits = Limits(nbd_per_host=data.draw(cap), per_datastore=data.draw(cap),
+                    datastore_rates=data.draw(st.sampled_from([{}, {"d0": 500.0}])),
+                    host_rates=data.draw(st.sampled_from([{}, {"h1": 100.0}])))
+    budget = {("d", k): v for k, v in limits.datastore_rates.items()} | {
+        ("h", k): v for k, v in limits.host_rates.items()}
+    adm = Admission(proxies, limits, stream_rates=RATES)
+    specs = {p.name: p for p in proxies}
+    capacity = sum(min(p.bandwidth or float("inf"),
+                       p.slots * max(RATES[t] for t in p.transports)) for p in proxies)
+    queued: dict[str, TaskSpec] = {}
+    running: dict[str, Grant] = {}
+    use: Counter = Counter()
+    committed: Counter = Counter()   # proxy name, ("d", ds), ("h", host) -> rates
+
+    def count(g: Grant) -> None:
+        r, nbd = RATES[g.transport], g.transport in NBD_TRANSPORTS
+        use["p", g.proxy] += 1
+        use["d", g.task.datastore] += 1
+        use["h", g.task.host] += nbd
+        committed[g.proxy] += r
+        committed["d", g.task.datastore] += r
+        committed["h", g.task.host] += r if nbd else 0.0
+
+    def within(k: tuple[str, str], r: float) -> bool:
+        return k not in budget or committed[k] < 1e-6 or committed[k] + r <= budget[k]
+
+    for step in range(data.draw(st.integers(1, 12))):
+        if running and data.draw(st.booleans()):
+            assert adm.release(running.pop(data.draw(st.sampled_from(sorted(running)))))
+        else:
+            for i in range(data.draw(st.integers(1, 6))):
+                t = msgspec_replace(data.draw(task_spec(f"t{step}.{i}")), tier=0,
+                                    size=data.draw(st.integers(1, 5000)))
+                queued[t.key] = t
+                adm.add([t])
+        use.clear()
+        committed.clear()
+        for g in running.values():
+            count(g)
+        got = adm.grants()
+        slow = [g for g in got if (g.proxy, g.transport) not in near_best(g.task, specs)]
+        for g in got:
+            bw, r = specs[g.proxy].bandwidth, RATES[g.transport]
+            assert bw is None or committed[g.proxy] < bw
+            assert within(("d", g.task.datastore), r)
+            assert g.transport not in NBD_TRANSPORTS or within(("h", g.task.host), r)
+            count(g)
+            running[g.task.key] = queued.pop(g.task.key) and g
+        # the second pass's horizon: bytes queued when it began / live capacity
+        horizon = ((sum(t.size for t in queued.values()) + sum(g.task.size for g in slow))
+                   / capacity if capacity else 0.0)
+        for g in slow:
+            assert g.task.size / RATES[g.transport] <= horizon * (1 + 1e-9)
+        for t in queued.values():
+            fast = near_best(t, specs)
+            for p, tr in t.options:
+                sp = specs[p]
+                free = (tr in sp.transports and use["p", p] < sp.slots
+                        and (sp.bandwidth is None or committed[p] < sp.bandwidth)
+                        and not (tr in NBD_TRANSPORTS and limits.nbd_per_host is not None
+                                 and use["h", t.host] >= limits.nbd_per_host)
+                        and not (limits.per_datastore is not None
+                                 and use["d", t.datastore] >= limits.per_datastore)
+                        and within(("d", t.datastore), RATES[tr])
+                        and (tr not in NBD_TRANSPORTS or within(("h", t.host), RATES[tr])))
+                if free:
+                    assert (p, tr) not in fast, f"{t.key} could start on {p}/{tr}"
+                    assert t.size / RATES[tr] > horizon * (1 - 1e-9), f"{t.key} fits {p}/{tr}"

@@ -137,6 +137,12 @@ class Admission:
         self._ds: Counter[str] = Counter()
         self._repo: Counter[str] = Counter()
         self._seq = 0
+        # rate budgets beyond proxy bandwidth: ("d", datastore) and ("h", host) -> bytes/s
+        self._budget: dict[tuple[str, str], float] = {}
+        if self._rates:
+            self._budget.update((("d", k), v) for k, v in self.limits.datastore_rates.items())
+            self._budget.update((("h", k), v) for k, v in self.limits.host_rates.items())
+        self._load: Counter[tuple[str, str]] = Counter()
         self._vc = threading.Condition()
         self._vc_used = 0
         self._recapacity()
@@ -184,7 +190,7 @@ class Admission:
                 continue
             host_ok = lim_nbd is None or self._host_nbd[c.host] < lim_nbd
             if horizon is None:
-                choice = self._pick(c.fast, host_ok)
+                choice = self._pick(c, c.fast, host_ok)
                 j = 0
             else:
                 choice, j = self._fallback(c, host_ok, horizon)
@@ -194,23 +200,40 @@ class Admission:
             task = self._dequeue(c.q[j][3])   # keeps the class at or after i
             out.append(self._take(task, *choice))
 
-    def _pick(self, opts: _Options, host_ok: bool,
+    def _pick(self, c: _Class, opts: _Options, host_ok: bool,
               ok: Callable[[str], bool] | None = None) -> tuple[str, str] | None:
         """The most preferred of these options that is free now (and passes ``ok``)."""
         free = self._free
+        room = self._room if self._budget else None
         if len(free) < len(opts.live):
             best: tuple[int, str, str] | None = None
             for p in free:
                 for rank, t in opts.by_proxy.get(p, ()):
-                    if (host_ok or t not in NBD_TRANSPORTS) and (ok is None or ok(t)):
+                    if ((host_ok or t not in NBD_TRANSPORTS) and (ok is None or ok(t))
+                            and (room is None or room(c, p, t))):
                         if best is None or rank < best[0]:
                             best = (rank, p, t)
                         break
             return None if best is None else (best[1], best[2])
         for p, t in opts.live:
-            if p in free and (host_ok or t not in NBD_TRANSPORTS) and (ok is None or ok(t)):
+            if (p in free and (host_ok or t not in NBD_TRANSPORTS) and (ok is None or ok(t))
+                    and (room is None or room(c, p, t))):
                 return p, t
         return None
+
+    def _room(self, c: _Class, p: str, t: str) -> bool:
+        """Would one more stream of ``t`` fit the datastore's and host's rate budgets?
+
+        An idle resource always takes one stream, so a budget below one stream's
+        rate slows that stream instead of stranding the task.
+        """
+        r = self._rates.get(t, 0.0)
+        if self._budget:
+            for k in (("d", c.ds), ("h", c.host)) if t in NBD_TRANSPORTS else (("d", c.ds),):
+                b = self._budget.get(k)
+                if b is not None and self._load[k] > 0 and self._load[k] + r > b * (1 + 1e-9):
+                    return False
+        return True
 
     def _fallback(self, c: _Class, host_ok: bool,
                   horizon: float) -> tuple[tuple[str, str] | None, int]:
@@ -232,7 +255,7 @@ class Admission:
         if not fits(c.slow.fastest):
             return None, 0      # not even its smallest task would finish in time
 
-        choice = self._pick(c.slow, host_ok, fits)
+        choice = self._pick(c, c.slow, host_ok, fits)
         return choice, (found[choice[1]] if choice else 0)
 
     # --- running grants ----------------------------------------------------------------
@@ -368,10 +391,11 @@ class Admission:
             raise ValueError(f"task {t.key!r} is already queued or running")
         # Host, datastore and repository split classes only where a cap makes them matter.
         lim = self.limits
-        nbd = lim.nbd_per_host is not None and any(tr in NBD_TRANSPORTS for _, tr in t.options)
+        nbd = any(tr in NBD_TRANSPORTS for _, tr in t.options) and (
+            lim.nbd_per_host is not None or ("h", t.host) in self._budget)
         sig = (t.options, t.host if nbd else "",
                t.datastore if lim.per_datastore is not None or t.datastore in lim.datastores
-               else "",
+               or ("d", t.datastore) in self._budget else "",
                t.repo if lim.per_repo is not None or t.repo in lim.repos else "")
         c = self._classes.get(sig)
         if c is None:
@@ -429,8 +453,13 @@ class Admission:
     def _take(self, task: TaskSpec, proxy: str, transport: str) -> Grant:
         px = self._proxies[proxy]
         px.used += 1
-        px.committed += self._rates.get(transport, 0.0)
+        r = self._rates.get(transport, 0.0)
+        px.committed += r
         self._mark(proxy)
+        if self._budget:
+            self._load["d", task.datastore] += r
+            if transport in NBD_TRANSPORTS:
+                self._load["h", task.host] += r
         if transport in NBD_TRANSPORTS:
             self._host_nbd[task.host] += 1
         self._ds[task.datastore] += 1
@@ -447,8 +476,19 @@ class Admission:
         del self._running[g.task.key]
         px = self._proxies[g.proxy]
         px.used -= 1
-        px.committed -= self._rates.get(g.transport, 0.0)
+        r = self._rates.get(g.transport, 0.0)
+        px.committed -= r
+        if px.committed < 1e-6:
+            px.committed = 0.0   # no drift: an idle proxy is exactly idle
         self._mark(g.proxy)
+        if self._budget:
+            keys = [("d", g.task.datastore)]
+            if g.transport in NBD_TRANSPORTS:
+                keys.append(("h", g.task.host))
+            for k in keys:
+                self._load[k] -= r
+                if self._load[k] < 1e-6:
+                    self._load[k] = 0.0
         if g.transport in NBD_TRANSPORTS:
             self._host_nbd[g.task.host] -= 1
         self._ds[g.task.datastore] -= 1

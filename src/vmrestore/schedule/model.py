@@ -54,6 +54,9 @@ class Limits(msgspec.Struct, frozen=True):
     ``per_repo``: streams writing one datastore / reading one repository
     agent. ``vcenter_ops``: concurrent vCenter control operations.
     ``datastores`` / ``repos``: per-name overrides of the two stream caps.
+    ``datastore_rates`` / ``host_rates`` (bytes/s a datastore takes, a host's
+    NFC service moves for NBD-class streams): rate budgets, used only when
+    admission knows the transports' stream rates.
     """
 
     nbd_per_host: int | None = 48
@@ -62,6 +65,8 @@ class Limits(msgspec.Struct, frozen=True):
     vcenter_ops: int = 8
     datastores: dict[str, int] = msgspec.field(default_factory=dict)
     repos: dict[str, int] = msgspec.field(default_factory=dict)
+    datastore_rates: dict[str, float] = msgspec.field(default_factory=dict)
+    host_rates: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class Grant(msgspec.Struct, frozen=True):

@@ -114,12 +114,12 @@ def fleet(seed: int, vms: int = 1000, hosts: int = 20, datastores: int = 10,
         vm_specs.append(VmSpec(f"vm{v:04d}", tier, tuple(keys),
                                prepare=rnd.uniform(4, 12), finish=rnd.uniform(3, 8)))
 
-    sc = Scenario(
-        proxies=specs, tasks=tasks, vms=vm_specs, limits=Limits(nbd_per_host=48),
-        stream_rates=rates,
-        datastore_rate={d: rnd.uniform(8, 16) * GB for d in ds_names},
-        host_nbd_rate={h: 2.5 * GB for h in host_names}, seed=seed,
-    )
+    ds_rate = {d: rnd.uniform(8, 16) * GB for d in ds_names}
+    host_rate = {h: 2.5 * GB for h in host_names}
+    # Admission is told the same rates the simulation enforces (an operator's estimates).
+    limits = Limits(nbd_per_host=48, datastore_rates=ds_rate, host_rates=host_rate)
+    sc = Scenario(proxies=specs, tasks=tasks, vms=vm_specs, limits=limits, stream_rates=rates,
+                  datastore_rate=ds_rate, host_nbd_rate=host_rate, seed=seed)
     if kills:
         from vmrestore.schedule.bound import lower_bound
         horizon = 0.8 * lower_bound(sc).value

@@ -9,9 +9,9 @@ Simulated time, one heap of events. What is modelled (docs/scheduling.md):
 * a granted hotadd task first attaches (uniform ``Scenario.attach`` seconds,
   holding its slot), then streams;
 * streams share bandwidth: a stream's rate is the least of its transport's
-  stream rate and its equal share of its proxy's bandwidth, its datastore's
-  rate and (NBD only) its host's NFC rate; every start and end re-rates the
-  streams sharing a resource with it;
+  stream rate and its max-min fair share of its proxy's bandwidth, its
+  datastore's rate and (NBD only) its host's NFC rate, each resource taken
+  alone; every start and end re-rates the streams sharing a resource with it;
 * a killed proxy loses its running tasks; each resumes elsewhere from its
   last durable checkpoint (every ``Scenario.checkpoint`` bytes of the disk),
   the bytes after it are copied again and counted; the proxy's worker comes
@@ -151,17 +151,30 @@ class _Sim:
 
     def rerate(self, affected: set[_Stream]) -> None:
         rates = self.sc.stream_rates
+        levels: dict[tuple[str, str], float] = {}
         for s in affected:
             self.settle(s)
             r = rates[s.grant.transport]
             for g in s.groups:
-                c = self.cap.get(g)
-                if c is not None:
-                    r = min(r, c / len(self.members[g]))
+                if g in self.cap:
+                    if g not in levels:
+                        levels[g] = self.level(g)
+                    r = min(r, levels[g])
             s.rate = r
             s.version += 1
             left = max(0.0, s.grant.task.size - s.done)
             self.push(self.now + left / r, "done", (s, s.version))
+
+    def level(self, g: tuple[str, str]) -> float:
+        """Max-min fair share of one resource: streams wanting less get what they want."""
+        rates = self.sc.stream_rates
+        wants = sorted(rates[s.grant.transport] for s in self.members[g])
+        left, n = self.cap[g], len(wants)
+        for i, w in enumerate(wants):
+            if w * (n - i) >= left:
+                return left / (n - i)
+            left -= w
+        return float("inf")
 
     def join(self, s: _Stream) -> None:
         g = s.grant
