@@ -1,6 +1,7 @@
 """Helpers and fixtures of the plan tests (tests/fleet/): a 3-proxy lab, sample backups.
 
-``fleet_lab`` is its own lab (module scope; the session lab has one proxy VM);
+``fleet_lab`` is its own lab (one per session; the session lab has one proxy VM), each
+proxy VM with a network namespace for its worker (``lab.raw["proxy_netns"]``);
 ``fleet_backups`` are four sample VMs of 2-4 disks of 64-256 MiB, mostly zero
 (so a 20-VM plan moves a few hundred MiB of data), backed up once per session.
 """
@@ -32,7 +33,7 @@ class SampleVm:
     images: list[Path]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from vmrestore.lab import lab as labmod
     from vmrestore.lab.build import GOVMOMI_SIM
@@ -43,7 +44,8 @@ def fleet_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     need(GOVMOMI_SIM.is_dir(), "govmomi sources missing (golang-github-vmware-govmomi-dev)")
     d: Path = tmp_path_factory.mktemp("fleetlab")
     try:
-        labmod.up(d, hosts=4, proxies=3, datastores=1, san_size=128 << 20)
+        need_tool("ip")
+        labmod.up(d, hosts=4, proxies=3, datastores=1, san_size=128 << 20, netns=True)
         yield load_lab(d)
     finally:
         labmod.down(d)

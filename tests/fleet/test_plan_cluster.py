@@ -1,5 +1,6 @@
-"""A real cluster: `dask scheduler` + 3 `vmrestore proxy-worker` processes; the orchestrator
-killed -9 mid-plan, then `--resume` finishes the plan from the plan and job states.
+"""A real cluster: `dask scheduler` + 3 `vmrestore proxy-worker` processes, each in its own
+network namespace; the orchestrator killed -9 mid-plan, then `--resume` finishes the plan
+from the plan and job states.
 """
 
 from __future__ import annotations
@@ -31,18 +32,25 @@ def _free_port() -> int:
 
 @pytest.fixture
 def cluster(fleet_lab: Any, tmp_path: Path) -> Iterator[str]:
-    """A Dask scheduler and one proxy-worker per lab proxy VM, as an operator starts them."""
+    """A Dask scheduler and one proxy-worker per lab proxy VM, each in the proxy's network
+    namespace (it reaches the scheduler over its veth only), as an operator starts them."""
+    from vmrestore.lab.netns import scheduler_address
+
+    host = scheduler_address(fleet_lab.raw)
+    assert host, "the lab has no proxy namespaces"
     port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    address = f"tcp://{host}:{port}"
     env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
     procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host",
-                               "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                               host, "--port", str(port), "--no-dashboard"],
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sched.log", "w"),
                               env=env)]
     try:
         for vm in fleet_lab.proxy_vms:
+            ns = fleet_lab.raw["proxy_netns"][vm]["netns"]
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "vmrestore", "proxy-worker", "--scheduler", address,
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "vmrestore", "proxy-worker",
+                 "--scheduler", address,
                  "--name", vm, "--slots", "2", "--vm", vm, "--transports", "hotadd,nbd"],
                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{vm}.log", "w"), env=env))
         yield address
@@ -98,6 +106,9 @@ def test_plan_on_a_real_cluster_survives_the_orchestrator_killed(fleet_lab, flee
     assert res.returncode == 0, err[-2000:]
     report = json.loads(out)
     assert report["resumed"] and report["cluster"] == f"Dask scheduler {cluster}"
+    # Each proxy's worker sits at its namespace's address.
+    for vm, n in fleet_lab.raw["proxy_netns"].items():
+        assert f"{vm} (tcp://{n['ip']}:" in report["events"][0], report["events"][0]
     earlier = [v for v in report["vms"] if v["earlier_run"]]
     assert earlier and len(earlier) < len(vms)
     resumed_disks = [d for v in report["vms"] if not v["earlier_run"] for d in v["disks"]

@@ -113,7 +113,7 @@ def test_twenty_vms_over_three_proxies_with_a_worker_killed(fleet_lab, fleet_bac
         assert [d["disk"] for d in v["disks"]] == list(range(len(images)))
         for d in v["disks"]:
             assert same_bytes(flat_file(fleet_lab, d["file"]), images[d["disk"]]), \
-                f"{name} disk {d['disk']} differs from its source"
+                f"{name} disk {d['disk']} differs from its source: {json.dumps(d)}"
         assert v["rto"] is not None and v["rto"] >= v["phases"][-1]["start"]
 
     # The killed worker's disk(s) were lost and finished on a later attempt.

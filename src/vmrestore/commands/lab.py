@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     u.add_argument("--datastores", type=number(0, 64), default=0, metavar="N",
                    help="more local datastores besides ds-local, ds-san, ds-vvol: ds-local2 "
                    "... (default 0)")
+    u.add_argument("--netns", action="store_true",
+                   help="a network namespace per proxy VM, joined by a veth pair, for its "
+                   "proxy worker (docs/lab.md)")
     u.add_argument("--san-size", type=_size, default=1 << 30,
                    help="size of the SAN LUN image, sparse (default 1G)")
     u.set_defaults(func=run_up)
@@ -83,6 +86,8 @@ def _print(doc: dict[str, Any], as_json: bool) -> None:
           f"hosts {', '.join(doc['hosts'])}")
     print(f"  networks    {', '.join(doc['networks'])}")
     print(f"  proxy VMs   {', '.join(doc.get('proxy_vms') or [doc['proxy_vm']])}")
+    for vm, n in (doc.get("proxy_netns") or {}).items():
+        print(f"  netns       {vm}: {n['netns']} {n['ip']} (this side {n['host_ip']})")
     print(f"  hostd       {doc['hostd_url']} (API v1)")
     for ds in doc["datastores"]:
         lun = f"  LUN {ds['lun']}" if ds.get("lun") else ""
@@ -99,7 +104,7 @@ def run_up(args: argparse.Namespace) -> int:
     if not 0 <= args.datastores <= 16:
         raise UsageError("--datastores must be 0..16")
     doc = lab.up(args.dir, hosts=args.hosts, san_size=args.san_size, proxies=args.proxies,
-                 datastores=args.datastores)
+                 datastores=args.datastores, netns=args.netns)
     _print(doc, args.json)
     return 0
 

@@ -122,7 +122,7 @@ class Dispatcher:
     def proxy(self, name: str) -> Proxy:
         return self.known[name]
 
-    def wait_grant(self, key: str, cancel: threading.Event) -> Grant:
+    def wait_grant(self, key: str, cancel: Any) -> Grant:
         """Block until the task gets a grant; Cancelled when ``cancel`` is set."""
         w = self._waiters[key]
         while True:
@@ -150,7 +150,7 @@ class Dispatcher:
             workers=[self.live.get(grant.proxy, grant.proxy)], allow_other_workers=False,
             resources={"slot": 1}, pure=False, retries=0)
 
-    def result(self, grant: Grant, future: Any, cancel: threading.Event) -> Any:
+    def result(self, grant: Grant, future: Any, cancel: Any) -> Any:
         """The future's result; WorkerLost if its worker died or the proxy was lost.
 
         Only an error the disk task itself raised (a VmrError) is passed on; anything
@@ -171,16 +171,20 @@ class Dispatcher:
                     raise Cancelled(f"{grant.task.key}: cancelled (its VM failed)")
                 with contextlib.suppress(TimeoutError):
                     wait([future], timeout=0.25)
-                if future.status == "pending":
+                status = future.status
+                if status == "pending":
                     continue
-                if future.status == "error":
+                if status == "error":
                     exc = future.exception()
                     if isinstance(exc, VmrError):
                         raise exc
                     raise WorkerLost(f"{grant.task.key}: attempt {grant.attempt} on proxy "
                                      f"{grant.proxy} ended with {type(exc).__name__}: {exc}")
+                if status != "finished":  # lost (its result died with the worker), cancelled
+                    raise WorkerLost(f"{grant.task.key}: attempt {grant.attempt} on proxy "
+                                     f"{grant.proxy}: task {status}")
                 try:
-                    return future.result(timeout=60)
+                    return future.result(timeout=30)
                 except VmrError:
                     raise
                 except BaseException as e:

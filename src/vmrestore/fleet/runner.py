@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from vmrestore import infra as infra_mod
-from vmrestore.errors import LabError, UsageError
+from vmrestore.errors import Interrupted, LabError, UsageError
 from vmrestore.fleet.plan import Plan, PlanVm
 from vmrestore.fleet.report import PlanReport, VmLine, summarize, vm_line
 from vmrestore.jobstate import atomic_write
@@ -104,6 +104,7 @@ class PlanRunner:
         self.vm_status: dict[str, str] = {v.name: "queued" for v in plan.vms}
         self.dispatcher: Any = None
         self.admission: Any = None
+        self.stop = threading.Event()
 
     def run(self) -> PlanReport:
         from vmrestore.fleet import cluster
@@ -128,7 +129,8 @@ class PlanRunner:
                                         for n, (_, p) in live.items()], self.plan.doc.limits)
             self.dispatcher = Dispatcher(client, self.admission, live).start()
             self.dispatcher.say(f"plan {self.plan.path.name}: {len(self.plan.vms)} VMs on "
-                                f"{about}: proxies {', '.join(sorted(live))}")
+                                f"{about}: proxies " + ", ".join(
+                                    f"{n} ({a})" for n, (a, _) in sorted(live.items())))
             ticker = _Ticker(self)
             try:
                 ticker.start()
@@ -161,8 +163,20 @@ class PlanRunner:
         workers = self.plan.doc.max_vms or max(1, total_slots)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmr-vm") as pool:
             futs = {v.name: pool.submit(self._run_vm, v, t0) for v in todo}
-            for name, f in futs.items():
-                lines[name] = f.result()
+            try:
+                for name, f in futs.items():
+                    lines[name] = f.result()
+            except KeyboardInterrupt:
+                # Ctrl-C / SIGTERM: every VM not done stops at its next phase or disk step
+                # and rolls back; the VMs done stay done (the plan state says so).
+                self.stop.set()
+                self.dispatcher.say("plan interrupted: rolling back the VMs not done")
+                for f in futs.values():
+                    with contextlib.suppress(BaseException):
+                        f.result()
+                raise Interrupted(f"plan {self.plan.path.name} interrupted; the VMs done are "
+                                  "restored, the others rolled back (--resume continues)") \
+                    from None
         return lines
 
     def _run_vm(self, v: PlanVm, t0: float) -> VmLine:
@@ -173,7 +187,8 @@ class PlanRunner:
         def on_phase(name: str, phase: str, status: str) -> None:
             self.vm_status[name] = f"{phase}" if status == "running" else self.vm_status[name]
 
-        ctx = PlanContext(self.dispatcher, self.admission, v.tier, t0, self.resume, on_phase)
+        ctx = PlanContext(self.dispatcher, self.admission, v.tier, t0, self.resume, on_phase,
+                          self.stop)
         orch = PlanVmRestore(v.job, ctx)
         # Recorded as done in the plan state the moment phase 5 ends, before the job
         # state goes: a resume never restores a VM twice.

@@ -20,6 +20,7 @@ the orchestrator's, so a VM that fails rolls back alone while the plan goes on.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,13 @@ from typing import Any
 import msgspec
 
 from vmrestore import infra as infra_mod
-from vmrestore.errors import HostServiceError, TransportError, UsageError, VSphereError
+from vmrestore.errors import (
+    HostServiceError,
+    Interrupted,
+    TransportError,
+    UsageError,
+    VSphereError,
+)
 from vmrestore.fleet.dispatch import Cancelled, Dispatcher, WorkerLost
 from vmrestore.orchestrator import Orchestrator
 from vmrestore.schedule import Admission, TaskSpec
@@ -57,6 +64,20 @@ class PlanContext:
     t0: float  # the plan's start (monotonic): RTO is measured from here
     resume: bool = False
     on_phase: Any = None  # callable(vm name, phase, status)
+    stop: threading.Event = field(default_factory=threading.Event)  # the plan is interrupted
+
+
+class _Either:
+    """Set when either event is: the VM failed, or the whole plan was interrupted."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+    def set(self) -> None:
+        self.a.set()
 
 
 class PlanVmRestore(Orchestrator):
@@ -68,13 +89,15 @@ class PlanVmRestore(Orchestrator):
         self.disk_runs: dict[int, DiskRun] = {}
         self.phase_times: dict[str, tuple[float, float]] = {}  # phase -> (start, end) from t0
         self._lock = threading.RLock()  # job state and report: several disk threads
-        self._cancel = threading.Event()
+        self._cancel = _Either(threading.Event(), ctx.stop)
         self._once: list[Any] = []  # the attempts' run-once files, removed with the job
 
     # --- phases -----------------------------------------------------------------------------
 
     def _phase(self, name: str, fn: Any) -> None:
         start = time.monotonic() - self.ctx.t0
+        if self.ctx.stop.is_set():
+            raise Interrupted(f"plan interrupted before phase {name} of {self.job.name}")
         if self.ctx.on_phase:
             self.ctx.on_phase(self.job.name, name, "running")
         try:
@@ -131,12 +154,12 @@ class PlanVmRestore(Orchestrator):
         todo = []
         for t in self.layout.disks:
             rd = self.report.disk(t.index)
-            st = self.state.data["disks"].setdefault(str(t.index), {"status": "pending"})
-            if st.get("status") == "done":
+            st = self.state.disk(t.index)
+            if st.status == "done":
                 rd.status = "skipped"
                 rd.history.append("written by the interrupted run")
-                rd.transport = st.get("transport", rd.transport)
-                self.disk_runs[t.index] = DiskRun(t.index, "", st.get("proxy", ""),
+                rd.transport = st.transport or rd.transport
+                self.disk_runs[t.index] = DiskRun(t.index, "", st.proxy or "",
                                                   rd.transport)
                 continue
             base = vdisks.disk_for_file(self.vm, t.file_name).base_file
@@ -145,7 +168,7 @@ class PlanVmRestore(Orchestrator):
             todo.append((t, base, rd, st))
         errors: list[BaseException] = []
 
-        def one(item: tuple[Any, str, Any, dict[str, Any]]) -> None:
+        def one(item: tuple[Any, str, Any, Any]) -> None:
             try:
                 self._restore_granted(*item)
             except BaseException as e:
@@ -159,6 +182,8 @@ class PlanVmRestore(Orchestrator):
         for th in threads:
             th.join()
         real = [e for e in errors if not isinstance(e, Cancelled)]
+        if self.ctx.stop.is_set() and not real:
+            raise Interrupted(f"plan interrupted in phase data of {self.job.name}")
         if real or errors:
             raise (real or errors)[0]
         total = sum(d.bytes_written + d.bytes_zeroed for d in self.report.disks)
@@ -170,7 +195,7 @@ class PlanVmRestore(Orchestrator):
                         datastore=t.datastore, repo=self.job.repository or "local",
                         options=tuple(self.options[t.index]))
 
-    def _restore_granted(self, t: Any, base: str, rd: Any, st: dict[str, Any]) -> None:
+    def _restore_granted(self, t: Any, base: str, rd: Any, st: Any) -> None:
         from vmrestore.fleet.worker import run_disk
         from vmrestore.jobstate import read_checkpoint
 
@@ -189,13 +214,15 @@ class PlanVmRestore(Orchestrator):
             ck = read_checkpoint(ckpt_path)
             with self._lock:
                 # The fencing token survives orchestrator restarts: it is in the job state.
-                attempt = int(st.get("attempt", 0)) + 1
-                st.update(status="running", transport=g.transport, proxy=g.proxy,
-                          attempt=attempt)
+                attempt = st.attempt + 1
+                st.status, st.transport, st.proxy, st.attempt = ("running", g.transport,
+                                                                 g.proxy, attempt)
                 self.state.save()
             record = {"proxy": g.proxy, "transport": g.transport, "attempt": attempt,
                       "outcome": "running", "start_entry": ck.prefix if ck else 0}
             run.attempts.append(record)
+            once = ckpt_path.with_name(f"{ckpt_path.name}.attempt{attempt}")
+            self._once.append(once)
             try:
                 with self._lock:
                     att = self._attach(t, base, g.transport, proxy, attempt)
@@ -206,11 +233,10 @@ class PlanVmRestore(Orchestrator):
                 continue
             try:
                 task = self._disk_task(t, att.uri, g.transport, ckpt_path, ck, attempt)
-                once = ckpt_path.with_name(f"{ckpt_path.name}.attempt{attempt}")
-                self._once.append(once)
                 fut = d.run(g, run_disk, task, spec.key, attempt, str(once))
                 out = d.result(g, fut, self._cancel)
             except WorkerLost as e:
+                _burn(once)  # this attempt may no longer start anywhere; then revoke it
                 self._release(att)
                 record["outcome"] = "lost"
                 rd.history.append(f"attempt {attempt} on {g.proxy} ({g.transport}): {e}")
@@ -222,12 +248,14 @@ class PlanVmRestore(Orchestrator):
                 d.requeue(g, spec, "lost")
                 continue
             except (TransportError, HostServiceError) as e:
+                _burn(once)
                 self._release(att)
                 record["outcome"] = f"failed: {e}"
                 spec = self._without(spec, g, rd, e)
                 d.requeue(g, spec, "failed")
                 continue
             except BaseException as e:
+                _burn(once)
                 self._release(att)
                 record["outcome"] = f"failed: {e}"
                 d.finish(g, "failed")
@@ -271,7 +299,7 @@ class PlanVmRestore(Orchestrator):
                        token_file=self.job.token_file, threads=self.job.threads,
                        queue_depth=self.job.queue_depth, stall=self.faults["stall"])
 
-    def _record_outcome(self, t: Any, rd: Any, st: dict[str, Any], g: Any, out: Any) -> None:
+    def _record_outcome(self, t: Any, rd: Any, st: Any, g: Any, out: Any) -> None:
         with self._lock:
             rd.transport = g.transport
             rd.status = "ok"
@@ -281,7 +309,7 @@ class PlanVmRestore(Orchestrator):
             rd.wire_bytes = out.wire_bytes
             rd.seconds = out.seconds
             rd.busy = role_busy(g.transport, out.busy)
-            st.update(status="done", transport=g.transport)
+            st.status, st.transport = "done", g.transport
             self.state.save()
         self.say(f"disk {t.index}: {g.transport} on {g.proxy}, "
                  f"{rd.bytes_written / (1 << 20):.1f} MiB written, {rd.mbps:.1f} MB/s")
@@ -290,3 +318,10 @@ class PlanVmRestore(Orchestrator):
         with self._lock:
             super().say(f"{self.job.name}: {msg}")
 
+
+def _burn(once: Any) -> None:
+    """Give up an attempt: its run-once file exists from now on, so the task refuses to
+    start if Dask ever runs it (it must not open a device the host may hand to another
+    disk once the attachment is revoked)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(once, os.O_WRONLY | os.O_CREAT, 0o600))

@@ -36,21 +36,38 @@ def run_disk(task: Any, key: str, attempt: int, once: str | None = None) -> Any:
     """
     import os
 
+    from vmrestore.errors import MoverError
+
+    # Pin a device target first, then claim the attempt: a device opened before the
+    # orchestrator revoked it is still this disk's (revoking a held device only makes it
+    # read-only), and one opened after was revoked after the attempt was given up (the
+    # orchestrator burns the run-once file first), so the claim below fails.
+    target = getattr(task, "target", "")
+    pin = os.open(target, os.O_RDONLY) if target.startswith("/dev/") else None
+    try:
+        if once:
+            try:
+                os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                raise MoverError(f"{key}: attempt {attempt} was given up or already ran; a "
+                                 "rerun by the cluster is refused") from None
+        return _run(task, key, attempt)
+    finally:
+        if pin is not None:
+            os.close(pin)
+
+
+def _run(task: Any, key: str, attempt: int) -> Any:
     from distributed import get_worker
 
-    from vmrestore.errors import MoverError
     from vmrestore.mover.session import InProcessMovers
 
-    if once:
-        try:
-            os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            raise MoverError(f"{key}: attempt {attempt} already ran once; a rerun by the "
-                             "cluster is refused (a new attempt is granted instead)") from None
     worker = get_worker()
     last = [0.0]
 
     def progress(p: Any) -> None:
+        if getattr(p, "durable", False):  # a checkpoint record, not a progress sample
+            return
         now = time.monotonic()
         if now - last[0] >= PROGRESS_EVERY or p.done >= p.total:
             last[0] = now

@@ -256,9 +256,12 @@ class Hostd:
             return
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise bad(f"attempt must be a positive integer, not {attempt!r}")
+        ino = path.stat().st_ino
         with self.lock:
             f = self.fences.setdefault(str(path), {"datastore_path": datastore_path,
                                                    "attempt": 0, "log": []})
+            if f.get("ino") != ino:  # a new disk file (a VM made again): a new fence
+                f.update(attempt=0, ino=ino)
             if attempt < f["attempt"]:
                 raise HostdError(409, "stale", f"{datastore_path}: attempt {attempt} is stale "
                                  f"(attempt {f['attempt']} holds the disk)")

@@ -133,11 +133,12 @@ def _make_san(lab_dir: Path, run: _Run, size: int) -> tuple[str, Path, Path]:
 
 def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
        san_size: int = DEFAULT_SAN_SIZE, proxies: int = 1,
-       datastores: int = 0) -> dict[str, Any]:
+       datastores: int = 0, netns: bool = False) -> dict[str, Any]:
     """Start the lab in lab_dir and return its status; if it is already up, just the status.
 
     ``proxies``: proxy VMs (vmr-proxy, vmr-proxy2, ...; one per host, round robin);
-    ``datastores``: more local datastores besides the three (ds-local2, ds-local3, ...).
+    ``datastores``: more local datastores besides the three (ds-local2, ds-local3, ...);
+    ``netns``: a network namespace per proxy VM for its worker (lab/netns.py).
     """
     lab_dir = (lab_dir or default_lab_dir()).resolve()
     with _locked(lab_dir):
@@ -148,7 +149,7 @@ def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
             _down_locked(lab_dir, keep_files=False)
         try:
             return _up_locked(lab_dir, hosts=hosts, san_size=san_size, proxies=proxies,
-                              datastores=datastores)
+                              datastores=datastores, netns=netns)
         except BaseException:
             log.debug("lab up failed, cleaning", exc_info=True)
             _down_locked(lab_dir, keep_files=False)
@@ -156,7 +157,7 @@ def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
 
 
 def _up_locked(lab_dir: Path, *, hosts: int, san_size: int, proxies: int,
-               datastores: int) -> dict[str, Any]:
+               datastores: int, netns: bool) -> dict[str, Any]:
     from vmrestore.lab.build import vcsim_binary
 
     if os.geteuid() != 0:
@@ -239,6 +240,11 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int, proxies: int,
     hs = HostServices(doc["hostd_url"], (lab_dir / "hostd.token").read_text().strip())
     for vm in doc["proxy_vms"]:
         hs.prepare_disk(f"[ds-local] {vm}/{vm}.vmdk", 16 << 20, "thin")
+    if netns:
+        from vmrestore.lab import netns as ns_mod
+
+        doc["proxy_netns"] = ns_mod.make(lab_dir, doc["proxy_vms"],
+                                         lambda name: run.add("netns", name))
     _write_private(lab_dir / "lab.json", json.dumps(doc, indent=2) + "\n")
     return doc
 
@@ -369,6 +375,10 @@ def _down_locked(lab_dir: Path, *, keep_files: bool) -> list[str]:
     # Sweep: anything still running for this lab (e.g. nbdkit of a killed hostd).
     for pid in lab_processes(lab_dir):
         _stop(pid, lab_dir, "lab process", actions)
+    if run.data.get("netns"):
+        from vmrestore.lab import netns as ns_mod
+
+        ns_mod.remove(run.data["netns"], actions)
     for dev in lab_loops(lab_dir):
         if dev in run.data.get("loops", []):
             continue  # the LUN: after its mount
