@@ -72,6 +72,10 @@ class VSphereError(VmrError):
 
     exit_code = 8
 
+    def __init__(self, message: str, fault: str = "") -> None:
+        super().__init__(message)
+        self.fault = fault  # the vim fault's type name when a task failed ("FileNotFound")
+
 
 class LabError(VmrError):
     """The embedded lab cannot be started, reached, or torn down."""

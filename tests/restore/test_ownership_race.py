@@ -42,6 +42,8 @@ def test_the_loser_of_a_vm_name_race_destroys_nothing(lab, lab_si, backup, tmp_p
     monkeypatch.setattr(vmconfig, "create_vm", the_winner_first)
     for k, v in lab_env(lab).items():
         monkeypatch.setenv(k, v)
+    # Task slots of this test only (the machine-wide slot dir is shared with other runs).
+    monkeypatch.setenv("VMRESTORE_SLOT_DIR", str(tmp_path / "slots"))
     job = validate(RestoreJob(backup=str(backup.inc), name=name, datastore="ds-local",
                               disk_datastores={1: "ds-san"}, transport="nbd",
                               network_map={"VM Network": "Restore Network"},

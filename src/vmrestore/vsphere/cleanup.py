@@ -61,7 +61,7 @@ def datastore_dir_exists(session: Any, dc: Any, datastore: str, name: str) -> bo
         session.wait(ds.browser.SearchDatastore_Task(datastorePath=f"[{datastore}] {name}"),
                      f"look for [{datastore}] {name}")
     except VSphereError as e:
-        if "FileNotFound" in str(e):
+        if e.fault == "FileNotFound":
             return False
         raise
     return True
@@ -79,7 +79,7 @@ def datastore_dir_files(session: Any, dc: Any, ds_path: str) -> list[str] | None
     try:
         session.wait(task, f"list {ds_path}")
     except VSphereError as e:
-        if "FileNotFound" in str(e):
+        if e.fault == "FileNotFound":
             return None
         raise
     res = session.task_result(task)
@@ -126,7 +126,7 @@ def delete_datastore_path(session: Any, dc: Any, ds_path: str) -> bool:
         session.wait(fm.DeleteDatastoreFile_Task(name=ds_path, datacenter=dc),
                      f"delete {ds_path}")
     except VSphereError as e:
-        if "FileNotFound" in str(e):
+        if e.fault == "FileNotFound":
             return False
         raise
     return True

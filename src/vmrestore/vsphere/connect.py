@@ -211,7 +211,10 @@ class Session:
             if state == "success":
                 return task
             if state == "error":
-                raise VSphereError(f"{what}: {fault_text(props.get('info.error'))}")
+                fault = props.get("info.error")
+                kind = getattr(fault, "fault", None) or fault  # LocalizedMethodFault wraps it
+                raise VSphereError(f"{what}: {fault_text(fault)}",
+                                   fault=type(kind).__name__.rsplit(".", 1)[-1])
             if time.monotonic() > deadline:
                 raise VSphereError(f"{what}: task still {state} after {timeout:.0f}s")
             time.sleep(delay)
