@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from msgspec.structs import replace as msgspec_replace
 
 from vmrestore.schedule import NBD_TRANSPORTS, Admission, Grant, Limits, ProxySpec, TaskSpec
+from vmrestore.schedule.admission import NEAR_BEST
 
 PROXIES = ["p0", "p1", "p2", "p3"]
 TRANSPORTS = ["san", "hotadd", "nbd", "nbdssl"]
@@ -163,7 +164,7 @@ RATES = {"san": 300.0, "hotadd": 250.0, "nbd": 60.0, "nbdssl": 40.0}
 def near_best(t: TaskSpec, specs: dict[str, ProxySpec]) -> list[tuple[str, str]]:
     live = [(p, tr) for p, tr in t.options if tr in specs[p].transports]
     best = max((RATES[tr] for _, tr in live), default=0.0)
-    return [(p, tr) for p, tr in live if RATES[tr] * 2 >= best]
+    return [(p, tr) for p, tr in live if RATES[tr] >= best * NEAR_BEST]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -37,6 +37,9 @@ from vmrestore.schedule.model import (
     Usage,
 )
 
+#: An option is near-best when its stream rate is at least this share of the task's best.
+NEAR_BEST = 0.5
+
 _Sig = tuple[tuple[tuple[str, str], ...], str, str, str]
 
 
@@ -94,7 +97,7 @@ class _Class:
         for rank, p, t in live:
             # Options at under half the best live stream rate are fallbacks (e.g. nbd for
             # a disk that hotadd reaches); without rates every option is near-best.
-            near = not rates or rates.get(t, 0.0) * 2 >= best
+            near = not rates or rates.get(t, 0.0) >= best * NEAR_BEST
             (self.fast if near else self.slow).put(rank, p, t, rates)
         # Fewer eligible proxies = more constrained = earlier; bucketed in powers of two so
         # that 50 vs 60 eligible proxies does not override longest-first.
