@@ -6,18 +6,21 @@ docs/scheduling.md; in short:
 
 * order: RTO tier, then most constrained (fewest live eligible proxies, in
   powers of two), then longest first (bytes, or bytes / stream rate of the
-  task's preferred transport when ``Limits.stream_rates`` is given);
+  task's preferred transport when ``stream_rates`` is given);
 * a task takes its most preferred option that is free now, falling back along
-  its option list (hotadd -> nbd);
-* with ``stream_rates`` and a proxy's ``bandwidth`` known, a proxy takes another
-  stream only while its running streams' rates do not fill its bandwidth, so
-  streams run at their own rate instead of sharing an oversubscribed link;
+  its option list (hotadd -> nbd); with ``stream_rates``, in two passes: first
+  near-best options only, then slower fallbacks for tasks that would finish on
+  them within the queue's drain time;
+* with ``stream_rates``, rate budgets: a proxy with a known ``bandwidth`` takes
+  another stream only while its running streams' rates do not fill it, a
+  datastore or host with a rate in ``Limits`` only if the stream still fits;
 * a task that cannot start never blocks one behind it that can (the scan goes
   on), but within one class of identical constraints only the head is tried.
 
-Tasks with identical constraints (options, host, datastore, repository) share
-one class with its own heap, so one call to ``grants()`` looks at each class
-at most once plus once per grant, never at every queued task.
+Tasks with identical constraints (options, and host / datastore / repository
+where a cap or budget applies) share one class with its own sorted queue, so
+one call to ``grants()`` looks at each class at most once per pass plus once
+per grant, never at every queued task.
 """
 
 from __future__ import annotations
