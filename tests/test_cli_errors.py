@@ -278,7 +278,7 @@ def test_backup_create_wrong_arguments(tmp_path: Path) -> None:
         (["--disk", str(tmp_path / "none.img")], 5, "cannot open source disk"),
         (["--disk", str(tmp_path / "odd.img")], 5, "not a multiple of 512"),
         (["--disk", str(img), "--vm-config", str(tmp_path / "none.json")], 2,
-         "cannot read VM configuration"),
+         "VM configuration: No such file or directory"),
     ]
     for args, code, text in cases:
         _one_line_error(run_cli("backup", "create", *args, "-o", str(out)), code, text)

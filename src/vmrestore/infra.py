@@ -107,11 +107,7 @@ class InfraDoc(msgspec.Struct, forbid_unknown_fields=True):
 def load_infra(path: str | Path) -> Infra:
     p = Path(path)
     src = f"infrastructure file {p}"
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{src}: {e.strerror}") from None
-    doc = schema.load(raw, InfraDoc, src)
+    doc = schema.load(schema.read_bytes(p, src), InfraDoc, src)
     proxies = doc.proxies
     names = [p.name for p in proxies]
     dup = {n for n in names if names.count(n) > 1}

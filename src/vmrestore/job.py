@@ -175,11 +175,7 @@ def load_job_file(path: str | Path) -> RestoreJob:
     """Read a YAML or JSON job file (YAML is a superset of JSON, so one parser reads both)."""
     p = Path(path)
     where = f"job file {p}"
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{where}: {e.strerror}") from None
-    text = schema.text_of(raw, where)
+    text = schema.text_of(schema.read_bytes(p, where), where)
     data = schema.parse(text, where, json_only=p.suffix == ".json")
     job = from_mapping(data or {}, where, text)
     return resolve_paths(job, p.resolve().parent)

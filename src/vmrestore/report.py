@@ -37,8 +37,9 @@ class PhaseReport:
     detail: str = ""
 
 
-@dataclass
-class DiskReport:
+class DiskReport(msgspec.Struct):
+    """One disk's outcome; its fields are also the --json disk entry (DiskDoc adds two)."""
+
     disk: int
     label: str = ""
     capacity: int = 0
@@ -47,7 +48,7 @@ class DiskReport:
     file: str = ""
     transport: str = ""
     reason: str = ""
-    history: list[str] = field(default_factory=list)
+    history: list[str] = msgspec.field(default_factory=list)
     status: str = "pending"  # pending / ok / failed / skipped (already done on resume)
     bytes_written: int = 0
     bytes_zeroed: int = 0
@@ -55,15 +56,25 @@ class DiskReport:
     resumed_from: int = 0  # bytes of the disk already done by an earlier run
     wire_bytes: int = 0  # from a repository agent: bytes received over the network (0: local)
     seconds: float = 0.0
-    busy: dict[str, float] = field(default_factory=dict)  # source/proxy/network/target, 0..1
+    busy: dict[str, float] = msgspec.field(default_factory=dict)  # source/proxy/network/target
     # Counter samples over time (vmrestore.timeline; docs/restore.md "Timeline").
-    timeline: dict[str, Any] = field(default_factory=dict)
-    rollback: dict[str, Any] | None = None  # --original: compared/differing/written figures
+    timeline: dict[str, Any] = msgspec.field(default_factory=dict)
+    # --original: compared/differing/written figures ("original" in the document)
+    rollback: dict[str, Any] | None = msgspec.field(default=None, name="original")
 
     @property
     def mbps(self) -> float:
         moved = self.bytes_written + self.bytes_zeroed
         return moved / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def doc(self) -> DiskDoc:
+        """This disk's entry of the --json document (times and fractions rounded)."""
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        fields.update(seconds=round(self.seconds, 3),
+                      busy={k: round(v, 3) for k, v in self.busy.items()})
+        return DiskDoc(**fields,
+                       logical_bytes=self.bytes_written + self.bytes_zeroed + self.bytes_skipped,
+                       mb_per_s=round(self.mbps, 1))
 
 
 @dataclass
@@ -115,17 +126,7 @@ class Report:
             snapshot=self.snapshot, resumed=self.resumed, seconds=round(self.seconds, 3),
             phases=[PhaseDoc(p.name, p.status, round(p.seconds, 3), p.detail)
                     for p in self.phases.values()],
-            disks=[DiskDoc(
-                disk=d.disk, label=d.label, capacity=d.capacity,
-                provisioning=d.provisioning, datastore=d.datastore, file=d.file,
-                transport=d.transport, reason=d.reason, history=d.history, status=d.status,
-                bytes_written=d.bytes_written, bytes_zeroed=d.bytes_zeroed,
-                bytes_skipped=d.bytes_skipped, resumed_from=d.resumed_from,
-                wire_bytes=d.wire_bytes,
-                logical_bytes=d.bytes_written + d.bytes_zeroed + d.bytes_skipped,
-                seconds=round(d.seconds, 3), mb_per_s=round(d.mbps, 1),
-                busy={k: round(v, 3) for k, v in d.busy.items()}, timeline=d.timeline,
-                original=d.rollback) for d in sorted(self.disks, key=lambda d: d.disk)],
+            disks=[d.doc() for d in sorted(self.disks, key=lambda d: d.disk)],
             rollback=self.rollback, kept=self.kept, events=self.events, original=self.original)
 
 
@@ -147,28 +148,11 @@ class PhaseDoc(msgspec.Struct):
     detail: str = ""
 
 
-class DiskDoc(msgspec.Struct):
-    disk: int
-    label: str = ""
-    capacity: int = 0
-    provisioning: str = ""
-    datastore: str = ""
-    file: str = ""
-    transport: str = ""
-    reason: str = ""
-    history: list[str] = msgspec.field(default_factory=list)
-    status: str = "pending"
-    bytes_written: int = 0
-    bytes_zeroed: int = 0
-    bytes_skipped: int = 0
-    resumed_from: int = 0
-    wire_bytes: int = 0
-    logical_bytes: int = 0         # written + zeroed + skipped (computed)
-    seconds: float = 0.0
-    mb_per_s: float = 0.0          # computed
-    busy: dict[str, float] = msgspec.field(default_factory=dict)
-    timeline: dict[str, Any] = msgspec.field(default_factory=dict)
-    original: dict[str, Any] | None = None  # --original: compared/differing/written figures
+class DiskDoc(DiskReport):
+    """A disk entry of the document: the DiskReport fields plus two computed ones."""
+
+    logical_bytes: int = 0         # written + zeroed + skipped
+    mb_per_s: float = 0.0
 
 
 class ReportDoc(msgspec.Struct):
@@ -207,13 +191,7 @@ def from_dict(d: dict[str, Any], where: str = "report") -> Report:
     for p in doc.phases:
         r.phases[p.name] = PhaseReport(p.name, p.status, p.seconds, p.detail)
     for x in doc.disks:
-        r.disks.append(DiskReport(
-            disk=x.disk, label=x.label, capacity=x.capacity, provisioning=x.provisioning,
-            datastore=x.datastore, file=x.file, transport=x.transport, reason=x.reason,
-            history=x.history, status=x.status, bytes_written=x.bytes_written,
-            bytes_zeroed=x.bytes_zeroed, bytes_skipped=x.bytes_skipped,
-            resumed_from=x.resumed_from, wire_bytes=x.wire_bytes, seconds=x.seconds,
-            busy=x.busy, timeline=x.timeline, rollback=x.original))
+        r.disks.append(DiskReport(**{f: getattr(x, f) for f in DiskReport.__struct_fields__}))
     return r
 
 

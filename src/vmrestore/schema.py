@@ -12,6 +12,7 @@ YAML node marks give its line — JSON is read by the same composer for that).
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any, TypeVar
 
@@ -53,6 +54,15 @@ def parse_error_text(e: Exception) -> str:
     if isinstance(e, json.JSONDecodeError):
         return f"line {e.lineno}, column {e.colno}: {e.msg}"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def read_bytes(path: str | os.PathLike[str], where: str) -> bytes:
+    """A document file's bytes; a file that cannot be read is one line (UsageError)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"{where}: {e.strerror}") from None
 
 
 def text_of(raw: bytes, where: str) -> str:

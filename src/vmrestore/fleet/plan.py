@@ -73,11 +73,8 @@ def load_plan(path: str | Path) -> Plan:
     """Read and check a plan file; every VM entry becomes a validated RestoreJob."""
     p = Path(path)
     src = f"plan file {p}"
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{src}: {e.strerror}") from None
-    return parse_plan(schema.parse(schema.text_of(raw, src), src, p.suffix == ".json"), p)
+    text = schema.text_of(schema.read_bytes(p, src), src)
+    return parse_plan(schema.parse(text, src, p.suffix == ".json"), p)
 
 
 def parse_plan(data: Any, p: Path) -> Plan:

@@ -64,15 +64,11 @@ def open_source(path: str) -> _Disk:
 def load_vm_config(path: str) -> dict[str, Any]:
     """A --vm-config file: JSON, checked against the section's declaration (fmt.VMConfig)."""
     where = f"{path}: VM configuration"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read VM configuration: {e.strerror}") from None
-    cfg = schema.parse(schema.text_of(raw, where), where, json_only=True)
+    text = schema.text_of(schema.read_bytes(path, where), where)
+    cfg = schema.parse(text, where, json_only=True)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path}: VM configuration must be a JSON object")
-    schema.convert(cfg, fmt.VMConfig, where, raw.decode())
+    schema.convert(cfg, fmt.VMConfig, where, text)
     return cfg
 
 
