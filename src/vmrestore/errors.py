@@ -107,6 +107,20 @@ class Interrupted(VmrError):
     exit_code = 130
 
 
+class StaleAttemptError(MoverError):
+    """A disk task attempt older than the one that holds its checkpoint: it must not write.
+
+    The fencing rule of docs/disktask.md: the checkpoint file records the
+    attempt that owns the disk; a lower attempt stops before writing and at
+    its next checkpoint.
+    """
+
+    def __init__(self, message: str, attempt: int = 0, holder: int = 0) -> None:
+        super().__init__(message)
+        self.attempt = attempt
+        self.holder = holder
+
+
 class ProtocolError(MoverError):
     """A mover message that is malformed, oversized, or not allowed at this point."""
 

@@ -12,7 +12,9 @@ Two kinds of small files under the state directory (default
   and remove only what the ledger names (docs/errors.md, Ownership).
 - ``restore-<vm>-<id>.disk<N>.ckpt`` (checkpoint, version 1): the number of
   leading plan entries of disk N that are written *and flushed*, plus the
-  plan's length and digest so a checkpoint is never applied to another plan.
+  plan's length and digest so a checkpoint is never applied to another plan,
+  and the disk task attempt that owns the disk (``attempt``, 0 when absent:
+  a stale attempt is refused, checkpoint.CheckpointLease).
 
 Every write is write-temp, fsync, rename, fsync-directory: after a kill -9
 or a power loss a file is either the old or the new version, never half.
@@ -94,11 +96,12 @@ class Checkpoint:
     entries: int  # plan length
     digest: str  # of the plan array
     bytes_done: int = 0
+    attempt: int = 0  # the disk task attempt that wrote it (fencing, docs/disktask.md)
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": CHECKPOINT_VERSION, "disk": self.disk, "prefix": self.prefix,
                 "entries": self.entries, "digest": self.digest, "bytes_done": self.bytes_done,
-                "time": time.time()}
+                "attempt": self.attempt, "time": time.time()}
 
 
 def plan_digest(plan: Any) -> str:
@@ -120,7 +123,7 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
     if d.get("version") != CHECKPOINT_VERSION:
         raise UsageError(f"checkpoint {path} has version {d.get('version')!r}")
     return Checkpoint(int(d["disk"]), int(d["prefix"]), int(d["entries"]), str(d["digest"]),
-                      int(d.get("bytes_done", 0)))
+                      int(d.get("bytes_done", 0)), int(d.get("attempt", 0)))
 
 
 # -- the job-state document (one declaration: validation and serialisation) ---------------

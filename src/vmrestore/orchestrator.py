@@ -745,21 +745,19 @@ class Orchestrator:
         return f"{len(self.layout.disks)} disk(s), {total / (1 << 20):.1f} MiB moved"
 
     def _restore_one(self, t: Any, base: str, rd: Any, st: DiskStatus) -> None:
+        from vmrestore.disktask import DiskTask, TaskSettings
         from vmrestore.jobstate import read_checkpoint
-        from vmrestore.mover.session import DiskJob
 
         dec = self.decisions[t.index]
         modes = [dec.mode, *dec.fallback]
         ckpt_path = self.state.checkpoint_path(t.index)
         last_err: VmrError | None = None
         for attempt, mode in enumerate(modes):
-            start = 0
             ck = read_checkpoint(ckpt_path)
-            if ck is not None and attempt == 0 and self.job.resume and \
-                    (st.transport or mode) == mode:
-                start = ck.prefix
-            elif ck is not None:
-                ckpt_path.unlink()
+            if ck is not None and not (attempt == 0 and self.job.resume and
+                                       (st.transport or mode) == mode):
+                ckpt_path.unlink()   # another transport or a fresh run: start the disk over
+                ck = None
             st.status, st.transport = "running", mode
             self.state.save()
             task = None
@@ -768,19 +766,24 @@ class Orchestrator:
             try:
                 att = self._attach(t, base, mode)
                 try:
-                    job = DiskJob(disk=t.index, backup=self._point_source(), target=att.uri,
-                                  transport=mode, start_entry=start, checkpoint=str(ckpt_path),
-                                  token_file=self.job.token_file,
-                                  threads=self.job.threads, queue_depth=self.job.queue_depth,
-                                  stall=self.faults["stall"],
-                                  target_zeroed=self.original is None,
-                                  compare=self.original is not None and
-                                  self.job.quick_rollback)
-                    if start:
-                        self.say(f"disk {t.index}: resuming at plan entry {start} "
+                    # The attempt number fences a run that outlives its successor: the driver
+                    # refuses to write under a checkpoint a later attempt holds.
+                    dtask = DiskTask(
+                        job_id=self.state.id, vm=self.layout.name, disk=t.index,
+                        source=self._point_source(), target=att.uri, transport=mode,
+                        checkpoint=str(ckpt_path), attempt=(ck.attempt if ck else 0) + 1,
+                        settings=TaskSettings(
+                            threads=self.job.threads or 0, queue_depth=self.job.queue_depth or 0,
+                            token_file=self.job.token_file,
+                            target_zeroed=self.original is None,
+                            compare=self.original is not None and self.job.quick_rollback,
+                            stall=self.faults["stall"]))
+                    if ck is not None and ck.prefix:
+                        self.say(f"disk {t.index}: resuming at plan entry {ck.prefix} "
                                  f"({ck.bytes_done / (1 << 20):.1f} MiB already durable)")
                     out = self._movers.restore_disk(
-                        job, (lambda p, _t=task: _t.update(completed=p.done)) if task else None)
+                        dtask, (lambda p, _t=task: p.durable or _t.update(completed=p.done))
+                        if task else None)
                 finally:
                     att.release()
             except (TransportError, HostServiceError, VSphereError) as e:
@@ -817,17 +820,20 @@ class Orchestrator:
     def _rollback_figures(self, t: Any, out: Any) -> dict[str, Any]:
         """What the rollback of one disk did, next to what a full overwrite would do."""
         fig = {"mode": "quick rollback" if self.job.quick_rollback else "overwrite",
-               "blocks_compared": out.compared, "blocks_differing": out.differing,
-               "blocks_written": out.differing if self.job.quick_rollback else out.entries,
-               "bytes_read": out.compare_read, "known_zero_bytes": out.known_zero,
+               "blocks_compared": out.compared_entries,
+               "blocks_differing": out.differing_entries,
+               "blocks_written": (out.differing_entries if self.job.quick_rollback
+                                  else out.entries - out.start_entry),
+               "bytes_read": out.compare_read_bytes, "known_zero_bytes": out.known_zero_bytes,
                "bytes_written": out.bytes_written + out.bytes_zeroed,
-               "bytes_same": out.same, "seconds": round(out.seconds, 3),
+               "bytes_same": out.bytes_same, "seconds": round(out.seconds, 3),
                "full_overwrite_bytes": t.capacity}
         if self.job.quick_rollback:
-            self.say(f"disk {t.index}: quick rollback compared {out.compared} blocks "
-                     f"({out.compare_read / (1 << 20):.1f} MiB read, "
-                     f"{out.known_zero / (1 << 20):.1f} MiB known zero), {out.differing} "
-                     f"differed: {fig['bytes_written'] / (1 << 20):.1f} MiB written of "
+            self.say(f"disk {t.index}: quick rollback compared {out.compared_entries} blocks "
+                     f"({out.compare_read_bytes / (1 << 20):.1f} MiB read, "
+                     f"{out.known_zero_bytes / (1 << 20):.1f} MiB known zero), "
+                     f"{out.differing_entries} differed: "
+                     f"{fig['bytes_written'] / (1 << 20):.1f} MiB written of "
                      f"{t.capacity / (1 << 20):.1f} MiB a full overwrite writes")
         return fig
 

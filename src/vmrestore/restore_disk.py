@@ -1,13 +1,16 @@
 """Restore one disk of a restore point to a target URI on the C pipeline.
 
-Shared by ``vmrestore restore-disk``, the orchestrator and the proxy mover:
 Python opens the chain, builds the plan (numpy, repository.plan), opens the
 target writer (transport.uri) and hands both to the core; it never touches
 block bytes. Two levels:
 
-- :func:`restore_disk` -- backup path + disk index + target -> RestoreResult.
+- :func:`restore_disk` -- backup path or repo:// URL + disk index + target ->
+  DiskTaskResult: a :class:`vmrestore.disktask.DiskTask` run by the one
+  driver, ``run_disk_task`` (the command, the orchestrator's movers and the
+  proxy mover all go through it).
 - :func:`run_plan` -- a plan (or a slice ``plan[k:]`` for a resume) + chain
-  file paths + target -> RestoreResult. ``on_start(job)`` receives the running
+  file paths + target -> RestoreResult: the driver's engine for local chain
+  files. ``on_start(job)`` receives the running
   :class:`vmrestore.pipeline.Job`: ``job.completed_prefix()`` then
   ``job.flush()`` then record = a durable checkpoint (prefix counts entries of
   the slice given).
@@ -26,7 +29,6 @@ import numpy as np
 
 from vmrestore import ownership
 from vmrestore.errors import TargetError, UsageError
-from vmrestore.plan import compare_plan
 from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
 
 MiB = 1 << 20
@@ -99,6 +101,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
              target_zeroed: bool | None = None, threads: int = 0, queue_depth: int = 0,
              lanes: int = 0, readers: int = 0, buffers: int = 0, direct: bool = True,
              retries: int = 3, compare: bool = False,
+             open_options: dict[str, Any] | None = None, sampler: Sampler | None = None,
              on_counters: Callable[[Any], None] | None = None,
              on_start: Callable[[Any], None] | None = None,
              interval: float = SAMPLE_INTERVAL) -> RestoreResult:
@@ -106,6 +109,9 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
 
     ``compare``: quick rollback of an existing target (give ``plan.compare_plan``):
     only the entries the target does not already hold are written.
+    ``open_options``: more transport.uri.OpenOptions fields (VDDK ``max_request``, ...).
+    ``sampler``: the timeline.Sampler this run adds to (the disk task driver keeps
+    one per disk across slices); default a new one, returned in ``timeline``.
     """
     from vmrestore import pipeline as pl
     from vmrestore.transport.uri import OpenOptions, open_target, parse_target
@@ -123,9 +129,10 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
         if spec.kind == "file" and not os.path.exists(spec.path or ""):
             raise TargetError(f"{spec.path}: does not exist; a quick rollback compares with an "
                               "existing disk")
-    sampler = Sampler(spec.transport)
+    sampler = sampler or Sampler(spec.transport)
     writer = open_target(spec, size, OpenOptions(force=force, target_zeroed=target_zeroed,
-                                                 direct=direct, retries=retries))
+                                                 direct=direct, retries=retries,
+                                                 **(open_options or {})))
     try:
         if compare and not writer.capabilities()["read"]:
             raise UsageError(f"{target}: the {writer.name} target cannot be read back, so a "
@@ -137,12 +144,13 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
             c = job.run(sampler.segment(on_counters), interval, on_start=on_start)
         name = writer.name
         note = writer.note
+        mode = getattr(writer, "transport_mode", None) or spec.transport
     finally:
         writer.close()
     seconds = time.monotonic() - t0
     logical = c.bytes_done
     return RestoreResult(
-        disk=disk, target=target, transport=spec.transport, writer=name, capacity=size,
+        disk=disk, target=target, transport=mode, writer=name, capacity=size,
         bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
         bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, seconds=seconds,
         mb_per_s=logical / MiB / seconds if seconds > 0 else 0.0, peak_rss=peak_rss(),
@@ -163,65 +171,25 @@ def _plan_end(plan: np.ndarray) -> int:
 
 
 def restore_disk(backup: str, disk: int, target: str, *, point: str | None = None,
-                 force: bool = False, target_zeroed: bool | None = None,
-                 start_entry: int = 0, compare: bool = False,
-                 **kwargs: Any) -> RestoreResult:
+                 start_entry: int | None = None, checkpoint: str | None = None,
+                 progress: Any = None, cancel: Any = None, **settings: Any) -> Any:
     """Restore disk ``disk`` of the restore point ``backup`` (its chain resolved) to target.
 
-    ``point`` selects an earlier point of the chain (id prefix or file name).
-    ``compare``: quick rollback of an existing target: the plan becomes
-    ``plan.compare_plan`` (its entries, also for ``start_entry``) and only what
-    differs is written.
-    ``start_entry`` resumes: only ``plan[start_entry:]`` runs. Other keyword
-    arguments go to :func:`run_plan` (threads, queue_depth, lanes, on_counters, ...).
-
-    ``backup`` may be ``repo://HOST:PORT/PATH`` (a repository agent): the token
-    comes from ``token_file`` or $VMRESTORE_REPO_TOKEN; the plan is made over
-    the wire and the core pulls the extents itself (mover.repo_source).
-    Extra keywords then: ``connections`` (per reader), ``client``, ``retries``.
-    ``repos://`` (TLS) is refused here: use the proxy mover.
+    ``backup`` is a local point file or a repository agent's ``repo://`` /
+    ``repos://`` URL. ``point`` selects an earlier point of the chain (id
+    prefix or file name); ``start_entry`` resumes at that plan entry;
+    ``checkpoint`` names a checkpoint file (resume from it, record into it).
+    ``progress(DiskProgress)`` sees samples and durable checkpoints. Other
+    keywords are :class:`vmrestore.disktask.TaskSettings` fields (threads,
+    queue_depth, lanes, connections, token_file, retries, force, ...).
+    Returns the driver's DiskTaskResult.
     """
-    from vmrestore.mover.client import is_repo_url
+    from vmrestore.disktask import DiskTask, TaskSettings, run_disk_task
 
-    # The point file named is protected too when an earlier --point is read (run_plan
-    # checks the files of the chain it reads).
-    ownership.refuse_overlap(ownership.target_path(target), [backup], what="restore target",
-                             why="a file of the backup chain this restore reads")
-    if is_repo_url(backup):
-        if compare:
-            raise UsageError("a quick rollback from repo:// runs in 'vmrestore restore "
-                             "--original --quick-rollback'; restore-disk compares local backups")
-        return _restore_from_agent(backup, disk, target, point=point, force=force,
-                                   target_zeroed=target_zeroed, start_entry=start_entry,
-                                   **kwargs)
-    from vmrestore.repository.plan import build_plan
-    from vmrestore.repository.reader import open_chain
-
-    full = open_chain(backup)
     try:
-        chain = full.at(point) if point else full
-        dp = build_plan(chain, disk)
-    finally:
-        full.close()
-    plan = compare_plan(dp.plan, dp.block_size) if compare else dp.plan
-    if not 0 <= start_entry <= len(plan):
-        raise UsageError(f"start entry {start_entry} outside the plan (0..{len(plan)})")
-    return run_plan(plan[start_entry:], dp.sources, target, disk=disk,
-                    capacity=dp.capacity, force=force or start_entry > 0 or compare,
-                    target_zeroed=target_zeroed, compare=compare, **kwargs)
-
-
-def _restore_from_agent(url: str, disk: int, target: str, *, token_file: str | None = None,
-                        on_start: Callable[[Any], None] | None = None,
-                        **kwargs: Any) -> RestoreResult:
-    from vmrestore.mover.client import RepoURL, load_token
-    from vmrestore.mover.repo_source import restore_repo_disk
-
-    ru = RepoURL.parse(url)
-    if ru.tls:
-        raise UsageError(f"{url}: TLS (repos://) restores run in the proxy mover's Python path "
-                         "(vmrestore proxy-mover); restore-disk takes repo:// only")
-    if on_start is not None:
-        raise UsageError("checkpoints (on_start) are not offered for repository restores: "
-                         "a reconnect restarts the job from its completed prefix")
-    return restore_repo_disk(ru, load_token(token_file), disk, target, **kwargs)
+        s = TaskSettings(**settings)
+    except TypeError as e:
+        raise UsageError(f"restore_disk: {e}") from None
+    task = DiskTask(disk=disk, source=str(backup), target=target, point=point,
+                    start_entry=start_entry, checkpoint=checkpoint, settings=s)
+    return run_disk_task(task, progress, cancel)

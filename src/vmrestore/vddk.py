@@ -812,71 +812,43 @@ def open_session_writer(target: Any, size: int, **kw: Any) -> Any:
     stack = ExitStack()
     vw = stack.enter_context(open_writer(target, size, **kw))
     vw.writer._vddk_stack = stack
+    vw.writer.transport_mode = vw.transport  # the mode VixDiskLib chose, for reports
     return vw.writer
 
 
-def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: Any, *,
+def restore_disk_vddk(backup: str | os.PathLike[str], disk: int, target: str, *,
                       libdir: str | os.PathLike[str] | None = None, point: str | None = None,
                       queue_depth: int = DEFAULT_QUEUE_DEPTH,
                       max_request: int = DEFAULT_MAX_REQUEST,
                       max_inflight: int = DEFAULT_MAX_INFLIGHT, threads: int = 0,
                       progress: Any = None) -> VddkRestoreResult:
-    """Restore disk ``disk`` of a backup chain through VixDiskLib (vddk:// target).
+    """Restore disk ``disk`` of a backup chain through VixDiskLib (a vddk:// target URI).
 
-    The plan comes from the repository (build_plan); the core pipeline moves
-    the blocks and its writer lane calls WriteAsync; Python only polls counters
-    (``progress(counters)`` every ~0.2 s when given).
+    A disk task like any other (vmrestore.disktask.run_disk_task): the plan
+    comes from the repository, the core moves the blocks and its writer lane
+    calls WriteAsync; ``progress(DiskProgress)`` sees the samples. A write or
+    flush VixDiskLib refused is a VddkError with the library's code (errors.from_core).
     """
-    import time
-
-    from vmrestore import _pipeline
-    from vmrestore.repository.plan import build_plan
-    from vmrestore.repository.reader import open_chain
+    from vmrestore.disktask import DiskTask, TaskSettings, run_disk_task
     from vmrestore.transport import vddk_uri
 
-    if isinstance(target, str):
-        target = vddk_uri.parse(target)
-    chain = open_chain(backup)
-    fds: list[int] = []
+    parsed = vddk_uri.parse(target)
+    task = DiskTask(disk=disk, source=str(backup), target=target, point=point,
+                    transport="vddk", settings=TaskSettings(
+                        threads=threads, queue_depth=queue_depth, max_request=max_request,
+                        max_inflight=max_inflight,
+                        vddk_libdir=str(libdir) if libdir not in (None, "") else None))
     try:
-        if point:
-            chain = chain.at(point)
-        dp = build_plan(chain, disk)
-        fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in dp.sources]
-        with open_writer(target, dp.capacity, libdir=libdir, max_request=max_request,
-                         max_inflight=max_inflight) as vw:
-            t0 = time.monotonic()
-            try:
-                pipe = _pipeline.Pipeline(dp.plan, fds, vw.writer, threads=threads,
-                                          queue_depth=queue_depth, disk=disk)
-            except _pipeline.CoreError as e:
-                raise from_core(e, where=f"disk {disk} -> {target.label}") from None
-            try:
-                pipe.start()
-                try:
-                    while not pipe.wait(0.2):
-                        if progress:
-                            progress(pipe.counters())
-                except KeyboardInterrupt:
-                    pipe.cancel()
-                    pipe.wait()
-                    raise
-                drain_log()
-                err = pipe.error()
-                if err is not None:
-                    raise with_library_reason(
-                        from_core(err, where=f"disk {disk} -> {target.label}")) from None
-                c = pipe.counters()
-            finally:
-                pipe.close()
-            return VddkRestoreResult(
-                disk=target.disk_path, transport=vw.transport,
-                bytes_written=c["bytes_written"], bytes_zeroed=c["bytes_zeroed"],
-                bytes_skipped=c["bytes_skipped"], seconds=time.monotonic() - t0, counters=c)
+        r = run_disk_task(task, progress)
+    except Exception as e:
+        raise with_library_reason(e) from None
     finally:
-        for fd in fds:
-            os.close(fd)
-        chain.close()
+        drain_log()
+    return VddkRestoreResult(
+        disk=parsed.disk_path, transport=r.transport, bytes_written=r.bytes_written,
+        bytes_zeroed=r.bytes_zeroed, bytes_skipped=r.bytes_skipped, seconds=r.seconds,
+        counters={**r.settings, "bytes_written": r.bytes_written,
+                  "bytes_zeroed": r.bytes_zeroed, "bytes_skipped": r.bytes_skipped})
 
 
 # -- vddk_sim ----------------------------------------------------------------------

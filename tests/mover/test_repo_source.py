@@ -86,15 +86,15 @@ def test_agent_killed_and_restarted_mid_restore(sample, agent_factory, token_fil
     out = tmp_path / "r.img"
     killed = threading.Event()
 
-    def on_counters(c: Any) -> None:
-        if not killed.is_set() and c.bytes_written > 0:
+    def progress(p: Any) -> None:
+        if not killed.is_set() and p.done > 0 and not p.durable:
             killed.set()
             agent.kill()
             time.sleep(0.3)
             agent.start()   # same port
 
     res = restore_disk(agent.url(), 0, str(out), token_file=str(token_file), retries=8,
-                       on_counters=on_counters, interval=0.05)
+                       progress=progress, progress_interval=0.05)
     assert killed.is_set(), "the restore finished before the agent could be killed"
     assert res.reconnects >= 1
     assert res.bytes_written + res.bytes_skipped == res.capacity
@@ -105,13 +105,13 @@ def test_agent_gone_names_disk_and_offset(sample, agent_factory, token_file, tmp
     bk, _ = sample
     agent = agent_factory(bk.parent, ["--bwlimit", "4"])
 
-    def on_counters(c: Any) -> None:
-        if c.bytes_written > 0:
+    def progress(p: Any) -> None:
+        if p.done > 0:
             agent.kill()
 
     with pytest.raises(TransportError) as ei:
         restore_disk(agent.url(), 0, str(tmp_path / "r.img"), token_file=str(token_file),
-                     retries=2, on_counters=on_counters, interval=0.05)
+                     retries=2, progress=progress, progress_interval=0.05)
     msg = str(ei.value)
     assert msg.startswith("disk 0:") and "disk offset" in msg and "reconnects failed" in msg
 
@@ -151,17 +151,18 @@ def test_tls_url_and_missing_token_are_usage_errors(sample, agent_factory, tmp_p
     monkeypatch.delenv("VMRESTORE_REPO_TOKEN", raising=False)
     with pytest.raises(UsageError, match="token"):
         restore_disk(agent.url(), 0, str(tmp_path / "a.img"))
+    # over TLS the batch loop writes local files and devices only: an NBD target is refused
     p = run_cli("restore-disk", agent.url(scheme="repos"), "--disk", "0", "--to",
-                str(tmp_path / "b.img"))
+                "nbd://127.0.0.1:1/x")
     assert p.returncode == 2 and "TLS" in p.stderr
     assert not (tmp_path / "a.img").exists() and not (tmp_path / "b.img").exists()
 
 
 def test_orchestrator_session_with_a_repository(sample, agent_factory, tmp_path,
                                                 monkeypatch) -> None:
-    """InProcessMovers (the orchestrator's default) restores a repo:// DiskJob on the core."""
+    """InProcessMovers (the orchestrator's default) restores a repo:// DiskTask on the core."""
     from vmrestore.mover.repo_source import open_repository_chain
-    from vmrestore.mover.session import DiskJob, InProcessMovers
+    from vmrestore.mover.session import DiskTask, InProcessMovers
 
     bk, disk = sample
     agent = agent_factory(bk.parent)
@@ -176,8 +177,8 @@ def test_orchestrator_session_with_a_repository(sample, agent_factory, tmp_path,
     s = InProcessMovers()
     s.open()
     try:
-        o = s.restore_disk(DiskJob(disk=0, backup=agent.url(), target=str(out),
-                                   transport="hotadd", checkpoint=str(tmp_path / "ck")),
+        o = s.restore_disk(DiskTask(disk=0, source=agent.url(), target=str(out),
+                                    transport="hotadd", checkpoint=str(tmp_path / "ck")),
                            lambda p: seen.append(p.done))
     finally:
         s.close()

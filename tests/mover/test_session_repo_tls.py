@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from support import need_tool
+from vmrestore.disktask import DiskTask, TaskSettings
 from vmrestore.errors import UsageError
 from vmrestore.jobstate import read_checkpoint
-from vmrestore.mover.session import DiskJob, InProcessMovers
+from vmrestore.mover.session import InProcessMovers
 
 
 def test_tls_repository_in_process(sample, agent_factory, token_file, tmp_path: Path) -> None:
@@ -27,12 +28,14 @@ def test_tls_repository_in_process(sample, agent_factory, token_file, tmp_path: 
     out, ck = tmp_path / "out.img", tmp_path / "d0.ckpt"
     movers = InProcessMovers()
     movers.open()
-    res = movers.restore_disk(DiskJob(0, url, str(out), "hotadd", checkpoint=str(ck),
-                                      token_file=str(token_file), target_zeroed=False))
+    res = movers.restore_disk(DiskTask(
+        disk=0, source=url, target=str(out), transport="hotadd", checkpoint=str(ck),
+        settings=TaskSettings(token_file=str(token_file), target_zeroed=False)))
     assert filecmp.cmp(out, disk, shallow=False)
     assert 0 < res.wire_bytes < disk.stat().st_size
     c = read_checkpoint(ck)
     assert c is not None and c.prefix == c.entries > 0
     with pytest.raises(UsageError, match="files and block devices"):
-        movers.restore_disk(DiskJob(0, url, "nbd://127.0.0.1:1/x", "nbd",
-                                    token_file=str(token_file)))
+        movers.restore_disk(DiskTask(disk=0, source=url, target="nbd://127.0.0.1:1/x",
+                                     transport="nbd",
+                                     settings=TaskSettings(token_file=str(token_file))))

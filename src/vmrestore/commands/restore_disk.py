@@ -35,8 +35,8 @@ source:
                                    wire, extents pulled by the compiled core (pipelined requests,
                                    --agent-connections sockets), reconnect + resume on loss;
                                    token from --token-file or $VMRESTORE_REPO_TOKEN.
-                                   repos:// (TLS) is not handled here: TLS stays in Python, use
-                                   'vmrestore proxy-mover' (files and block devices only)
+  repos://HOST:PORT/PATH[?ca=PEM]  the same over TLS: Python's batch loop writes (TLS cannot
+                                   move into the core), so local files and block devices only
 See docs/core.md and docs/protocol.md for details.
 """
 
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "pipeline: every block is checked against its XXH3-128 before it is written.",
         epilog=TARGETS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("backup", metavar="BACKUP",
-                   help="restore point file (*.vmrb) or repo://HOST:PORT/PATH")
+                   help="restore point file (*.vmrb) or repo[s]://HOST:PORT/PATH")
     p.add_argument("--disk", type=int, required=True, metavar="N", help="disk index (from 0)")
     p.add_argument("--to", required=True, metavar="URI", dest="target", help="target (below)")
     p.add_argument("--point", type=point_id, metavar="ID",
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     with Display(quiet=args.quiet) as display:
         task = display.task(f"disk {args.disk}", None, "bytes")
 
-        def progress(c: Any) -> None:
-            task.update(completed=c.bytes_done, total=c.bytes_total or None)
+        def progress(p: Any) -> None:
+            task.update(completed=p.done, total=p.total or None)
 
         extra: dict[str, Any] = {}
         if is_repo_url(args.backup):
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         common = {"point": args.point, "threads": args.threads,
                   "queue_depth": args.queue_depth, "lanes": args.connections,
                   "buffers": args.buffers, "direct": not args.no_direct,
-                  "on_counters": progress, **extra}
+                  "progress": progress, **extra}
         if new_file is None:
             res = restore_disk(args.backup, args.disk, args.target, force=args.force,
                                target_zeroed=True if args.target_zeroed else None, **common)
@@ -189,20 +189,27 @@ def _is_file_target(target: str) -> bool:
 
 def _restore_new_file(args: argparse.Namespace, target: Path, common: dict[str, Any]) -> Any:
     """Write a hidden partial file (checkpointed for a local backup), then put it in place."""
-    from vmrestore.checkpoint import Checkpointer
     from vmrestore.mover.client import is_repo_url
     from vmrestore.restore_disk import restore_disk
     from vmrestore.resume import new_file_target
 
     local = not is_repo_url(args.backup)
+    show = common.pop("progress")
     with new_file_target(target, args.backup, args.disk, args.point, resume=args.resume,
                          checkpoints=local) as t:
-        cp = Checkpointer(args.checkpoint_every, t.record, base=t.start, name="resume-checkpoint")
+
+        def progress(p: Any) -> None:
+            # the driver reports a checkpoint once the partial file is flushed up to it
+            if p.durable and local:
+                t.record(p.prefix)
+            elif not p.durable:
+                show(p)
+
         try:
             # a file this run created reads as zeros where not written: zero runs are skipped
             res = restore_disk(args.backup, args.disk, str(t.partial), start_entry=t.start,
-                               force=t.start > 0, target_zeroed=True,
-                               **({"on_start": cp.start} if local else {}), **common)
+                               force=t.start > 0, target_zeroed=True, progress=progress,
+                               checkpoint_interval=args.checkpoint_every, **common)
         except VmrError as e:  # name the target the user gave, not only the hidden file
             if str(t.partial) not in str(e):
                 raise
@@ -212,8 +219,6 @@ def _restore_new_file(args: argparse.Namespace, target: Path, common: dict[str, 
             except TypeError:
                 raise e from None
             raise again from None
-        finally:
-            cp.stop()
         t.commit()
     res.target = str(target)
     return res

@@ -126,10 +126,10 @@ def run_restore_disk(args: argparse.Namespace) -> int:
     with ui.Display(quiet=args.quiet) as display:
         task = display.task(f"disk {args.disk} -> {target.label}")
 
-        def progress(c: dict[str, Any]) -> None:
-            task.update(completed=c["bytes_written"] + c["bytes_zeroed"] + c["bytes_skipped"])
+        def progress(p: Any) -> None:
+            task.update(completed=p.done)
 
-        result = vddk.restore_disk_vddk(args.backup, args.disk, target,
+        result = vddk.restore_disk_vddk(args.backup, args.disk, args.to,
                                         libdir=_libdir(args.vddk_libdir), point=args.point,
                                         progress=progress, **kw)
         task.done()

@@ -12,8 +12,8 @@ connection), decompresses and checks XXH3-128 on the proxy with the core's
 GIL-free functions, and writes them. Python handles one *batch* of extents
 at a time (up to 8 MiB); no Python code touches the bytes.
 
-Robustness: a connection that drops is re-established (bounded retries with
-backoff) and the batch that was in flight is asked again: everything before
+Robustness: a connection that drops is re-established (retry.py: bounded
+retries with backoff and jitter) and the batch that was in flight is asked again: everything before
 it was already verified and written. A batch whose bytes do not verify is
 fetched again (a flipped bit on the wire); the same block failing every time
 is a ChecksumError naming the disk, block and offset (the stored data is bad).
@@ -34,24 +34,25 @@ from typing import Any
 import numpy as np
 
 from vmrestore import core
+from vmrestore.checkpoint import Checkpointer
 from vmrestore.errors import (
-    AuthenticationError,
     ChainError,
     ChecksumError,
+    Interrupted,
     MoverError,
     ProtocolError,
-    RemoteError,
     TargetError,
     TransportError,
-    UsageError,
 )
-from vmrestore.mover.client import Connection, RemoteFile, RemoteSource, RepoURL
+from vmrestore.mover.client import Connection, RemoteFile, RepoURL
 from vmrestore.plan import KIND_DATA, KIND_ZERO
+from vmrestore.retry import Backoff, RetryPolicy
 
 log = logging.getLogger("vmrestore.mover.remote")
 
 BATCH_BYTES = 8 << 20
 DEPTH = 2  # requests in flight per connection
+CONNECTIONS = 4  # fetch threads (one connection each)
 RETRIES = 5
 REFETCHES = 2
 ZERO_CHUNK = 8 << 20
@@ -201,6 +202,9 @@ class _Target:
             offset += n
             length -= n
 
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
     def close(self) -> None:
         try:
             os.fsync(self.fd)
@@ -245,14 +249,17 @@ def _verify_and_write(batch: np.ndarray, recs: list[Any], buf: bytearray, out: b
 
 
 def _fetcher(sh: _Shared, connector: Connector, sources: list[str], sums: dict[str, bytes],
-             target: _Target, disk: int, retries: int) -> None:
+             target: _Target, disk: int, policy: RetryPolicy) -> None:
     conn: Connection | None = None
     files: dict[int, RemoteFile] = {}
     buf = bytearray(BATCH_BYTES)
     out = bytearray(8 << 20)
     pending: list[tuple[int, np.ndarray, int, list[tuple[int, int]]]] = []
-    attempts = 0
     refetch = 0
+    where = f"{connector.url.host}:{connector.url.port}"
+    backoff = Backoff(policy, f"disk {disk}: repository agent {where}", give_up=lambda e, n: (
+        TransportError(f"disk {disk}: lost the repository agent {where} and {n} reconnects "
+                       f"failed: {e}")))
 
     def connect() -> Connection:
         c = connector.connect()
@@ -312,41 +319,29 @@ def _fetcher(sh: _Shared, connector: Connector, sources: list[str], sums: dict[s
                     pending.append(pending.pop(0))
                     continue
                 refetch = 0
-                attempts = 0
+                backoff.reset()
                 pending.pop(0)
                 with sh.lock:
                     sh.done[i] = True
                     sh.written += int(batch["length"].sum())
                     sh.done_entries += len(batch)
-            except (ConnectionError, TimeoutError, OSError, ProtocolError) as e:
-                if isinstance(e, ProtocolError) and conn is None:
-                    raise
-                attempts += 1
-                with sh.lock:
-                    sh.reconnects += 1
+            except (ConnectionError, TimeoutError, OSError, ProtocolError, MoverError) as e:
+                if conn is None and isinstance(e, ProtocolError):
+                    raise             # the agent answered, but not in our protocol
                 if conn is not None:
+                    # lost mid-stream: every error of the connection is worth a reconnect
                     with sh.lock:
+                        sh.reconnects += 1
                         sh.wire += conn.wire_bytes
                     with contextlib.suppress(Exception):
                         conn.sock.close()
-                conn = None
-                if attempts > retries:
-                    raise TransportError(
-                        f"disk {disk}: lost the repository agent {connector.url.host}:"
-                        f"{connector.url.port} and {retries} reconnects failed: {e}") from None
-                delay = min(0.2 * 2 ** (attempts - 1), 5.0)
-                log.warning("disk %d: connection to the agent lost (%s); reconnect %d/%d in "
-                            "%.1f s", disk, e, attempts, retries, delay)
-                time.sleep(delay)
-            except MoverError as e:
-                if isinstance(e, RemoteError | AuthenticationError) or conn is not None:
-                    raise
-                # Could not reconnect (agent down): retry within the same bound.
-                attempts += 1
-                if attempts > retries:
-                    raise TransportError(f"disk {disk}: cannot reach the repository agent "
-                                         f"again after {retries} attempts: {e}") from None
-                time.sleep(min(0.2 * 2 ** (attempts - 1), 5.0))
+                    conn = None
+                    if isinstance(e, MoverError) and not isinstance(e, ProtocolError):
+                        raise
+                    if isinstance(e, OSError) and not _network(e):
+                        raise         # the target failed (pwrite), not the connection
+                    e = TransportError(str(e))
+                backoff.failed(e)     # could not (re)connect: auth/other point are final
     except BaseException as e:
         sh.fail(e)
     finally:
@@ -356,77 +351,101 @@ def _fetcher(sh: _Shared, connector: Connector, sources: list[str], sums: dict[s
             conn.close()
 
 
-def open_remote_chain(conn: Connection, rel: str, point: str | None = None) -> Any:
-    """The chain of the restore point `rel` on the agent (reader over RemoteSource)."""
-    from vmrestore.repository.reader import open_chain
+def _network(e: OSError) -> bool:
+    """An error of the socket rather than of the local target file."""
+    from vmrestore.retry import retryable
 
-    chain = open_chain(RemoteSource(conn, rel))
-    return chain.at(point) if point else chain
+    return isinstance(e, ConnectionError | TimeoutError) or retryable(e)
 
 
-def restore_remote_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
-                        point: str | None = None, connections: int = 4, force: bool = False,
-                        retries: int = RETRIES, client: str | None = None,
-                        start_entry: int = 0, target_zeroed: bool | None = None,
-                        progress: Callable[[int, int, int], None] | None = None) -> RemoteResult:
-    """Restore disk `disk` of the backup at `url` into the local file/device `target`.
+class _Flushable:
+    """The batch loop as the Checkpointer sees a pipeline: a completed prefix and a flush."""
 
-    ``start_entry`` resumes: plan entries before it are taken as done.
+    def __init__(self, sh: _Shared, target: _Target, total: int) -> None:
+        self.sh, self.target, self.total = sh, target, total
+
+    def completed_prefix(self) -> int:
+        return self.sh.prefix(self.total)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def cancel(self) -> None:
+        self.sh.fail(Interrupted("checkpoint failed"))
+
+
+def run_tls_plan(remote: Any, url: RepoURL, token: bytes, disk: int, target: str, *,
+                 start_entry: int = 0, end_entry: int | None = None,
+                 connections: int = CONNECTIONS, force: bool = False, retries: int = RETRIES,
+                 retry_deadline: float | None = None, client: str | None = None,
+                 target_zeroed: bool | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 on_checkpoint: Callable[[int], None] | None = None,
+                 checkpoint_interval: float = 1.0, interval: float = 0.2) -> RemoteResult:
+    """Write ``plan[start_entry:end_entry]`` of a plan made over TLS into a local file/device.
+
+    ``remote`` is the repo_source.RemotePlan (planned by the disk task driver).
     ``target_zeroed`` (default: only for a file this call creates) skips zero
-    runs. ``progress(done_bytes, total_bytes, completed_prefix)`` is called
-    about 5 times a second; the prefix counts plan entries all written, for
-    the caller's checkpoints (flushed to the target only at the end).
+    runs. ``progress(done_bytes, completed_prefix)`` (both of the slice) runs
+    every ``interval`` seconds; ``on_checkpoint(prefix)`` (entries of the whole
+    plan) every ``checkpoint_interval`` seconds once the target was fsynced
+    after the prefix was read. An exception from ``progress`` stops the run.
     """
-    from vmrestore.repository.plan import build_plan
-
     if connections < 1:
-        raise UsageError("connections must be at least 1")
+        raise TargetError("connections must be at least 1")
     t0 = time.monotonic()
+    plan = remote.plan
+    entries = plan.plan
+    end = len(entries) if end_entry is None else end_entry
     connector = Connector(url, token, client)
-    conn = connector.connect()
-    try:
-        chain = open_remote_chain(conn, url.path, point)
-        plan = build_plan(chain, disk)
-        sums = {p.path: p.footer.checksum for p in chain.points}
-        meta = conn.wire_bytes
-        tls = conn.tls
-    finally:
-        conn.close()
-    res = RemoteResult(disk, target, plan.capacity, metadata_bytes=meta, tls=tls,
-                       connections=connections)
+    res = RemoteResult(disk, target, plan.capacity, tls=remote.tls, connections=connections)
     tgt = _Target(target, plan.capacity, force or start_entry > 0)
     if target_zeroed is not None:
         tgt.known_zero = target_zeroed
     try:
-        entries = plan.plan
+        part = entries[start_entry:end]
         res.resumed_bytes = int(entries["length"][:start_entry].sum())
-        idx = np.arange(len(entries))
-        keep = idx >= start_entry
-        for e in entries[keep & (entries["kind"] == KIND_ZERO)]:
+        for e in part[part["kind"] == KIND_ZERO]:
             if tgt.known_zero:
                 res.bytes_skipped += int(e["length"])
             else:
                 tgt.zero(int(e["dst_off"]), int(e["length"]))
                 res.bytes_zeroed += int(e["length"])
-        sel = keep & (entries["kind"] == KIND_DATA)
-        data, data_idx = entries[sel], idx[sel]
+        idx = np.arange(len(part))
+        sel = part["kind"] == KIND_DATA
+        data, data_idx = part[sel], idx[sel]
         sh = _Shared(batches_of(data, BATCH_BYTES, 1024))
         pos = 0
         for b in sh.batches:
             sh.first_index.append(int(data_idx[pos]))
             sh.done.append(False)
             pos += len(b)
+        policy = RetryPolicy(attempts=retries, deadline=retry_deadline)
         threads = [threading.Thread(target=_fetcher, name=f"fetch-{i}", daemon=True,
-                                    args=(sh, connector, plan.sources, sums, tgt, disk, retries))
+                                    args=(sh, connector, plan.sources, remote.sums, tgt, disk,
+                                          policy))
                    for i in range(min(connections, max(1, len(sh.batches))))]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.2)
-            if progress:
-                progress(res.resumed_bytes + sh.written + res.bytes_zeroed + res.bytes_skipped,
-                         plan.capacity, sh.prefix(len(entries)))
+        ckpt = (Checkpointer(checkpoint_interval, on_checkpoint, base=start_entry,
+                             name=f"ckpt-tls-disk{disk}") if on_checkpoint else None)
+        try:
+            if ckpt is not None:
+                ckpt.start(_Flushable(sh, tgt, len(part)))
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(interval)
+                if progress:
+                    try:
+                        progress(sh.written + res.bytes_zeroed + res.bytes_skipped,
+                                 sh.prefix(len(part)))
+                    except BaseException as e:
+                        sh.fail(e)
+                        for t in threads:
+                            t.join()
+        finally:
+            if ckpt is not None:
+                ckpt.stop()
         if sh.error is not None:
             raise sh.error
     finally:
@@ -434,7 +453,7 @@ def restore_remote_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     res.entries = len(entries)
     res.bytes_written = sh.written
     res.stored_bytes = sh.stored
-    res.wire_bytes = meta + sh.wire
+    res.wire_bytes = sh.wire
     res.reconnects = sh.reconnects
     res.refetches = sh.refetches
     res.seconds = time.monotonic() - t0

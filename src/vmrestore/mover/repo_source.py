@@ -11,10 +11,10 @@ XXH3-128 and writes to any target URI (file, block device, nbd, san, vddk).
 Robustness lives here, because only here can we re-authenticate:
 
 - a lost connection (agent restarted, network cut, a corrupted frame) stops
-  the job with a TransportError; we reconnect (backoff 0.2 s doubling to
-  5 s) and run ``plan[completed_prefix:]`` again on fresh sockets. After
-  ``retries`` consecutive failures without progress: TransportError naming
-  the disk, the plan entry and the disk offset;
+  the job with a TransportError; we reconnect (retry.py: backoff 0.2 s
+  doubling to 5 s, with jitter) and run ``plan[completed_prefix:]`` again on
+  fresh sockets. After ``retries`` consecutive failures without progress:
+  TransportError naming the disk, the plan entry and the disk offset;
 - a checksum mismatch (a flipped bit on the wire) stops the job before the
   block is written; the same resume fetches it once more. The same entry
   failing again is a ChecksumError naming disk, block and offset: the stored
@@ -40,15 +40,14 @@ import numpy as np
 
 from vmrestore.checkpoint import Checkpointer
 from vmrestore.errors import (
-    AuthenticationError,
     ChainError,
     ChecksumError,
     MoverError,
-    RemoteError,
     TransportError,
     UsageError,
 )
 from vmrestore.mover.client import Connection, RemoteSource, RepoURL
+from vmrestore.retry import Backoff, RetryPolicy
 
 log = logging.getLogger("vmrestore.mover.repo_source")
 
@@ -191,7 +190,7 @@ def _sum_counters(acc: Any, c: Any, prefix_base: int, total: int) -> Any:
 def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], writer: Any,
                   url: RepoURL, token: bytes, *, disk: int = 0, settings: Any = None,
                   per_reader: int = DEFAULT_CONNECTIONS, retries: int = RETRIES,
-                  client: str | None = None,
+                  retry_deadline: float | None = None, client: str | None = None,
                   on_counters: Callable[[Any], None] | None = None,
                   interval: float = 0.25,
                   on_checkpoint: Callable[[int], None] | None = None,
@@ -216,36 +215,25 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
     ends = np.cumsum(plan["length"].astype(np.int64)) if len(plan) else np.zeros(0, np.int64)
     run = RepoRun(counters=None, connections=readers * per_reader)
     pos = 0                      # entries of `plan` done (durable at the end of the run)
-    failures = 0                 # consecutive failed attempts without progress
     refetched: set[int] = set()
-    last_err: BaseException | None = None
 
-    def give_up(e: BaseException) -> TransportError:
+    def give_up(e: BaseException, tries: int) -> TransportError:
         off = int(ends[pos - 1]) if pos > 0 else 0
         if pos < len(plan):
             off = int(plan["dst_off"][pos])
         return TransportError(
             f"disk {disk}: lost the repository agent {url.host}:{url.port} at disk offset "
-            f"{off} (plan entry {pos} of {len(plan)}) and {retries} reconnects failed: {e}")
+            f"{off} (plan entry {pos} of {len(plan)}) and {tries} reconnects failed: {e}")
 
+    backoff = Backoff(RetryPolicy(attempts=retries, deadline=retry_deadline),
+                      f"disk {disk}: repository agent {url.host}:{url.port}", give_up=give_up)
     while True:
-        if failures:
-            if failures > retries:
-                raise give_up(last_err or TransportError("no connection"))
-            delay = min(0.2 * 2 ** (failures - 1), 5.0)
-            log.warning("disk %d: repository agent connection lost (%s); reconnect %d/%d in "
-                        "%.1f s, resuming at plan entry %d", disk, last_err, failures, retries,
-                        delay, pos)
-            time.sleep(delay)
-            run.reconnects += 1
         try:
             dc = open_data_connections(url, token, sources, sums, readers=readers,
                                        per_reader=per_reader, client=client)
-        except (AuthenticationError, RemoteError):
-            raise
         except (MoverError, OSError) as e:
-            failures += 1
-            last_err = e
+            backoff.failed(e)     # final errors (auth, another point) re-raise; else wait
+            run.reconnects += 1
             continue
         run.wire_bytes += dc.handshake_bytes
         base = pos
@@ -286,10 +274,12 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
             refetched.add(idx)
             run.refetches += 1
             log.warning("%s: fetching it again", err)
-            failures = 0
+            backoff.reset()
             continue
-        failures = 1 if done > 0 else failures + 1   # progress resets the retry budget
-        last_err = err
+        if done > 0:
+            backoff.reset()       # progress renews the retry budget
+        backoff.failed(err)
+        run.reconnects += 1
 
 
 def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
@@ -297,12 +287,14 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                       target_zeroed: bool | None = None, start_entry: int = 0,
                       threads: int = 0, queue_depth: int = 0, lanes: int = 0, readers: int = 0,
                       buffers: int = 0, direct: bool = True, retries: int = RETRIES,
+                      retry_deadline: float | None = None,
                       connections: int = DEFAULT_CONNECTIONS, client: str | None = None,
                       on_counters: Callable[[Any], None] | None = None,
                       interval: float = 0.1, end_entry: int | None = None,
                       remote_plan: RemotePlan | None = None,
                       on_checkpoint: Callable[[int], None] | None = None,
-                      checkpoint_interval: float = 1.0) -> Any:
+                      checkpoint_interval: float = 1.0,
+                      open_options: dict[str, Any] | None = None, sampler: Any = None) -> Any:
     """restore_disk() for a repo:// backup: plan over the wire, data through the C source.
 
     Runs ``plan[start_entry:end_entry]`` (a resume, or a slice); ``remote_plan``
@@ -325,28 +317,29 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
         raise UsageError(f"plan slice {start_entry}..{end} outside the plan "
                          f"(0..{len(dp.plan)})")
     spec = parse_target(target)
-    sampler = Sampler(spec.transport)
+    sampler = sampler or Sampler(spec.transport)
     writer = open_target(spec, dp.capacity, OpenOptions(
         force=force or start_entry > 0, target_zeroed=target_zeroed, direct=direct,
-        retries=3))
+        retries=3, **(open_options or {})))
     try:
         settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
                                queue_depth=queue_depth, buffers=buffers)
         run = run_repo_plan(dp.plan[start_entry:end], dp.sources, rp.sums, writer, url, token,
                             disk=disk, settings=settings, per_reader=connections,
-                            retries=retries, client=client,
+                            retries=retries, retry_deadline=retry_deadline, client=client,
                             on_counters=sampler.segment(on_counters), interval=interval,
                             on_checkpoint=(None if on_checkpoint is None else
                                            lambda p: on_checkpoint(start_entry + p)),
                             checkpoint_interval=checkpoint_interval)
         name, note = writer.name, writer.note
+        mode = getattr(writer, "transport_mode", None) or spec.transport
     finally:
         writer.close()
     seconds = time.monotonic() - t0
     c = run.counters
     resumed = int(dp.plan["length"][:start_entry].sum()) if start_entry else 0
     return RestoreResult(
-        disk=disk, target=target, transport=spec.transport, writer=name, capacity=dp.capacity,
+        disk=disk, target=target, transport=mode, writer=name, capacity=dp.capacity,
         bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
         bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, seconds=seconds,
         mb_per_s=c.bytes_done / MiB / seconds if seconds > 0 else 0.0, peak_rss=peak_rss(),

@@ -182,6 +182,9 @@ class OpenOptions:
     retry_delay_ms: int = 200
     flush_every_mib: int | None = None  # NBD early writeback; None: the measured default
     timeout_s: float = DEFAULT_NBD_TIMEOUT_S  # NBD: one request/flush/connect may wait this long
+    vddk_libdir: str | None = None    # vddk://: VixDiskLib directory (else the URI's ?libdir=)
+    max_request: int = 0              # vddk://: bytes per WriteAsync (0: the measured default)
+    max_inflight: int = 0             # vddk://: bytes of WriteAsync in flight (0: the default)
 
 
 Opener = Callable[[TargetSpec, int, OpenOptions], Any]

@@ -193,10 +193,18 @@ def build(server: str, disk_path: str, vm: str, user: str, *, port: int = 0,
 def open_target(spec: Any, size: int, opts: Any) -> Any:
     """transport.uri's opener for vddk://: a core Writer owning its VDDK session.
 
-    ``spec`` is transport.uri.TargetSpec, ``opts`` its OpenOptions (only
-    ``target_zeroed`` applies). Closing the writer closes the disk, disconnects
-    and ends the access bracket; closed during an exception, it runs Cleanup.
+    ``spec`` is transport.uri.TargetSpec, ``opts`` its OpenOptions
+    (``target_zeroed``, ``vddk_libdir``, ``max_request``, ``max_inflight`` apply). Closing the
+    writer closes the disk, disconnects and ends the access bracket; closed
+    during an exception, it runs Cleanup.
     """
     from vmrestore import vddk
 
-    return vddk.open_session_writer(parse(spec.uri), size, target_zeroed=opts.target_zeroed)
+    kw: dict[str, Any] = {"target_zeroed": opts.target_zeroed}
+    if opts.vddk_libdir:
+        kw["libdir"] = opts.vddk_libdir
+    if opts.max_request:
+        kw["max_request"] = opts.max_request
+    if opts.max_inflight:
+        kw["max_inflight"] = opts.max_inflight
+    return vddk.open_session_writer(parse(spec.uri), size, **kw)
