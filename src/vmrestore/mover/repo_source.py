@@ -91,8 +91,8 @@ def open_repository_chain(url: str, token_file: str | None = None,
     """The chain of a repo:// restore point, read over the wire (for the orchestrator).
 
     Metadata only (VM config, disks, plans); call ``chain.close()`` when done
-    (it closes the connection). Disks are then restored with a DiskJob whose
-    ``backup`` is the same URL: InProcessMovers / the proxy mover pull the
+    (it closes the connection). Disks are then restored with a DiskTask whose
+    ``source`` is the same URL: InProcessMovers / the proxy mover pull the
     data through the core's repository source.
     """
     from vmrestore.mover.client import load_token
