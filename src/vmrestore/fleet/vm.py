@@ -291,13 +291,16 @@ class PlanVmRestore(Orchestrator):
 
     def _disk_task(self, t: Any, uri: str, mode: str, ckpt_path: Any, ck: Any,
                    attempt: int) -> Any:
-        """The unit of work the proxy's worker runs (its mover's job description)."""
-        from vmrestore.mover.session import DiskJob
+        """The unit of work the proxy's worker runs: a DiskTask fenced by ``attempt``."""
+        from vmrestore.disktask import DiskTask, TaskSettings
 
-        return DiskJob(disk=t.index, backup=self._point_source(), target=uri, transport=mode,
-                       start_entry=ck.prefix if ck else 0, checkpoint=str(ckpt_path),
-                       token_file=self.job.token_file, threads=self.job.threads,
-                       queue_depth=self.job.queue_depth, stall=self.faults["stall"])
+        return DiskTask(job_id=self.state.id, vm=self.layout.name, disk=t.index,
+                        source=self._point_source(), target=uri, transport=mode,
+                        start_entry=ck.prefix if ck else 0, checkpoint=str(ckpt_path),
+                        attempt=attempt, settings=TaskSettings(
+                            token_file=self.job.token_file, threads=self.job.threads or 0,
+                            queue_depth=self.job.queue_depth or 0, target_zeroed=True,
+                            stall=self.faults["stall"]))
 
     def _record_outcome(self, t: Any, rd: Any, st: Any, g: Any, out: Any) -> None:
         with self._lock:
