@@ -198,8 +198,10 @@ class RestorePoint:
         """Vectorised consistency checks: every reference points inside this file."""
         e, name = self.extents, self.path
         if len(e):
-            end = e["offset"] + e["stored_len"]
-            bad = np.flatnonzero((e["offset"] < fmt.HEADER_SIZE) | (end > self.data_end)
+            # compared without adding (offset + length could wrap around 2**64)
+            past = (e["offset"] > self.data_end) | \
+                (e["stored_len"] > self.data_end - np.minimum(e["offset"], self.data_end))
+            bad = np.flatnonzero((e["offset"] < fmt.HEADER_SIZE) | past
                                  | (e["codec"] > 2) | (e["raw_len"] > fmt.MAX_BLOCK_SIZE)
                                  | (e["raw_len"] == 0))
             if len(bad):
