@@ -245,7 +245,10 @@ def format_table(r: Report) -> str:
                              f" MiB a full overwrite writes), {_mib(f['bytes_read'])} MiB read, "
                              f"{f['seconds']:.2f} s")
     lines.append("")
-    if r.status == "ok":
+    if r.status == "ok" and r.original is not None:
+        lines.append(f"OK in {r.seconds:.1f} s: VM {r.vm_name!r} rolled back to the restore "
+                     f"point in place{', powered on' if r.powered_on else ''}; {r.snapshot}")
+    elif r.status == "ok":
         lines.append(f"OK in {r.seconds:.1f} s: VM {r.vm_name!r} restored"
                      f"{', powered on' if r.powered_on else ''}; snapshot {r.snapshot}")
     else:
