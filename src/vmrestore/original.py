@@ -49,10 +49,23 @@ class Original:
                 "power_state": self.power_state}
 
 
-def _vms_named(session: Any, dc: Any, name: str) -> list[Any]:
-    from pyVmomi import vim
+def _vms_with(session: Any, dc: Any, path: str, value: str) -> list[Any]:
+    """Every VM of the datacenter whose property ``path`` equals value (one collector call:
+    FindAllByUuid is not offered everywhere, and a name may be taken in several folders)."""
+    from pyVmomi import vim, vmodl
 
-    return [vm for vm in session.objects(vim.VirtualMachine, dc.vmFolder) if vm.name == name]
+    pc = vmodl.query.PropertyCollector
+    view = session.content.viewManager.CreateContainerView(dc.vmFolder, [vim.VirtualMachine],
+                                                           True)
+    try:
+        spec = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
+                name="v", path="view", skip=False, type=vim.view.ContainerView)])],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=[path])])
+        return [o.obj for o in session.content.propertyCollector.RetrieveContents([spec])
+                if o.propSet and o.propSet[0].val == value]
+    finally:
+        view.Destroy()
 
 
 def _where(vm: Any) -> str:
@@ -77,8 +90,7 @@ def find_vm(session: Any, dc: Any, vm_config: dict[str, Any], name: str | None,
         return vm, f"--original-vm {moref}"
     uuid = str(vm_config.get("instance_uuid") or "")
     if uuid and not name:
-        found = list(session.content.searchIndex.FindAllByUuid(
-            datacenter=dc, uuid=uuid, vmSearch=True, instanceUuid=True) or [])
+        found = _vms_with(session, dc, "config.instanceUuid", uuid)
         if len(found) == 1:
             return found[0], f"instance UUID {uuid}"
         if len(found) > 1:
@@ -90,7 +102,7 @@ def find_vm(session: Any, dc: Any, vm_config: dict[str, Any], name: str | None,
     if not want:
         raise UsageError("restore --original: the backup names no VM; give --name or "
                          "--original-vm")
-    found = _vms_named(session, dc, want)
+    found = _vms_with(session, dc, "name", want)
     if not found:
         what = f"instance UUID {uuid} nor " if uuid and not name else ""
         raise VSphereError(f"restore --original: no VM with the backup's {what}name {want!r} "

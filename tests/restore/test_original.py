@@ -209,3 +209,29 @@ def test_vvol_has_no_safety_snapshot(lab, lab_si, host_services, backup, tmp_pat
     assert rep["phases"][2]["status"] == "skipped" and "VVOL" in rep["snapshot"]
     assert any("not reverted: no safety snapshot (VVOL)" in r for r in rep["rollback"])
     assert find_vm(lab_si, name) is not None
+
+
+def test_found_by_instance_uuid(lab, lab_si, host_services, backup, tmp_path) -> None:
+    """A backup that records the VM's instance UUID finds it by that, whatever its name."""
+    import json
+    import subprocess
+    import sys
+
+    name = unique("orig-u")
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    vm = find_vm(lab_si, name)
+    cfg = json.loads((backup.dir / "vm.json").read_text())
+    cfg.update(name="renamed-since", instance_uuid=vm.config.instanceUuid)
+    (tmp_path / "vm.json").write_text(json.dumps(cfg))
+    point = tmp_path / "uuid.vmrb"
+    subprocess.run([sys.executable, "-m", "vmrestore", "backup", "create",
+                    *[a for img in backup.images for a in ("--disk", str(img))],
+                    "--vm-config", str(tmp_path / "vm.json"), "-o", str(point), "-q"],
+                   check=True, capture_output=True, timeout=120)
+    _drift(files, seed=15)
+    p, rep = restore_cli(lab, "--backup", str(point), "--original", "--quick-rollback",
+                         "--keep-config", "--transport", "nbd", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert rep["original"]["found_by"] == f"instance UUID {vm.config.instanceUuid}"
+    assert rep["vm"]["moref"] == vm._moId
+    assert _same(files, backup.images)

@@ -78,6 +78,7 @@ class VMConfig(msgspec.Struct):
     firmware: str | None = None
     disks: list[VMDisk] | None = None
     nics: list[VMNic] | None = None
+    instance_uuid: str | None = None   # vSphere's instanceUuid: restore --original finds by it
 
 
 _HEADER = struct.Struct("<8sHHI16sQQ")  # 48 bytes, then XXH3-128 of them
