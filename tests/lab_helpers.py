@@ -10,7 +10,10 @@ also when tests fail. It yields a vmrestore.lab.client.LabInfo:
 
 - ``lab.dir``                       the lab directory (``status --json`` is ``lab.raw``)
 - ``lab.vcenter_url``, ``lab.user``, ``lab.password``, ``lab.password_file``
-- ``lab.connect_args()``            kwargs for pyVim.connect.SmartConnect (protocol http)
+- ``lab.connect_args()``            kwargs for pyVim.connect.SmartConnect (https, the lab's CA)
+- ``lab.ca_file``, ``lab.raw["thumbprints"]``  the lab CA (``--ca-file``), SHA-1/SHA-256 pins
+- ``lab.esx_url``, ``lab.raw["esx"]``  the standalone ESXi endpoint (same datastores)
+- ``lab.target()``                  a vsphere.connect.Target for the vCenter (or a URL given)
 - ``lab.datacenter`` "DC0", ``lab.cluster`` "DC0_C0", ``lab.resource_pool``, ``lab.vm_folder``
 - ``lab.hosts`` (2), ``lab.networks`` ["VM Network", "Restore Network"], ``lab.proxy_vm``
 - ``lab.datastores["ds-local"|"ds-san"|"ds-vvol"]`` → DatastoreInfo(name, type, dir, lun)
@@ -49,7 +52,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     need(GOVMOMI_SIM.is_dir(), "govmomi sources missing (golang-github-vmware-govmomi-dev)")
     d: Path = tmp_path_factory.mktemp("lab")
     try:
-        labmod.up(d, san_size=512 << 20)
+        labmod.up(d, san_size=512 << 20, esx=True)
         yield load_lab(d)
     finally:
         labmod.down(d)

@@ -74,9 +74,9 @@ def _drop_caches() -> None:
 
 def _remove_old_demo_vms(lab: Any, names: list[str]) -> None:
     from vmrestore.vsphere import cleanup
-    from vmrestore.vsphere.connect import Target, connect
+    from vmrestore.vsphere.connect import connect
 
-    with connect(Target(lab.vcenter_url, lab.user, lab.password)) as s:
+    with connect(lab.target()) as s:
         dc = s.datacenter(lab.datacenter)
         for name in names:
             vm = s.find_vm(dc, name)

@@ -335,7 +335,12 @@ class Orchestrator:
         if self.lab is None:
             raise UsageError("restore: no --vcenter given and no lab is up (run 'vmrestore lab "
                              "up', or give --vcenter URL --user U --password-file F)")
-        return Target(self.lab.vcenter_url, self.lab.user, self.lab.password)
+        return self.lab.target()
+
+    def _on_lab(self, url: str) -> bool:
+        """Is url one of the running lab's endpoints (its vCenter or its ESXi host)?"""
+        return self.lab is not None and url.rstrip("/") in (
+            u.rstrip("/") for u in self.lab.endpoints())
 
     def _load_lab(self) -> None:
         from vmrestore.lab.client import lab_is_up, load_lab
@@ -353,9 +358,7 @@ class Orchestrator:
         if url:
             tok = Path(os.environ.get("VMRESTORE_HOSTD_TOKEN_FILE", "")).read_text().strip()
             return HostServices(url, tok)
-        if self.lab is not None and (not self.job.vcenter or
-                                     self.job.vcenter.rstrip("/") ==
-                                     self.lab.vcenter_url.rstrip("/")):
+        if self.lab is not None and (not self.job.vcenter or self._on_lab(self.job.vcenter)):
             return HostServices.from_lab(self.lab)
         raise UsageError(f"no host data services known for {self.job.vcenter} (set "
                          "VMRESTORE_HOSTD_URL and VMRESTORE_HOSTD_TOKEN_FILE, see docs/restore.md)")
@@ -415,10 +418,10 @@ class Orchestrator:
         # proxy's VM only when the target is the lab).
         self._load_lab()
         target = self._target()
-        on_lab = self.lab is not None and target.url.rstrip("/") == \
-            self.lab.vcenter_url.rstrip("/")
+        on_lab = self._on_lab(target.url)  # the lab's vCenter or its ESXi host
+        lab_vc = on_lab and target.url.rstrip("/") == self.lab.vcenter_url.rstrip("/")
         infra = (infra_mod.load_infra(job.infra) if job.infra else
-                 infra_mod.default_infra(self.lab.proxy_vm if on_lab else None))
+                 infra_mod.default_infra(self.lab.proxy_vm if lab_vc else None))
         self._take_slot(infra)
 
         # vCenter/ESXi.

@@ -127,7 +127,8 @@ def test_bad_credentials(lab, lab_si, host_services, backup, tmp_path) -> None:
     name = unique("r-badcred")
     p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
                          "ds-local", "--vcenter", lab.vcenter_url, "--user", lab.user,
-                         "--password-file", str(pw), state_dir=tmp_path / "s")
+                         "--password-file", str(pw), "--ca-file", str(lab.ca_file),
+                         state_dir=tmp_path / "s")
     assert p.returncode == 8
     assert "bad credentials" in p.stderr and "Traceback" not in p.stderr
     assert rep["failed_phase"] == "initialize"

@@ -51,6 +51,8 @@ def register(subparsers: Any) -> None:
     u.add_argument("--netns", action="store_true",
                    help="a network namespace per proxy VM, joined by a veth pair, for its "
                    "proxy worker (docs/lab.md)")
+    u.add_argument("--esx", action="store_true",
+                   help="also run a standalone ESXi endpoint (restores straight to a host)")
     u.add_argument("--san-size", type=_size, default=1 << 30,
                    help="size of the SAN LUN image, sparse (default 1G)")
     u.set_defaults(func=run_up)
@@ -88,6 +90,11 @@ def _print(doc: dict[str, Any], as_json: bool) -> None:
     print(f"  proxy VMs   {', '.join(doc.get('proxy_vms') or [doc['proxy_vm']])}")
     for vm, n in (doc.get("proxy_netns") or {}).items():
         print(f"  netns       {vm}: {n['netns']} {n['ip']} (this side {n['host_ip']})")
+    if doc.get("ca_file"):
+        tp = doc.get("thumbprints", {})
+        print(f"  TLS         CA {doc['ca_file']}  SHA-1 {tp.get('sha1', '?')}")
+    if doc.get("esx"):
+        print(f"  ESXi        {doc['esx']['url']}  host {doc['esx']['host']} (standalone)")
     print(f"  hostd       {doc['hostd_url']} (API v1)")
     for ds in doc["datastores"]:
         lun = f"  LUN {ds['lun']}" if ds.get("lun") else ""
@@ -104,7 +111,7 @@ def run_up(args: argparse.Namespace) -> int:
     if not 0 <= args.datastores <= 16:
         raise UsageError("--datastores must be 0..16")
     doc = lab.up(args.dir, hosts=args.hosts, san_size=args.san_size, proxies=args.proxies,
-                 datastores=args.datastores, netns=args.netns)
+                 datastores=args.datastores, netns=args.netns, esx=args.esx)
     _print(doc, args.json)
     return 0
 

@@ -63,7 +63,35 @@ class LabInfo:
 
     @property
     def port(self) -> int:
-        return urlsplit(self.vcenter_url).port or 80
+        u = urlsplit(self.vcenter_url)
+        return u.port or (443 if u.scheme == "https" else 80)
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The lab CA's certificate: what verifies its https endpoints (``--ca-file``)."""
+        return Path(self.raw["ca_file"]) if self.raw.get("ca_file") else None
+
+    @property
+    def esx_url(self) -> str | None:
+        """The standalone ESXi endpoint's URL, when the lab runs one (``lab up --esx``)."""
+        return (self.raw.get("esx") or {}).get("url")
+
+    def endpoints(self) -> list[str]:
+        """Every vSphere API URL this lab serves (its vCenter, then its ESXi host if any)."""
+        return [u for u in (self.vcenter_url, self.esx_url) if u]
+
+    def target(self, url: str | None = None) -> Any:
+        """A vsphere.connect.Target for the lab's vCenter (or url: e.g. its ESXi endpoint)."""
+        from vmrestore.vsphere.connect import Target
+
+        return Target(url or self.vcenter_url, self.user, self.password,
+                      ca_file=str(self.ca_file) if self.ca_file else None)
+
+    def ssl_context(self) -> Any:
+        """An SSL context that trusts the lab's CA (None for an http lab)."""
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
 
     @property
     def protocol(self) -> str:
@@ -82,8 +110,11 @@ class LabInfo:
 
     def connect_args(self) -> dict[str, Any]:
         """Keyword arguments for pyVim.connect.SmartConnect."""
-        return {"host": self.host, "port": self.port, "user": self.user,
+        args = {"host": self.host, "port": self.port, "user": self.user,
                 "pwd": self.password, "protocol": self.protocol}
+        if self.protocol == "https":
+            args["sslContext"] = self.ssl_context()
+        return args
 
 
 def parse_status(doc: dict[str, Any], lab_dir: Path) -> LabInfo:

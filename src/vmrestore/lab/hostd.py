@@ -442,8 +442,13 @@ class Hostd:
         from urllib.parse import urlsplit
 
         u = urlsplit(self.cfg["vcenter_url"])
+        ctx = None
+        if u.scheme == "https" and self.cfg.get("ca_file"):  # the lab's own CA
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=self.cfg["ca_file"])
         self._si = SmartConnect(host=u.hostname, port=u.port, user=self.cfg["user"],
-                                pwd=self.cfg["password"], protocol=u.scheme)
+                                pwd=self.cfg["password"], protocol=u.scheme, sslContext=ctx)
         return self._si
 
     def _find_vm(self, name: str) -> Any:

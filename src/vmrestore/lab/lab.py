@@ -38,7 +38,8 @@ START_TIMEOUT = 120.0
 
 # Files and folders inside the lab dir that `down` removes (unless keep_files).
 OWNED = ("lab.json", "run.json", "password", "hostd.token", "vcsim.json", "hostd.json",
-         "hostd.url", "vcsim.log", "hostd.log", "datastores", "san", "hostd")
+         "hostd.url", "vcsim.log", "hostd.log", "datastores", "san", "hostd", "tls",
+         "esx.json", "esx.log")
 
 
 def _run(cmd: list[str], what: str, timeout: float = 120) -> str:
@@ -133,12 +134,14 @@ def _make_san(lab_dir: Path, run: _Run, size: int) -> tuple[str, Path, Path]:
 
 def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
        san_size: int = DEFAULT_SAN_SIZE, proxies: int = 1,
-       datastores: int = 0, netns: bool = False) -> dict[str, Any]:
+       datastores: int = 0, netns: bool = False, esx: bool = False) -> dict[str, Any]:
     """Start the lab in lab_dir and return its status; if it is already up, just the status.
 
     ``proxies``: proxy VMs (vmr-proxy, vmr-proxy2, ...; one per host, round robin);
     ``datastores``: more local datastores besides the three (ds-local2, ds-local3, ...);
     ``netns``: a network namespace per proxy VM for its worker (lab/netns.py).
+    ``esx``: also a standalone ESXi endpoint (status ``esx``) over ds-local and ds-san.
+    Both endpoints serve https with a certificate from the lab's own CA (``ca_file``).
     """
     lab_dir = (lab_dir or default_lab_dir()).resolve()
     with _locked(lab_dir):
@@ -149,7 +152,7 @@ def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
             _down_locked(lab_dir, keep_files=False)
         try:
             return _up_locked(lab_dir, hosts=hosts, san_size=san_size, proxies=proxies,
-                              datastores=datastores, netns=netns)
+                              datastores=datastores, netns=netns, esx=esx)
         except BaseException:
             log.debug("lab up failed, cleaning", exc_info=True)
             _down_locked(lab_dir, keep_files=False)
@@ -157,8 +160,9 @@ def up(lab_dir: Path | None = None, *, hosts: int = DEFAULT_HOSTS,
 
 
 def _up_locked(lab_dir: Path, *, hosts: int, san_size: int, proxies: int,
-               datastores: int, netns: bool) -> dict[str, Any]:
+               datastores: int, netns: bool, esx: bool = False) -> dict[str, Any]:
     from vmrestore.lab.build import vcsim_binary
+    from vmrestore.lab.tls import make_certs
 
     if os.geteuid() != 0:
         raise LabError("the lab needs root (loop devices and mounts for the SAN datastore)")
@@ -181,16 +185,24 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int, proxies: int,
     for d in extra.values():
         d.mkdir(parents=True, exist_ok=True)
     lun, lun_image, ds_san = _make_san(lab_dir, run, san_size)
+    certs = make_certs(lab_dir / "tls")
+    common = [str(binary), "-listen", "127.0.0.1:0", "-user", USER,
+              "-password-file", str(lab_dir / "password"), "-tls-cert", str(certs.cert),
+              "-tls-key", str(certs.key), "-ds-local", str(ds_local), "-ds-san", str(ds_san)]
 
     info_path = lab_dir / "vcsim.json"
-    vcsim = _spawn([str(binary), "-listen", "127.0.0.1:0", "-user", USER,
-                    "-password-file", str(lab_dir / "password"), "-hosts", str(hosts),
-                    "-ds-local", str(ds_local), "-ds-san", str(ds_san), "-ds-vvol", str(ds_vvol),
+    vcsim = _spawn([*common, "-hosts", str(hosts), "-ds-vvol", str(ds_vvol),
                     "-proxies", str(proxies),
                     *[a for name, d in extra.items() for a in ("-ds", f"{name}={d}")],
                     "-info", str(info_path)], lab_dir / "vcsim.log")
     run.data["pids"]["vcsim"] = vcsim.pid
     run.save()
+    esx_proc = None
+    if esx:  # a standalone host beside the vCenter, over the same directories
+        esx_proc = _spawn([*common, "-esx", "-proxies", "0", "-info", str(lab_dir / "esx.json")],
+                          lab_dir / "esx.log")
+        run.data["pids"]["esx"] = esx_proc.pid
+        run.save()
     _wait_for_file(info_path, vcsim, lab_dir / "vcsim.log", "vcsim")
     vc = json.loads(info_path.read_text())
 
@@ -220,10 +232,19 @@ def _up_locked(lab_dir: Path, *, hosts: int, san_size: int, proxies: int,
         "proxy_vm": vc["proxy_vm"],
         "proxy_vms": vc.get("proxy_vms") or [vc["proxy_vm"]],
         "datastores": datastores,
+        "ca_file": str(certs.ca),
+        "thumbprints": certs.thumbprints(),
         "hostd_url": "",
         "hostd_token_file": str(lab_dir / "hostd.token"),
         "pids": {"vcsim": vcsim.pid},
     }
+    if esx_proc is not None:
+        _wait_for_file(lab_dir / "esx.json", esx_proc, lab_dir / "esx.log", "vcsim (ESXi)")
+        ex = json.loads((lab_dir / "esx.json").read_text())
+        doc["esx"] = {"url": ex["url"], "datacenter": ex["datacenter"], "host": ex["hosts"][0],
+                      "resource_pool": ex["resource_pool"], "vm_folder": ex["vm_folder"],
+                      "datastores": [d["name"] for d in ex["datastores"]]}
+        doc["pids"]["esx"] = esx_proc.pid
     # hostd reads its configuration (the same document) from hostd.json.
     _write_private(lab_dir / "hostd.json", json.dumps(doc, indent=2))
     url_path = lab_dir / "hostd.url"
@@ -260,10 +281,17 @@ def status(lab_dir: Path | None = None) -> dict[str, Any]:
     problems = [f"{name} (pid {pid}) is not running"
                 for name, pid in doc.get("pids", {}).items() if not _alive(int(pid))]
     if not problems:
-        for name, url in (("vcsim", doc["vcenter_url"].rsplit("/sdk", 1)[0] + "/about"),
-                          ("hostd", doc["hostd_url"] + "/v1/ping")):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=doc["ca_file"]) if doc.get("ca_file") else None
+        urls = [("vcsim", doc["vcenter_url"].rsplit("/sdk", 1)[0] + "/about"),
+                ("hostd", doc["hostd_url"] + "/v1/ping")]
+        if doc.get("esx"):
+            urls.append(("esx", doc["esx"]["url"].rsplit("/sdk", 1)[0] + "/about"))
+        for name, url in urls:
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=5,
+                                            context=ctx if url.startswith("https") else None) as r:
                     r.read()
             except OSError as e:
                 problems.append(f"{name} does not answer at {url}: {e}")

@@ -7,6 +7,11 @@
 // runs until SIGTERM/SIGINT. The Python side (vmrestore.lab.lab) starts it;
 // this file is package data, built once and cached by vmrestore.lab.build.
 //
+// With -tls-cert/-tls-key it serves https with that certificate (the lab makes
+// a CA and signs it). With -esx it is a standalone ESXi host instead of a
+// vCenter (govmomi's ESX model: one host in "ha-datacenter", no cluster, no
+// vCenter-only services), with the same datastores, networks and proxies.
+//
 // Why a Go main of our own instead of the stock vcsim command: the stock one
 // cannot give a datastore the VVOL type nor back datastores by chosen
 // directories, and Debian ships the simulator package but not the command.
@@ -14,6 +19,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -107,6 +113,9 @@ func main() {
 	var extra dsFlags
 	flag.Var(&extra, "ds", "another local datastore NAME=DIR (type VMFS; repeatable)")
 	infoPath := flag.String("info", "", "write the lab description JSON here when ready")
+	tlsCert := flag.String("tls-cert", "", "serve https with this PEM certificate (chain)")
+	tlsKey := flag.String("tls-key", "", "the certificate's PEM private key")
+	esxMode := flag.Bool("esx", false, "a standalone ESXi host instead of a vCenter")
 	flag.Parse()
 
 	if *pwFile == "" || *dsLocal == "" {
@@ -121,22 +130,35 @@ func main() {
 		fatal("empty password in %s", *pwFile)
 	}
 
-	// A vCenter with one datacenter and one cluster; no default datastores,
-	// VMs or distributed port groups: the lab adds its own below.
-	m := simulator.VPX()
-	m.Datacenter = 1
-	m.Cluster = 1
-	m.ClusterHost = *nhosts
-	m.Host = 0
+	// A vCenter with one datacenter and one cluster (or, -esx, one standalone
+	// host); no default datastores, VMs or distributed port groups: the lab
+	// adds its own below.
+	var m *simulator.Model
+	if *esxMode {
+		m = simulator.ESX()
+	} else {
+		m = simulator.VPX()
+		m.Datacenter = 1
+		m.Cluster = 1
+		m.ClusterHost = *nhosts
+		m.Host = 0
+		m.Portgroup = 0
+	}
 	m.Datastore = 0
 	m.Machine = 0
-	m.Portgroup = 0
 	m.Autostart = false
 	if err := m.Create(); err != nil {
 		fatal("creating the inventory: %v", err)
 	}
 	defer m.Remove()
 
+	if *tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			fatal("loading the TLS certificate: %v", err)
+		}
+		m.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
 	m.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, password)}
 	s := m.Service.NewServer()
 	defer s.Close()
@@ -157,7 +179,7 @@ func main() {
 		specs = append(specs, dsSpec{"ds-vvol", "VVOL", *dsVvol})
 	}
 	specs = append(specs, extra...)
-	info, err := build(ctx, c, specs, proxyNames(*proxy, *nproxies))
+	info, err := build(ctx, c, specs, proxyNames(*proxy, *nproxies), *esxMode)
 	if err != nil {
 		fatal("building the lab inventory: %v", err)
 	}
@@ -187,36 +209,48 @@ func main() {
 	_ = c.Logout(ctx)
 }
 
-func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxies []string) (*labInfo, error) {
+func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxies []string,
+	esxMode bool) (*labInfo, error) {
 	finder := find.NewFinder(c.Client, true)
 	dc, err := finder.DefaultDatacenter(ctx)
 	if err != nil {
 		return nil, err
 	}
 	finder.SetDatacenter(dc)
-	cluster, err := finder.DefaultClusterComputeResource(ctx)
-	if err != nil {
-		return nil, err
-	}
-	hosts, err := cluster.Hosts(ctx)
-	if err != nil {
-		return nil, err
-	}
-	pool, err := cluster.ResourcePool(ctx)
-	if err != nil {
-		return nil, err
-	}
 	folders, err := dc.Folders(ctx)
 	if err != nil {
 		return nil, err
 	}
-
 	info := &labInfo{
 		Version:    infoVersion,
 		Datacenter: dc.Name(),
-		Cluster:    cluster.Name(),
-		Pool:       cluster.InventoryPath + "/Resources",
 		VMFolder:   folders.VmFolder.InventoryPath,
+	}
+	var hosts []*object.HostSystem
+	var pool *object.ResourcePool
+	if esxMode { // one host, its own compute resource and pool; no cluster
+		host, err := finder.DefaultHostSystem(ctx)
+		if err != nil {
+			return nil, err
+		}
+		hosts = []*object.HostSystem{host}
+		if pool, err = finder.DefaultResourcePool(ctx); err != nil {
+			return nil, err
+		}
+		info.Pool = pool.InventoryPath
+	} else {
+		cluster, err := finder.DefaultClusterComputeResource(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if hosts, err = cluster.Hosts(ctx); err != nil {
+			return nil, err
+		}
+		if pool, err = cluster.ResourcePool(ctx); err != nil {
+			return nil, err
+		}
+		info.Cluster = cluster.Name()
+		info.Pool = cluster.InventoryPath + "/Resources"
 	}
 	for _, h := range hosts {
 		info.Hosts = append(info.Hosts, h.Name())
@@ -259,6 +293,10 @@ func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxies []str
 		info.Datastores = append(info.Datastores, dsInfo{spec.name, spec.typ, spec.dir, ref.Value})
 	}
 
+	if esxMode {
+		dropStaleDatastores(dc.Reference(), hosts)
+	}
+
 	// Networks: the simulator's "VM Network" plus "Restore Network" (the
 	// target of --network-map tests), a port group present on every host.
 	if err := addNetwork(ctx, finder, hosts, "Restore Network"); err != nil {
@@ -287,6 +325,27 @@ func build(ctx context.Context, c *govmomi.Client, specs []dsSpec, proxies []str
 		info.ProxyVMs = append(info.ProxyVMs, name)
 	}
 	return info, nil
+}
+
+// dropStaleDatastores: govmomi's ESX model lists its default datastore in the
+// datacenter and the host even when the model creates none (Datastore = 0);
+// a client walking dc.datastore would meet a deleted object. Keep live ones.
+func dropStaleDatastores(dcRef types.ManagedObjectReference, hosts []*object.HostSystem) {
+	live := func(refs []types.ManagedObjectReference) []types.ManagedObjectReference {
+		var keep []types.ManagedObjectReference
+		for _, r := range refs {
+			if simulator.Map.Get(r) != nil {
+				keep = append(keep, r)
+			}
+		}
+		return keep
+	}
+	sdc := simulator.Map.Get(dcRef).(*simulator.Datacenter)
+	simulator.Map.WithLock(sdc, func() { sdc.Datastore = live(sdc.Datastore) })
+	for _, h := range hosts {
+		sh := simulator.Map.Get(h.Reference()).(*simulator.HostSystem)
+		simulator.Map.WithLock(sh, func() { sh.Datastore = live(sh.Datastore) })
+	}
 }
 
 // addNetwork adds a standard port group on the first host through the API,

@@ -35,7 +35,10 @@ class Target:
     insecure: bool = False
 
 
-def _ssl_context(t: Target) -> ssl.SSLContext | None:
+def _ssl_context(t: Target) -> ssl.SSLContext:
+    """How the server's certificate is checked: pinned (thumbprint, checked before the
+    login by _check_thumbprint), not at all (--insecure), by a CA file, or by the
+    system's CAs. Always explicit: pyvmomi's own default does not verify."""
     if t.insecure or t.thumbprint:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -43,7 +46,7 @@ def _ssl_context(t: Target) -> ssl.SSLContext | None:
         return ctx
     if t.ca_file:
         return ssl.create_default_context(cafile=t.ca_file)
-    return None
+    return ssl.create_default_context()
 
 
 def _check_thumbprint(host: str, port: int, want: str) -> None:
@@ -61,9 +64,12 @@ def _check_thumbprint(host: str, port: int, want: str) -> None:
     algo = hashlib.sha1 if len(want_hex) == 40 else hashlib.sha256
     got = algo(der).hexdigest()
     if got != want_hex:
-        pretty = ":".join(got[i:i + 2] for i in range(0, len(got), 2)).upper()
-        raise VSphereError(f"certificate of {host}:{port} does not match the given thumbprint "
-                           f"(server presents {pretty})")
+        def pretty(h: str) -> str:
+            return ":".join(h[i:i + 2] for i in range(0, len(h), 2)).upper()
+
+        raise VSphereError(f"certificate of {host}:{port} does not match the thumbprint: "
+                           f"expected {algo().name.upper()} {pretty(want_hex)}, the server "
+                           f"presents {pretty(got)}; credentials not sent")
 
 
 class Session:
