@@ -17,6 +17,7 @@ Infrastructure file (YAML, version 1; documented in docs/restore.md)::
         datastores: [ds-local]   # datastores the proxy VM can hot-add from (omit: all)
         san: auto                # datastores whose LUN it sees, or 'auto' (LUN path present)
         transports: [san, hotadd, nbd, nbdssl]
+        hotadd: hostd            # hostd (host services attach it) | scsi (docs/hotadd.md)
 
 Without a file there is one local proxy (``local``) with 4 slots, SAN 'auto',
 and when the lab is up, the lab's proxy VM as its VM.
@@ -61,6 +62,10 @@ class Proxy(msgspec.Struct, forbid_unknown_fields=True):
     datastores: list[str] | None = None  # None: every datastore (for HotAdd)
     san: list[str] | Literal["auto"] = "auto"  # datastore names, or "auto"
     transports: Annotated[tuple[Mode, ...], msgspec.Meta(min_length=1)] = MODES
+    # How a hot-added disk reaches this process: "hostd" (the host data services attach
+    # it, as in the lab) or "scsi" (we run inside the proxy VM: reconfigure, then find
+    # the new SCSI disk by UUID / controller+unit; transport/hotadd.py).
+    hotadd: Literal["hostd", "scsi"] = "hostd"
 
     @property
     def is_vm(self) -> bool:

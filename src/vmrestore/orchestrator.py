@@ -874,14 +874,16 @@ class Orchestrator:
 
             return _Attachment(self._nbd_uri(ex), rel_export, f"export {ex.id}")
         if mode == "hotadd":
-            ha = h.hot_add(base, proxy.vm if proxy else None, attempt=attempt)
-            self.state.attach("hotadd", ha.id, t.index)
+            att = self._hotadd_attacher(proxy).attach(base, attempt)
+            kind = "hotadd" if att.ref else "hotadd-scsi"
+            ref = att.ref or att.device
+            self.state.attach(kind, ref, t.index)
 
             def rel_hotadd() -> None:
-                h.hot_remove(ha.id)
-                self.state.detach("hotadd", ha.id)
+                att.release()
+                self.state.detach(kind, ref)
 
-            return _Attachment(ha.device, rel_hotadd, f"hot-added as {ha.device}")
+            return _Attachment(att.device, rel_hotadd, att.note)
         if mode == "san":
             em = h.extent_map(base)
             path = self.state.dir / f"{self.state.stem}.disk{t.index}.extents.json"
@@ -907,6 +909,22 @@ class Orchestrator:
                              libdir=self._vddk_libdir, endpoint=self._vddk_endpoint(),
                              caller_access=True)
         return _Attachment(uri, lambda: None, f"VixDiskLib {mode}")
+
+    def _hotadd_attacher(self, proxy: infra_mod.Proxy | None) -> Any:
+        """The proxy's way to get a hot-added disk (transport/hotadd.py): via the host data
+        services (the lab), or in this proxy VM's own SCSI subsystem."""
+        from vmrestore.transport import hotadd
+
+        vm_name = proxy.vm if proxy else None
+        if proxy is None or proxy.hotadd == "hostd":
+            return hotadd.LabAttacher(self.hostd, vm_name)
+        from pyVmomi import vim
+
+        vm = next((v for v in self.session.objects(vim.VirtualMachine) if v.name == vm_name),
+                  None)
+        if vm is None:
+            raise VSphereError(f"proxy VM {vm_name!r} not found at {self.report.vcenter}")
+        return hotadd.ScsiAttacher(vm, self.session.wait)
 
     def _vddk_endpoint(self) -> str:
         """'esx' when connected straight to a host (no PrepareForAccess there)."""
