@@ -1002,38 +1002,36 @@ static VixError access_call(const char *name, const VixDiskLibConnectParams *p,
     return VIX_OK;
 }
 
-VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *connectParams,
-                                     const char *identity)
+/* An access call as the API sees it: its injected fault, the session rule, the work. */
+static VixError access_entry(const char *name, const char *op, unsigned long *counter,
+                             const VixDiskLibConnectParams *p, const char *identity,
+                             int prepare)
 {
     struct faults fs;
     VixError err;
     faults_parse(&fs);
-    if ((err = fault_check(&fs, "prepare", global_count(&g_prepares))) != VIX_OK) {
-        trace("VixDiskLib_PrepareForAccess fault code=%llu", (unsigned long long)err);
+    if ((err = fault_check(&fs, op, global_count(counter))) != VIX_OK) {
+        trace("%s fault code=%llu", name, (unsigned long long)err);
         return err;
     }
-    if ((err = session_enter("VixDiskLib_PrepareForAccess")) != VIX_OK)
+    if ((err = session_enter(name)) != VIX_OK)
         return err;
-    err = access_call("VixDiskLib_PrepareForAccess", connectParams, identity, 1);
+    err = access_call(name, p, identity, prepare);
     session_leave();
     return err;
+}
+
+VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *connectParams,
+                                     const char *identity)
+{
+    return access_entry("VixDiskLib_PrepareForAccess", "prepare", &g_prepares, connectParams,
+                        identity, 1);
 }
 
 VixError VixDiskLib_EndAccess(const VixDiskLibConnectParams *connectParams,
                               const char *identity)
 {
-    struct faults fs;
-    VixError err;
-    faults_parse(&fs);
-    if ((err = fault_check(&fs, "end", global_count(&g_ends))) != VIX_OK) {
-        trace("VixDiskLib_EndAccess fault code=%llu", (unsigned long long)err);
-        return err;
-    }
-    if ((err = session_enter("VixDiskLib_EndAccess")) != VIX_OK)
-        return err;
-    err = access_call("VixDiskLib_EndAccess", connectParams, identity, 0);
-    session_leave();
-    return err;
+    return access_entry("VixDiskLib_EndAccess", "end", &g_ends, connectParams, identity, 0);
 }
 
 static VixError open_disk(const VixDiskLibConnection connection, const char *path,

@@ -30,6 +30,24 @@ def source(tmp_path):
     return out, data
 
 
+def in_threads(fn, n: int = 2) -> list[Exception]:
+    """Run fn(0..n-1) in n threads at once; the exceptions they raised."""
+    errors: list[Exception] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except Exception as e:  # collected for the caller's assert
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return errors
+
+
 def _py(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=60)
@@ -156,49 +174,20 @@ def test_unserialized_opens_collide_serialized_ones_do_not(lib, sim, monkeypatch
             results.append(int(lib.lib.VixDiskLib_Open(conn.handle, paths[i].encode(), 0,
                                                        handles[i])))
 
-        ts = [threading.Thread(target=raw_open, args=(i,)) for i in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        assert in_threads(raw_open) == []
         assert sorted(results) == [0, 1]  # one refused: VixError 1
         for h in handles:
             if h[0] != lib.ffi.NULL:
                 lib.lib.VixDiskLib_Close(h[0])
-        errors: list[Exception] = []
-
-        def locked_open(i: int) -> None:
-            try:
-                conn.open(paths[i]).close()
-            except Exception as e:  # collected for the assert
-                errors.append(e)
-
-        ts = [threading.Thread(target=locked_open, args=(i,)) for i in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        assert errors == []
+        assert in_threads(lambda i: conn.open(paths[i]).close()) == []
 
 
 def test_parallel_disk_restores_share_the_library(sim, source):
     bk, data = source
     flats = [sim.disk(f"d{i}", size=SIZE)[1] for i in range(2)]
     vddk.Library.load(sim.libdir)  # InitEx on the main thread
-    errors: list[Exception] = []
-
-    def one(i: int) -> None:
-        try:
-            vddk.restore_disk_vddk(bk, 0, sim.uri(f"vm1/d{i}.vmdk"), libdir=sim.libdir)
-        except Exception as e:  # collected for the assert
-            errors.append(e)
-
-    ts = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert errors == []
+    assert in_threads(lambda i: vddk.restore_disk_vddk(
+        bk, 0, sim.uri(f"vm1/d{i}.vmdk"), libdir=sim.libdir)) == []
     assert all(f.read_bytes() == data for f in flats)
 
 
