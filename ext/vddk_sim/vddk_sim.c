@@ -629,48 +629,42 @@ static void run_request(struct VixDiskLibHandleStruct *h, struct request *r)
     free(r);
 }
 
-static void *worker_main(void *arg)
+/* Run the queued requests (h->mu held; it is released around each one). With
+ * wait_for_work, sleep for more until the handle stops (a worker thread); without,
+ * return once the queue is empty (mode "wait": the thread calling Wait runs them). */
+static void drain_queue(struct VixDiskLibHandleStruct *h, int wait_for_work)
 {
-    struct VixDiskLibHandleStruct *h = arg;
-
-    pthread_mutex_lock(&h->mu);
     for (;;) {
         struct request *r;
-        while (h->head == NULL && !h->stop)
+        while (wait_for_work && h->head == NULL && !h->stop)
             pthread_cond_wait(&h->work, &h->mu);
         if (h->head == NULL)
-            break;
+            return;
         r = h->head;
         h->head = r->next;
         if (h->head == NULL)
             h->tail = NULL;
         pthread_mutex_unlock(&h->mu);
-
         run_request(h, r);
-
         pthread_mutex_lock(&h->mu);
         if (--h->pending == 0)
             pthread_cond_broadcast(&h->idle);
     }
+}
+
+static void *worker_main(void *arg)
+{
+    struct VixDiskLibHandleStruct *h = arg;
+    pthread_mutex_lock(&h->mu);
+    drain_queue(h, 1);
     pthread_mutex_unlock(&h->mu);
     return NULL;
 }
 
-/* Mode "wait": the queued requests run on the thread calling Wait/Flush/Close. */
 static void run_queue(struct VixDiskLibHandleStruct *h)
 {
     pthread_mutex_lock(&h->mu);
-    while (h->head != NULL) {
-        struct request *r = h->head;
-        h->head = r->next;
-        if (h->head == NULL)
-            h->tail = NULL;
-        pthread_mutex_unlock(&h->mu);
-        run_request(h, r);
-        pthread_mutex_lock(&h->mu);
-        if (--h->pending == 0)
-            pthread_cond_broadcast(&h->idle);
-    }
+    drain_queue(h, 0);
     pthread_mutex_unlock(&h->mu);
 }
 
