@@ -292,6 +292,11 @@ class Orchestrator:
                     self.hostd.unexport_nbd(a.id)
                 elif a.kind == "hotadd":
                     self.hostd.hot_remove(a.id)
+                elif a.kind == "hotadd-scsi":  # our own SCSI hot-add: not released for us
+                    self.report.rollback.append(
+                        f"disk {a.disk} may still be hot-added to the proxy VM as {a.id}: "
+                        "remove it from the VM (docs/hotadd.md)")
+                    continue
                 self.report.rollback.append(f"released {a.kind} {a.id} (disk {a.disk})")
             except HostServiceError as e:
                 if e.kind != "not-found":
