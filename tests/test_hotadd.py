@@ -145,5 +145,5 @@ def test_infra_proxy_says_how_hotadd_reaches_it(tmp_path):
     f.write_text("proxies:\n  - {name: p1, vm: proxy1, hotadd: scsi}\n  - {name: p2}\n")
     assert [p.hotadd for p in load_infra(f).proxies] == ["scsi", "hostd"]
     f.write_text("proxies:\n  - {name: p1, hotadd: guess}\n")
-    with pytest.raises(UsageError, match="'hotadd' must be 'hostd' or 'scsi'"):
+    with pytest.raises(UsageError, match=r"proxies\[0\]\.hotadd.*'guess'"):
         load_infra(f)
