@@ -537,9 +537,6 @@ class Orchestrator:
         """--original: the VM to roll back, checked (disks, power) before anything changes."""
         from vmrestore import original as orig
 
-        if self.job.quick_rollback and os.environ.get("VMRESTORE_MOVER") == "subprocess":
-            raise UsageError("--quick-rollback runs in the in-process mover in this build "
-                             "(unset VMRESTORE_MOVER=subprocess)")
         rec = self.state.doc.original if self.job.resume else None
         o = orig.locate(self.session, self.dc, self.chain.vm_config, self.layout, self.job,
                         msgspec.structs.asdict(rec) if rec is not None else None)

@@ -130,14 +130,20 @@ def test_failed_rollback_reverts_to_safety_snapshot(lab, lab_si, host_services, 
     assert not list(tmp_path.glob("restore-*.json")), "job state left after the revert"
 
 
-def test_kill_mid_compare_then_resume(lab, lab_si, host_services, backup, tmp_path) -> None:
+@pytest.mark.parametrize("mover", ["in-process", "subprocess"])
+def test_kill_mid_compare_then_resume(lab, lab_si, host_services, backup, tmp_path,
+                                      mover: str) -> None:
+    """kill -9 mid-compare, then --resume: the compare continues from the checkpoint (also
+    when the proxy-side mover is a subprocess that reports durable checkpoints)."""
     name = unique("orig-k")
     files = _restored_vm(lab, lab_si, backup, tmp_path, name)
     changed = _drift(files, seed=13)
     args = ["restore", "--backup", str(backup.inc), "--original", "--name", name,
             "--quick-rollback", "--transport", "nbd", "--state-dir", str(tmp_path), "--json"]
-    ckpt = kill_mid_disk(args, lab_env(lab, VMRESTORE_FAULT="stall:data:0.5"), tmp_path)
-    p, rep = restore_cli(lab, *args[1:-3], "--resume", state_dir=tmp_path)
+    ckpt = kill_mid_disk(args, lab_env(lab, VMRESTORE_FAULT="stall:data:0.5",
+                                       VMRESTORE_MOVER=mover), tmp_path)
+    p, rep = restore_cli(lab, *args[1:-3], "--resume", state_dir=tmp_path,
+                         env=lab_env(lab, VMRESTORE_MOVER=mover))
     assert p.returncode == 0, p.stderr
     assert rep["resumed"]
     d0 = rep["disks"][0]
