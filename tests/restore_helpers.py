@@ -110,14 +110,17 @@ def vm_disks(si: Any, name: str) -> list[Any]:
 
 
 def find_vm(si: Any, name: str) -> Any:
-    from pyVmomi import vim
+    from pyVmomi import vim, vmodl
 
     view = si.content.viewManager.CreateContainerView(si.content.rootFolder,
                                                       [vim.VirtualMachine], True)
     try:
         for vm in view.view:
-            if vm.name == name:
-                return vm
+            try:
+                if vm.name == name:
+                    return vm
+            except vmodl.fault.ManagedObjectNotFound:  # removed meanwhile by another run
+                continue
         return None
     finally:
         view.Destroy()
