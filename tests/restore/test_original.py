@@ -154,27 +154,6 @@ def test_kill_mid_compare_then_resume(lab, lab_si, host_services, backup, tmp_pa
     assert len(changed[0]) >= 2
 
 
-def test_overwrite_keeps_identity_and_writes_every_block(lab, lab_si, host_services, backup,
-                                                         tmp_path) -> None:
-    name = unique("orig-o")
-    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
-    _drift(files, seed=14)
-    moref = find_vm(lab_si, name)._moId
-    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--name", name,
-                         "--keep-config", "--transport", "nbd", state_dir=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert _same(files, backup.images)
-    assert rep["vm"]["moref"] == moref and find_vm(lab_si, name)._moId == moref
-    for d in rep["disks"]:
-        assert d["original"]["mode"] == "overwrite"
-        assert d["original"]["bytes_written"] == d["capacity"]  # zero runs written too
-        assert d["bytes_skipped"] == 0
-    assert rep["original"]["config"] == "kept" and rep["original"]["config_changes"] == []
-    nics = [d for d in find_vm(lab_si, name).config.hardware.device
-            if hasattr(d, "macAddress")]
-    assert [n.backing.deviceName for n in nics] == ["Restore Network"]
-
-
 def test_refusals_name_the_reason(lab, lab_si, host_services, backup, tmp_path) -> None:
     """Phase 1 refuses, before anything changes: no such VM, disks that differ, ambiguity."""
     from lab_helpers import create_vm
@@ -217,8 +196,10 @@ def test_vvol_has_no_safety_snapshot(lab, lab_si, host_services, backup, tmp_pat
     assert find_vm(lab_si, name) is not None
 
 
-def test_found_by_instance_uuid(lab, lab_si, host_services, backup, tmp_path) -> None:
-    """A backup that records the VM's instance UUID finds it by that, whatever its name."""
+def test_found_by_instance_uuid_overwrite_keeps_identity(lab, lab_si, host_services, backup,
+                                                         tmp_path) -> None:
+    """A backup that records the VM's instance UUID finds it by that, whatever its name; the
+    overwrite mode writes every block in place (same moref) and --keep-config keeps the NICs."""
     import json
     import subprocess
     import sys
@@ -235,9 +216,17 @@ def test_found_by_instance_uuid(lab, lab_si, host_services, backup, tmp_path) ->
                     "--vm-config", str(tmp_path / "vm.json"), "-o", str(point), "-q"],
                    check=True, capture_output=True, timeout=120)
     _drift(files, seed=15)
-    p, rep = restore_cli(lab, "--backup", str(point), "--original", "--quick-rollback",
-                         "--keep-config", "--transport", "nbd", state_dir=tmp_path)
+    p, rep = restore_cli(lab, "--backup", str(point), "--original", "--keep-config",
+                         "--transport", "nbd", state_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     assert rep["original"]["found_by"] == f"instance UUID {vm.config.instanceUuid}"
-    assert rep["vm"]["moref"] == vm._moId
+    assert rep["vm"]["moref"] == vm._moId == find_vm(lab_si, name)._moId
     assert _same(files, backup.images)
+    for d in rep["disks"]:
+        assert d["original"]["mode"] == "overwrite"
+        assert d["original"]["bytes_written"] == d["capacity"]  # zero runs written too
+        assert d["bytes_skipped"] == 0
+    assert rep["original"]["config"] == "kept" and rep["original"]["config_changes"] == []
+    nics = [d for d in find_vm(lab_si, name).config.hardware.device
+            if hasattr(d, "macAddress")]
+    assert [n.backing.deviceName for n in nics] == ["Restore Network"]
