@@ -104,17 +104,9 @@ def load(state_path: Path) -> ResumeState | None:
 
 
 def save(state_path: Path, st: ResumeState) -> None:
-    tmp = state_path.with_name(state_path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(asdict(st), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_path)
-    dfd = os.open(state_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    from vmrestore.jobstate import atomic_write
+
+    atomic_write(state_path, json.dumps(asdict(st)).encode())
 
 
 class NewFileTarget:

@@ -42,6 +42,15 @@ def _popen(*args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _writing(srv: Nbdkit, bk: Path, target: Path, uri_extra: str = "") -> subprocess.Popen[str]:
+    """A restore-disk into srv, once it has written data (so it is mid-restore)."""
+    proc = _popen(str(bk), "--disk", "0", "--to", srv.uri + uri_extra, "-q",
+                  "--connections", "1", "--queue-depth", "2")
+    wait_written(target, proc)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
 def _one_error_line(err: str) -> str:
     assert "Traceback" not in err, err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("vmrestore: error:")]
@@ -55,10 +64,7 @@ def test_server_stopped_mid_restore_fails_in_bounded_time(
     target = tmp_path / "t.img"
     target.write_bytes(bytes(len(data)))
     with nbdkit(tmp_path, target, "--filter=delay", "delay-write=150ms") as srv:
-        proc = _popen(str(bk), "--disk", "0", "--to", srv.uri + "&timeout=2&retries=1", "-q",
-                      "--connections", "1", "--queue-depth", "2")
-        wait_written(target, proc)
-        assert proc.poll() is None, proc.communicate()
+        proc = _writing(srv, bk, target, "&timeout=2&retries=1")
         with stopped(srv):
             t0 = time.monotonic()
             _out, err = proc.communicate(timeout=60)
@@ -89,11 +95,7 @@ def test_ctrl_c_stops_a_restore_stuck_on_a_silent_server(
     target = tmp_path / "t.img"
     target.write_bytes(bytes(len(data)))
     with nbdkit(tmp_path, target, "--filter=delay", "delay-write=150ms") as srv:
-        # default timeout (30 s): only Ctrl-C can end this quickly
-        proc = _popen(str(bk), "--disk", "0", "--to", srv.uri, "-q",
-                      "--connections", "1", "--queue-depth", "2")
-        wait_written(target, proc)
-        assert proc.poll() is None, proc.communicate()
+        proc = _writing(srv, bk, target)  # default timeout (30 s): only Ctrl-C ends it quickly
         with stopped(srv):
             time.sleep(0.5)
             t0 = time.monotonic()

@@ -122,18 +122,21 @@ def test_soak_eight_restores_under_kills(lab, lab_si, host_services, backup,
         stats["restarts"] += 1
         j.resume, j.start_at = False, now + rng.uniform(0.3, 2.0)
 
+    def step(env: dict[str, str]) -> float:
+        """Reap finished runs, start the ones due; returns the time."""
+        now = time.monotonic()
+        for j in jobs:
+            if j.proc is not None:
+                reap(j, env, now)
+            elif not j.done and now >= j.start_at:
+                start(j, env)
+        return now
+
     try:
         t_end = time.monotonic() + CHAOS_SECONDS
         next_chaos = time.monotonic() + rng.uniform(2, 4)
-        for j in jobs:
-            start(j, chaos_env)
         while time.monotonic() < t_end:
-            now = time.monotonic()
-            for j in jobs:
-                if j.proc is not None:
-                    reap(j, chaos_env, now)
-                elif not j.done and now >= j.start_at:
-                    start(j, chaos_env)
+            now = step(chaos_env)
             if now >= next_chaos:
                 next_chaos = now + rng.uniform(1.0, 3.0)
                 what = rng.random()
@@ -156,12 +159,7 @@ def test_soak_eight_restores_under_kills(lab, lab_si, host_services, backup,
         # chaos over: let every job finish, resuming or restarting without faults
         deadline = time.monotonic() + 240
         while not all(j.done for j in jobs) and time.monotonic() < deadline:
-            now = time.monotonic()
-            for j in jobs:
-                if j.proc is not None:
-                    reap(j, base_env, now)
-                elif not j.done and now >= j.start_at:
-                    start(j, base_env)
+            step(base_env)
             time.sleep(0.2)
     finally:
         for j in jobs:
