@@ -803,6 +803,8 @@ class Orchestrator:
                 raise
             if task is not None:
                 task.done()
+            if mode == "san":  # written under the host's file system: make its view current
+                self.hostd.sync_disk(base)
             rd.transport = mode
             rd.status = "ok"
             rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (

@@ -31,11 +31,12 @@ from restore_helpers import (
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
-def _restored_vm(lab: Any, si: Any, backup: Any, tmp_path: Path, name: str) -> list[Path]:
+def _restored_vm(lab: Any, si: Any, backup: Any, tmp_path: Path, name: str,
+                 *where: str) -> list[Path]:
     """A VM restored from the backup (NICs moved to "Restore Network"); its flat files."""
-    p, _ = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
-                       "ds-local", "--transport", "nbd", "--network-map",
-                       "VM Network=Restore Network", state_dir=tmp_path)
+    p, _ = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--transport", "nbd",
+                       "--network-map", "VM Network=Restore Network",
+                       *(where or ("--datastore", "ds-local")), state_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     return [flat_file(lab, d.backing.fileName) for d in vm_disks(si, name)]
 
@@ -111,12 +112,14 @@ def test_quick_rollback_writes_only_changed_blocks(lab, lab_si, host_services, b
 def test_failed_rollback_reverts_to_safety_snapshot(lab, lab_si, host_services, backup,
                                                     tmp_path) -> None:
     name = unique("orig-f")
-    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name, "--datastore", "ds-san",
+                         "--disk-format", "thick-eager")
     _drift(files, seed=12)
     before = [f.read_bytes() for f in files]
-    # The data is fully rolled back when the fault hits: the revert must undo all of it.
+    # The data is fully rolled back (read and written at the LUN's extents) when the fault
+    # hits: the revert must undo all of it.
     p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--name", name,
-                         "--quick-rollback", "--transport", "hotadd",
+                         "--quick-rollback", "--transport", "san",
                          env=lab_env(lab, VMRESTORE_FAULT="phase:commit"), state_dir=tmp_path)
     assert p.returncode != 0 and rep["failed_phase"] == "commit", p.stderr
     assert any("reverted VM" in r for r in rep["rollback"]), rep["rollback"]
@@ -133,13 +136,14 @@ def test_failed_rollback_reverts_to_safety_snapshot(lab, lab_si, host_services, 
 @pytest.mark.parametrize("mover", ["in-process", "subprocess"])
 def test_kill_mid_compare_then_resume(lab, lab_si, host_services, backup, tmp_path,
                                       mover: str) -> None:
-    """kill -9 mid-compare, then --resume: the compare continues from the checkpoint (also
-    when the proxy-side mover is a subprocess that reports durable checkpoints)."""
+    """kill -9 mid-compare, then --resume: the compare continues from the checkpoint (hotadd
+    in-process; nbd through a proxy-mover subprocess that reports durable checkpoints)."""
     name = unique("orig-k")
     files = _restored_vm(lab, lab_si, backup, tmp_path, name)
     changed = _drift(files, seed=13)
     args = ["restore", "--backup", str(backup.inc), "--original", "--name", name,
-            "--quick-rollback", "--transport", "nbd", "--state-dir", str(tmp_path), "--json"]
+            "--quick-rollback", "--transport", "hotadd" if mover == "in-process" else "nbd",
+            "--state-dir", str(tmp_path), "--json"]
     ckpt = kill_mid_disk(args, lab_env(lab, VMRESTORE_FAULT="stall:data:0.5",
                                        VMRESTORE_MOVER=mover), tmp_path)
     p, rep = restore_cli(lab, *args[1:-3], "--resume", state_dir=tmp_path,
