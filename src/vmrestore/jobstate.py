@@ -28,9 +28,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -39,6 +38,7 @@ from vmrestore.errors import UsageError
 
 STATE_VERSION = 1
 CHECKPOINT_VERSION = 1
+T = TypeVar("T")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -89,19 +89,21 @@ def job_id(job: Any, vm_name: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-@dataclass
-class Checkpoint:
+class Checkpoint(msgspec.Struct):
+    """``restore-<vm>-<id>.disk<N>.ckpt`` (version 1), declared once."""
+
     disk: int
     prefix: int  # leading plan entries durable on the target
     entries: int  # plan length
     digest: str  # of the plan array
     bytes_done: int = 0
     attempt: int = 0  # the disk task attempt that wrote it (fencing, docs/disktask.md)
+    version: int = CHECKPOINT_VERSION
+    time: float = 0.0  # when it was written (informational)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"version": CHECKPOINT_VERSION, "disk": self.disk, "prefix": self.prefix,
-                "entries": self.entries, "digest": self.digest, "bytes_done": self.bytes_done,
-                "attempt": self.attempt, "time": time.time()}
+        d: dict[str, Any] = msgspec.to_builtins(self)
+        return d
 
 
 def plan_digest(plan: Any) -> str:
@@ -109,21 +111,32 @@ def plan_digest(plan: Any) -> str:
 
 
 def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
-    atomic_write(path, json.dumps(ckpt.as_dict()).encode())
+    ckpt.time = time.time()
+    atomic_write(path, msgspec.json.encode(ckpt))
 
 
 def read_checkpoint(path: Path) -> Checkpoint | None:
     try:
-        d = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"checkpoint {path} unreadable ({e}); remove it to restart the disk") \
-            from None
-    if d.get("version") != CHECKPOINT_VERSION:
-        raise UsageError(f"checkpoint {path} has version {d.get('version')!r}")
-    return Checkpoint(int(d["disk"]), int(d["prefix"]), int(d["entries"]), str(d["digest"]),
-                      int(d.get("bytes_done", 0)), int(d.get("attempt", 0)))
+    except OSError as e:
+        raise UsageError(f"checkpoint {path} unreadable ({e.strerror}); remove it to restart "
+                         "the disk") from None
+    return _decode(raw, Checkpoint, f"checkpoint {path}", CHECKPOINT_VERSION,
+                   "; remove it to restart the disk")
+
+
+def _decode(raw: bytes, typ: type[T], where: str, version: int, hint: str = "") -> T:
+    """A versioned JSON document: the version is checked first, then every field (named)."""
+    try:
+        d = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise UsageError(f"{where} unreadable ({e}){hint}") from None
+    if not isinstance(d, dict) or d.get("version") != version:
+        got = d.get("version") if isinstance(d, dict) else None
+        raise UsageError(f"{where} has version {got!r} (this build reads {version})")
+    return schema.convert(d, typ, where, raw.decode(errors="replace"))
 
 
 # -- the job-state document (one declaration: validation and serialisation) ---------------
@@ -189,16 +202,7 @@ class StateDoc(msgspec.Struct):
 
 def decode_state(raw: bytes, where: str) -> StateDoc:
     """A job-state file, validated; a bad one names the field (UsageError)."""
-    try:
-        doc = msgspec.json.decode(raw, type=StateDoc)
-    except msgspec.ValidationError as e:
-        raise schema.field_error(e, f"job state {where}", raw.decode(errors="replace")) \
-            from None
-    except msgspec.DecodeError as e:
-        raise UsageError(f"job state {where} unreadable: {e}") from None
-    if doc.version != STATE_VERSION:
-        raise UsageError(f"job state {where} has version {doc.version!r}")
-    return doc
+    return _decode(raw, StateDoc, f"job state {where}", STATE_VERSION)
 
 
 class JobState:
