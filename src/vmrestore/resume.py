@@ -47,9 +47,10 @@ class ResumeState:
     point_id: str        # hex id of that file's point (a rewritten file is refused)
     disk: int
     pid: int             # the run that writes the partial file
-    dev: int             # identity of the partial file
-    ino: int
-    entry: int           # plan entries durably written (resume starts here)
+    dev: int             # identity of the partial file: device, inode, and the token
+    ino: int             # written into its xattr when created (an inode number alone
+    entry: int           # is reused); entry: plan entries durably written (resume here)
+    token: str = ""
 
 
 def paths(target: Path) -> tuple[Path, Path]:
@@ -97,7 +98,8 @@ def load(state_path: Path) -> ResumeState | None:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("version") != VERSION:
             raise ValueError(f"not a version {VERSION} checkpoint")
-        return ResumeState(**{k: doc[k] for k in ResumeState.__dataclass_fields__})
+        return ResumeState(**{k: doc[k] for k in ResumeState.__dataclass_fields__
+                              if k in doc or k != "token"})
     except (ValueError, KeyError, TypeError) as e:
         raise TargetError(f"{state_path}: broken resume checkpoint ({e}): remove it and the "
                           "partial file beside it to start over") from None
@@ -156,7 +158,10 @@ class NewFileTarget:
         if old.point_id != self._point_id():
             raise TargetError(f"{old.backup}: not the restore point the interrupted run read "
                               "(rewritten since): start over without --resume")
-        if (st.st_dev, st.st_ino) != (old.dev, old.ino):
+        from vmrestore.ownership import FileIdentity, is_same
+
+        if (st.st_dev, st.st_ino) != (old.dev, old.ino) or not is_same(
+                FileIdentity(str(self.partial.absolute()), old.dev, old.ino, old.token)):
             raise TargetError(f"{self.partial}: not the file the interrupted run wrote "
                               "(replaced since): start over without --resume")
         self.state = old
@@ -175,9 +180,13 @@ class NewFileTarget:
     def record(self, entry: int) -> None:
         """A durable checkpoint: the first `entry` plan entries are on stable storage."""
         if self.state is None:
+            from vmrestore.ownership import created_here
+
             st = os.stat(self.partial)
+            mine = created_here(self.partial)
             self.state = ResumeState(VERSION, self.backup, self.point, self._point_id(),
-                                     self.disk, os.getpid(), st.st_dev, st.st_ino, 0)
+                                     self.disk, os.getpid(), st.st_dev, st.st_ino, 0,
+                                     mine.token if mine is not None else "")
         self.state.pid = os.getpid()
         self.state.entry = entry
         save(self.state_path, self.state)
