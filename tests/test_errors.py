@@ -125,3 +125,21 @@ def test_the_report_document_round_trips_and_a_forged_one_is_named(tmp_path, cap
     assert cli.main(["report", str(p)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "field 'disks[0].bytes_written'" in err[0], err
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[" * 100000 + "]" * 100000, "job: nested deeper than 32 levels"),
+    ('{"version": 2, "tasks": [{"disk": "x"}]}', "job.tasks[0]: field 'disk': Expected `int`"),
+    ("{bad", "job: not valid JSON: line 1, column 2"),
+])
+def test_a_bad_proxy_mover_job_is_one_error_event(text: str, words: str) -> None:
+    import io
+    import json
+
+    from vmrestore.mover import proxy_mover
+
+    out = io.StringIO()
+    assert proxy_mover.main(text, out) == 2
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["error", "result"]
+    assert words in events[0]["message"] and events[0]["kind"] == "UsageError"

@@ -30,8 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-import msgspec
-
+from vmrestore import schema
 from vmrestore.disktask import DiskProgress, DiskTask, TaskSettings, run_disk_task
 from vmrestore.errors import UsageError, VddkError, VmrError
 
@@ -126,10 +125,7 @@ def job_from_dict(d: Any) -> Job:
             raise UsageError("job.tasks: a non-empty list of disk tasks (docs/disktask.md)")
         tasks = []
         for i, t in enumerate(raw):
-            try:
-                tasks.append(msgspec.convert(t, DiskTask).validate())
-            except msgspec.ValidationError as e:
-                raise UsageError(f"job.tasks[{i}]: {e}") from None
+            tasks.append(schema.convert(t, DiskTask, f"job.tasks[{i}]").validate())
     if len({t.disk for t in tasks}) != len(tasks):
         raise UsageError("job.disks: a disk index appears twice")
     return Job(tasks, str(d.get("job_id", "")))
@@ -215,11 +211,8 @@ def run_job(job: Job, emit: Emit) -> int:
 
 
 def load_job(text: str) -> Job:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"job: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return job_from_dict(data)
+    """The job document (JSON): syntax, depth and fields checked by vmrestore.schema."""
+    return job_from_dict(schema.parse(text, "job", json_only=True))
 
 
 def main(job_text: str, out: IO[str] = sys.stdout) -> int:
