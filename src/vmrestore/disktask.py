@@ -238,11 +238,16 @@ def _plan(task: DiskTask) -> _Planned:
 
         url = RepoURL.parse(task.source)
         token = load_token(task.settings.token_file)
-        if task.settings.compare:
-            raise UsageError(f"disk {task.disk}: a quick rollback (compare) reads a local "
-                             "backup in this build, not a repository agent")
+        if task.settings.compare and url.tls:
+            raise UsageError(f"disk {task.disk}: a quick rollback (compare) runs in the core: "
+                             "repo:// or a local backup, not repos:// (TLS stays in Python)")
         rp = plan_remote(url, token, task.disk, point=task.point, client=task.settings.client)
-        return _Planned("repository-tls" if url.tls else "repository", rp.plan, rp.plan.plan,
+        entries = rp.plan.plan
+        if task.settings.compare:
+            from vmrestore.plan import compare_plan
+
+            entries = compare_plan(entries, rp.plan.block_size)
+        return _Planned("repository-tls" if url.tls else "repository", rp.plan, entries,
                         url, token, rp, rp.metadata_bytes)
     from vmrestore.repository.plan import build_plan
     from vmrestore.repository.reader import open_chain
@@ -469,12 +474,12 @@ def _run_repo(run: _Run, a: int, b: int, out: DiskTaskResult) -> None:
     task, s = run.task, run.task.settings
     res = restore_repo_disk(
         run.p.url, run.p.token, task.disk, task.target, point=task.point,
-        force=s.force or a > 0, start_entry=a, end_entry=b, remote_plan=run.p.remote,
+        force=s.force or a > 0 or s.compare, start_entry=a, end_entry=b, remote_plan=run.p.remote,
         retries=s.retries, retry_deadline=s.retry_deadline,
         connections=s.connections or DEFAULT_CONNECTIONS, client=s.client,
         on_counters=lambda c: run.counters(a, c.bytes_done, c.completed_prefix),
         on_checkpoint=run.record, checkpoint_interval=s.checkpoint_interval,
-        sampler=run.sampler, **_open_options(task))
+        sampler=run.sampler, compare=s.compare, **_open_options(task))
     _add(out, res)
     out.wire_bytes += res.wire_bytes - res.metadata_bytes
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -43,10 +44,12 @@ from vmrestore.errors import (
     ChainError,
     ChecksumError,
     MoverError,
+    TargetError,
     TransportError,
     UsageError,
 )
 from vmrestore.mover.client import Connection, RemoteSource, RepoURL
+from vmrestore.plan import compare_plan
 from vmrestore.retry import Backoff, RetryPolicy
 
 log = logging.getLogger("vmrestore.mover.repo_source")
@@ -181,7 +184,9 @@ def _sum_counters(acc: Any, c: Any, prefix_base: int, total: int) -> Any:
         return dataclasses.replace(c, completed_prefix=prefix_base + c.completed_prefix,
                                    bytes_total=total)
     add = ("bytes_read", "bytes_decompressed", "bytes_written", "bytes_zeroed", "bytes_skipped",
-           "read_ns", "decompress_ns", "write_ns", "entries_done", "elapsed_ns")
+           "read_ns", "decompress_ns", "write_ns", "entries_done", "elapsed_ns",
+           "cmp_entries", "cmp_differ", "cmp_bytes_read", "cmp_known_zero", "bytes_same",
+           "compare_ns")
     return dataclasses.replace(c, **{k: getattr(acc, k) + getattr(c, k) for k in add},
                                completed_prefix=prefix_base + c.completed_prefix,
                                entries_total=acc.entries_total, bytes_total=total)
@@ -194,7 +199,7 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
                   on_counters: Callable[[Any], None] | None = None,
                   interval: float = 0.25,
                   on_checkpoint: Callable[[int], None] | None = None,
-                  checkpoint_interval: float = 1.0) -> RepoRun:
+                  checkpoint_interval: float = 1.0, compare: bool = False) -> RepoRun:
     """Run ``plan`` into the open ``writer`` from the agent; reconnect and resume on loss.
 
     ``on_checkpoint(prefix)`` (entries of ``plan``) is called every
@@ -243,7 +248,8 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
             if on_counters is not None:
                 on_counters(_sum_counters(acc, c, base, total_bytes))
 
-        job = pl.Job(plan[pos:], sources, writer, disk=disk, settings=s, repo=dc.repo)
+        job = pl.Job(plan[pos:], sources, writer, disk=disk, settings=s, repo=dc.repo,
+                     compare=compare)
         ckpt = (Checkpointer(checkpoint_interval, on_checkpoint, base=base,
                              name=f"ckpt-repo-disk{disk}") if on_checkpoint else None)
         try:
@@ -294,14 +300,17 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                       remote_plan: RemotePlan | None = None,
                       on_checkpoint: Callable[[int], None] | None = None,
                       checkpoint_interval: float = 1.0,
-                      open_options: dict[str, Any] | None = None, sampler: Any = None) -> Any:
+                      open_options: dict[str, Any] | None = None, sampler: Any = None,
+                      compare: bool = False) -> Any:
     """restore_disk() for a repo:// backup: plan over the wire, data through the C source.
 
     Runs ``plan[start_entry:end_entry]`` (a resume, or a slice); ``remote_plan``
     reuses a plan already made with :func:`plan_remote` (its metadata bytes are
     then counted again in ``wire_bytes``/``metadata_bytes``: subtract them when
     summing slices). ``on_checkpoint(prefix)`` receives durable prefixes in
-    entries of the whole plan (see :func:`run_repo_plan`).
+    entries of the whole plan (see :func:`run_repo_plan`). ``compare``: quick
+    rollback of an existing target; the plan (and its entry numbers) is then
+    ``plan.compare_plan`` of the remote plan, and only differing blocks are fetched.
     Returns a vmrestore.restore_disk.RestoreResult with the wire fields filled.
     """
     from vmrestore import pipeline as pl
@@ -312,11 +321,17 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     t0 = time.monotonic()
     rp = remote_plan or plan_remote(url, token, disk, point=point, client=client)
     dp = rp.plan
-    end = len(dp.plan) if end_entry is None else end_entry
-    if not 0 <= start_entry <= end <= len(dp.plan):
+    entries = compare_plan(dp.plan, dp.block_size) if compare else dp.plan
+    end = len(entries) if end_entry is None else end_entry
+    if not 0 <= start_entry <= end <= len(entries):
         raise UsageError(f"plan slice {start_entry}..{end} outside the plan "
-                         f"(0..{len(dp.plan)})")
+                         f"(0..{len(entries)})")
     spec = parse_target(target)
+    if compare:
+        target_zeroed = False
+        if spec.kind == "file" and not os.path.exists(spec.path or ""):
+            raise TargetError(f"{spec.path}: does not exist; a quick rollback compares with an "
+                              "existing disk")
     sampler = sampler or Sampler(spec.transport)
     writer = open_target(spec, dp.capacity, OpenOptions(
         force=force or start_entry > 0, target_zeroed=target_zeroed, direct=direct,
@@ -324,26 +339,29 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     try:
         settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
                                queue_depth=queue_depth, buffers=buffers)
-        run = run_repo_plan(dp.plan[start_entry:end], dp.sources, rp.sums, writer, url, token,
+        if compare and not writer.capabilities()["read"]:
+            raise UsageError(f"{target}: the {writer.name} target cannot be read back, so a "
+                             "quick rollback cannot compare it")
+        run = run_repo_plan(entries[start_entry:end], dp.sources, rp.sums, writer, url, token,
                             disk=disk, settings=settings, per_reader=connections,
                             retries=retries, retry_deadline=retry_deadline, client=client,
                             on_counters=sampler.segment(on_counters), interval=interval,
                             on_checkpoint=(None if on_checkpoint is None else
                                            lambda p: on_checkpoint(start_entry + p)),
-                            checkpoint_interval=checkpoint_interval)
+                            checkpoint_interval=checkpoint_interval, compare=compare)
         name, note = writer.name, writer.note
         mode = getattr(writer, "transport_mode", None) or spec.transport
     finally:
         writer.close()
     seconds = time.monotonic() - t0
     c = run.counters
-    resumed = int(dp.plan["length"][:start_entry].sum()) if start_entry else 0
+    resumed = int(entries["length"][:start_entry].sum()) if start_entry else 0
     return RestoreResult(
         disk=disk, target=target, transport=mode, writer=name, capacity=dp.capacity,
         bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
         bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, seconds=seconds,
         mb_per_s=c.bytes_done / MiB / seconds if seconds > 0 else 0.0, peak_rss=peak_rss(),
-        busy=c.busy, busy_ns=c.busy_ns, elapsed_ns=c.elapsed_ns, entries=len(dp.plan),
+        busy=c.busy, busy_ns=c.busy_ns, elapsed_ns=c.elapsed_ns, entries=len(entries),
         completed_prefix=start_entry + c.completed_prefix,
         settings={"readers": c.readers, "threads": c.threads, "lanes": c.lanes,
                   "queue_depth": c.queue_depth, "buffers": c.buffers,
@@ -351,4 +369,7 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
         notes=[note] if note else [], source="repository", resumed_bytes=resumed,
         wire_bytes=rp.metadata_bytes + run.wire_bytes, stored_bytes=run.stored_bytes,
         metadata_bytes=rp.metadata_bytes, reconnects=run.reconnects, refetches=run.refetches,
-        connections=run.connections, tls=False, timeline=sampler.as_dict())
+        connections=run.connections, tls=False, timeline=sampler.as_dict(),
+        quick_rollback=compare, compared_entries=c.cmp_entries,
+        differing_entries=c.cmp_differ, compare_read_bytes=c.cmp_bytes_read,
+        known_zero_bytes=c.cmp_known_zero, bytes_same=c.bytes_same)
