@@ -134,3 +134,17 @@ def test_removal_is_by_identity_not_by_name(tmp_path: Path) -> None:
     assert ownership.remove_if_ours(ownership.record_created(str(tmp_path / "u.img"),
                                                              st.st_dev, st.st_ino))
     assert not (tmp_path / "u.img").exists()
+
+
+def test_a_loop_device_over_a_chain_file_is_that_file(tmp_path: Path,
+                                                      chain: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A hot-add of the backup itself (a loop device over it) is refused like the file."""
+    from core_helpers import loop_device
+
+    p0, p1 = chain["p0"], chain["p1"]
+    before = _digest(p0)
+    with loop_device(p0) as dev:
+        _refused(capsys, "restore-disk", str(p1), "--disk", "0", "--to", dev, "-q",
+                 words="a file of the backup chain")
+    assert _digest(p0) == before

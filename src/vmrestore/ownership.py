@@ -135,6 +135,23 @@ def _identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def _backing_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """A loop device's backing file (a hot-add of a file is one): its identity, else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
+    try:
+        with open(sysfs) as f:
+            backing = f.read().strip()
+    except OSError:
+        return None
+    return _identity(backing.removesuffix(" (deleted)"))
+
+
 def refuse_overlap(target: str | os.PathLike[str] | None,
                    protected: Iterable[str | os.PathLike[str]], *, what: str,
                    why: str) -> None:
@@ -144,8 +161,9 @@ def refuse_overlap(target: str | os.PathLike[str] | None,
     t = _identity(target)
     if t is None:
         return
+    behind = _backing_identity(target)  # a loop device over a chain file writes that file
     for p in protected:
-        if _identity(p) == t:
+        if _identity(p) in (t, behind):
             same = ("" if os.path.abspath(target) == os.path.abspath(p)
                     else f" (the same file as {p})")
             raise UsageError(f"{what} {target}{same} is {why}: refused, --force or not")
