@@ -1,7 +1,8 @@
 """Soak: 8 restores at once into the lab while a seeded chaos loop kills things.
 
-For about a minute: restores are killed with -9 and resumed (--resume) at random,
-the repository agent half of them read from is killed -9 and restarted on its port,
+For 50 seconds (VMRESTORE_SOAK_SECONDS): restores are killed with -9 and resumed
+(--resume) at random, the repository agent half of them read from is killed -9 and
+restarted on its port,
 and the lab's NBD servers (nbdkit of an export) are killed -9. A run that fails on
 its own (not killed) must have rolled back: nothing of it is left in the lab at
 that moment; it then starts again. When the chaos stops, every job is finished
@@ -30,7 +31,7 @@ from restore_helpers import assert_nothing_left, assert_restored, find_vm, lab_e
 pytestmark = [pytest.mark.lab, pytest.mark.root, pytest.mark.slow]
 
 JOBS = 8
-CHAOS_SECONDS = float(os.environ.get("VMRESTORE_SOAK_SECONDS", "60"))
+CHAOS_SECONDS = float(os.environ.get("VMRESTORE_SOAK_SECONDS", "50"))
 SEED = int(os.environ.get("VMRESTORE_SOAK_SEED", "13"))
 
 
