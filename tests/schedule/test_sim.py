@@ -60,3 +60,12 @@ def test_bench_schedule_command_json(cli):
     assert [ln.split()[0] for ln in res.stderr.splitlines()] == ["0", "1"]  # rows: stderr
     bad = cli("bench", "schedule", "--kills", "9", "--proxies", "4")
     assert bad.returncode == 2 and "--kills" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tier_zero_vms_are_ready_well_before_the_rest(seed):
+    # Tier 0 goes first at admission and at the vCenter queue: its median RTO is far
+    # below tier 1's (measured about 3x below on these seeds; asserted at 2x).
+    r = simulate(fleet(seed, vms=60, hosts=4, datastores=4, proxies=8, kills=1, tier0=0.25))
+    (t0_p50, _), (t1_p50, _) = r.rto_by_tier[0], r.rto_by_tier[1]
+    assert 2 * t0_p50 < t1_p50

@@ -85,6 +85,9 @@ def _run_schedule(args: argparse.Namespace) -> int:
     print(f"binding terms: {terms}")
     print(f"VM RTO: p50 {_hms(s.rto_p50_median)} (median over seeds), "
           f"p99 {_hms(s.rto_p99_median)} (median), {_hms(s.rto_p99_worst)} (worst)")
+    if len(s.rto_by_tier) > 1:
+        print("VM RTO by tier (medians over seeds): " + "; ".join(
+            f"tier {k} p50 {_hms(p50)} p99 {_hms(p99)}" for k, (p50, p99) in s.rto_by_tier.items()))
     print(f"re-copied after {s.kills_total} kills: {s.recopied_bytes_total / 1e9:.1f} GB "
           f"({s.recopied_bytes_mean / 1e9:.1f} GB per seed)")
     print(f"admission CPU: {s.admission_cpu_per_sim_hour:.3f} s per simulated hour")

@@ -41,6 +41,7 @@ class Result(msgspec.Struct):
     ratio: float             # makespan / bound
     rto_p50: float
     rto_p99: float
+    rto_by_tier: dict[int, tuple[float, float]]   # tier -> (p50, p99)
     tasks: int
     total_bytes: int
     recopied_bytes: int      # copied again after proxy kills (past the last checkpoint)
@@ -284,10 +285,14 @@ def simulate(sc: Scenario, bound: Bound | None = None) -> Result:
     sim = _Sim(sc)
     makespan = sim.run()
     rtos = list(sim.ready.values())
+    tiers: dict[int, list[float]] = defaultdict(list)
+    for v in sc.vms:
+        tiers[v.tier].append(sim.ready[v.name])
     return Result(
         seed=sc.seed, makespan=makespan, bound=bound,
         ratio=makespan / bound.value if bound.value else float("nan"),
         rto_p50=_pct(rtos, 0.50), rto_p99=_pct(rtos, 0.99),
+        rto_by_tier={k: (_pct(v, 0.50), _pct(v, 0.99)) for k, v in sorted(tiers.items())},
         tasks=len(sc.tasks), total_bytes=sum(t.size for t in sc.tasks), recopied_bytes=sim.recopied,
         kills=len(sc.kills), grants=sim.grants,
         by_transport={k: int(v) for k, v in sorted(sim.moved.items())},
@@ -305,6 +310,7 @@ class Summary(msgspec.Struct):
     rto_p50_median: float              # seconds, median over seeds of each seed's p50
     rto_p99_median: float
     rto_p99_worst: float
+    rto_by_tier: dict[int, tuple[float, float]]   # tier -> medians over seeds of (p50, p99)
     recopied_bytes_total: int
     recopied_bytes_mean: float
     kills_total: int
@@ -326,6 +332,9 @@ def summarize(results: list[Result]) -> Summary:
         rto_p50_median=_median([r.rto_p50 for r in results]),
         rto_p99_median=_median([r.rto_p99 for r in results]),
         rto_p99_worst=max(r.rto_p99 for r in results),
+        rto_by_tier={k: (_median([r.rto_by_tier[k][0] for r in results if k in r.rto_by_tier]),
+                         _median([r.rto_by_tier[k][1] for r in results if k in r.rto_by_tier]))
+                     for k in sorted({k for r in results for k in r.rto_by_tier})},
         recopied_bytes_total=sum(r.recopied_bytes for r in results),
         recopied_bytes_mean=sum(r.recopied_bytes for r in results) / len(results),
         kills_total=sum(r.kills for r in results),
