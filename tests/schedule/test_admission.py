@@ -79,6 +79,19 @@ def test_order_is_tier_then_most_constrained_then_largest():
     assert keys(adm.grants()) == ["later-huge/0"]
 
 
+def test_a_vm_with_the_longest_disk_goes_first_with_all_its_disks():
+    adm = Admission([ProxySpec("p1", 1)], Limits())
+    adm.add([task("b/0", size=50), task("a/0", size=100), task("a/1", size=10),
+             task("c/0", size=60)])
+    order = []
+    for _ in range(4):
+        (g,) = adm.grants()
+        order.append(g.task.key)
+        adm.release(g)
+    # a's disks together (its VM ready sooner), then the other VMs by their longest disk
+    assert order == ["a/0", "a/1", "c/0", "b/0"]
+
+
 def test_stream_rates_make_longest_first_mean_longest_in_time():
     opts_nbd, opts_hot = (("p1", "nbd"),), (("p1", "hotadd"),)
     adm = Admission([ProxySpec("p1", 1)], Limits(), stream_rates={"nbd": 50, "hotadd": 500})

@@ -32,7 +32,8 @@ def proxy_spec(draw, name: str) -> ProxySpec:
 def task_spec(draw, key: str) -> TaskSpec:
     pairs = [(p, t) for p in PROXIES for t in TRANSPORTS]
     opts = draw(st.lists(st.sampled_from(pairs), min_size=0, max_size=5, unique=True))
-    return TaskSpec(key=key, vm=key, disk=0, size=draw(st.integers(1, 50)),
+    return TaskSpec(key=key, vm=draw(st.sampled_from(["vm-a", "vm-b", "vm-c", key])), disk=0,
+                    size=draw(st.integers(1, 50)),
                     tier=draw(st.integers(0, 1)), host=draw(st.sampled_from(["h0", "h1"])),
                     datastore=draw(st.sampled_from(["d0", "d1"])),
                     repo=draw(st.sampled_from(["r0", "r1"])), options=tuple(opts))
@@ -45,13 +46,17 @@ class Reference:
         self.proxies = {p.name: p for p in proxies}
         self.alive = set(self.proxies)
         self.limits = limits
-        self.queue: dict[str, tuple[int, TaskSpec]] = {}
+        self.queue: dict[str, tuple[int, int, TaskSpec]] = {}   # key -> (seq, vm size, task)
+        self.vm_size: dict[str, int] = {}    # the largest disk ever queued for each VM
         self.running: dict[str, Grant] = {}
         self.seq = 0
 
-    def add(self, t: TaskSpec) -> None:
-        self.seq += 1
-        self.queue[t.key] = (self.seq, t)
+    def add(self, batch: list[TaskSpec]) -> None:
+        for t in batch:
+            self.vm_size[t.vm] = max(self.vm_size.get(t.vm, 0), t.size)
+        for t in batch:
+            self.seq += 1
+            self.queue[t.key] = (self.seq, self.vm_size[t.vm], t)
 
     def live(self, t: TaskSpec) -> list[tuple[str, str]]:
         return [(p, tr) for p, tr in t.options
@@ -59,12 +64,12 @@ class Reference:
 
     def grants(self) -> list[tuple[str, str, str]]:
         def order(item: tuple[int, TaskSpec]):
-            seq, t = item
+            seq, vm_size, t = item
             n = len({p for p, _ in self.live(t)})
-            return (t.tier, n.bit_length() if n else 1 << 30, -t.size, seq)
+            return (t.tier, n.bit_length() if n else 1 << 30, -vm_size, -t.size, seq)
 
         lim, out = self.limits, []
-        for _, t in sorted(self.queue.values(), key=order):
+        for _, _, t in sorted(self.queue.values(), key=order):
             use = Counter()
             for g in self.running.values():
                 use["p", g.proxy] += 1
@@ -121,8 +126,7 @@ def test_admission_matches_reference_and_never_exceeds_a_limit(data):
             new = [data.draw(task_spec(f"t{n + i}")) for i in range(data.draw(st.integers(1, 4)))]
             n += len(new)
             adm.add(new)
-            for t in new:
-                ref.add(t)
+            ref.add(new)
         elif op in ("release", "requeue") and grants:
             g = grants.pop(data.draw(st.sampled_from(sorted(grants))))
             del ref.running[g.task.key]
@@ -130,7 +134,7 @@ def test_admission_matches_reference_and_never_exceeds_a_limit(data):
                 assert adm.release(g)
             else:
                 assert adm.requeue(g)
-                ref.add(g.task)
+                ref.add([g.task])
         elif op == "lost":
             name = data.draw(st.sampled_from(PROXIES))
             lost = adm.proxy_lost(name)
@@ -139,7 +143,7 @@ def test_admission_matches_reference_and_never_exceeds_a_limit(data):
                 expect = sorted(k for k, g in ref.running.items() if g.proxy == name)
                 assert [g.task.key for g in lost] == expect
                 for k in expect:
-                    ref.add(ref.running.pop(k).task)
+                    ref.add([ref.running.pop(k).task])
                     del grants[k]
             else:
                 assert lost == []

@@ -5,8 +5,9 @@ scheduling simulator drive the same object. The policy and its reasons are in
 docs/scheduling.md; in short:
 
 * order: RTO tier, then most constrained (fewest live eligible proxies, in
-  powers of two), then longest first (bytes, or bytes / stream rate of the
-  task's preferred transport when ``stream_rates`` is given);
+  powers of two), then longest first per VM (the VM with the longest disk,
+  all its disks longest first, then the next VM; work = bytes, or bytes /
+  stream rate of the task's preferred transport when ``stream_rates`` is given);
 * a task takes its most preferred option that is free now, falling back along
   its option list (hotadd -> nbd); with ``stream_rates``, in two passes: first
   near-best options only, then slower fallbacks for tasks that would finish on
@@ -77,7 +78,7 @@ class _Class:
     """Queued tasks sharing (options, host, datastore, repo): interchangeable but for order."""
 
     __slots__ = ("cid", "constraint", "ds", "ds_cap", "entry", "fast", "first_rate", "host",
-                 "options", "q", "repo", "repo_cap", "slow")
+                 "options", "q", "repo", "repo_cap", "slow", "works")
 
     def __init__(self, cid: int, sig: _Sig, limits: Limits, rates: dict[str, float]) -> None:
         self.cid = cid
@@ -85,8 +86,10 @@ class _Class:
         self.ds_cap = limits.datastores.get(self.ds, limits.per_datastore)
         self.repo_cap = limits.repos.get(self.repo, limits.per_repo)
         self.first_rate = rates.get(self.options[0][1]) if self.options else None
-        self.q: list[tuple[int, float, int, str]] = []  # sorted (tier, -work, seq, key)
-        self.entry: tuple[int, int, float, int, int] | None = None  # its place in the order
+        # sorted (tier, -VM's work, -work, seq, key)
+        self.q: list[tuple[int, float, float, int, str]] = []
+        self.works: list[float] = []   # the queued tasks' work, ascending
+        self.entry: tuple[int, int, float, float, int, int] | None = None  # place in the order
         self.fast = _Options()
         self.slow = _Options()
         self.constraint = 0
@@ -133,8 +136,8 @@ class Admission:
             self._mark(spec.name)
         self._classes: dict[_Sig, _Class] = {}
         self._by_cid: list[_Class] = []
-        self._order: list[tuple[int, int, float, int, int]] = []
-        self._queued: dict[str, tuple[tuple[int, float, int, str], _Class, TaskSpec]] = {}
+        self._order: list[tuple[int, int, float, float, int, int]] = []
+        self._queued: dict[str, tuple[tuple[int, float, float, int, str], _Class, TaskSpec]] = {}
         self._queued_bytes = 0
         self._capacity = 0.0  # bytes/s the live proxies can move at most (with stream_rates)
         self._running: dict[str, Grant] = {}
@@ -143,6 +146,7 @@ class Admission:
         self._ds: Counter[str] = Counter()
         self._repo: Counter[str] = Counter()
         self._seq = 0
+        self._vm_work: dict[str, float] = {}   # VM -> work of its longest disk queued so far
         # rate budgets beyond proxy bandwidth: ("d", datastore) and ("h", host) -> bytes/s
         self._budget: dict[tuple[str, str], float] = {}
         if self._rates:
@@ -158,7 +162,12 @@ class Admission:
     def add(self, tasks: Iterable[TaskSpec]) -> None:
         """Queue tasks; a key already queued or running is an error."""
         with self._lock:
-            for t in tasks:
+            batch = list(tasks)
+            for t in batch:   # a VM's disks sort by the VM's longest disk first
+                w = self._work(t)
+                if w > self._vm_work.get(t.vm, -1.0):
+                    self._vm_work[t.vm] = w
+            for t in batch:
                 self._enqueue(t)
 
     def cancel(self, key: str) -> bool:
@@ -174,7 +183,7 @@ class Admission:
 
         First pass: near-best options only, in the task order. Second pass (only
         with ``stream_rates``): slower fallbacks for what is left, each class
-        giving its longest task that would finish on the fallback within the
+        giving its first task that would finish on the fallback within the
         queue's drain time (queued bytes / live capacity), so a slow stream
         does not become the plan's tail.
         """
@@ -189,7 +198,7 @@ class Admission:
         order, free, lim_nbd = self._order, self._free, self.limits.nbd_per_host
         i = 0
         while free and i < len(order):
-            c = self._by_cid[order[i][4]]
+            c = self._by_cid[order[i][-1]]
             if ((c.ds_cap is not None and self._ds[c.ds] >= c.ds_cap)
                     or (c.repo_cap is not None and self._repo[c.repo] >= c.repo_cap)):
                 i += 1
@@ -203,7 +212,7 @@ class Admission:
             if choice is None:
                 i += 1
                 continue
-            task = self._dequeue(c.q[j][3])   # keeps the class at or after i
+            task = self._dequeue(c.q[j][4])   # keeps the class at or after i
             out.append(self._take(task, *choice))
 
     def _pick(self, c: _Class, opts: _Options, host_ok: bool,
@@ -243,7 +252,7 @@ class Admission:
 
     def _fallback(self, c: _Class, host_ok: bool,
                   horizon: float) -> tuple[tuple[str, str] | None, int]:
-        """A slow option and the class's longest task (of its head's tier) done within horizon."""
+        """A slow option and the class's first task (in its head's tier) done within horizon."""
         if not c.slow.live or not c.q:
             return None, 0
         tier = c.q[0][0]
@@ -251,11 +260,20 @@ class Admission:
         found: dict[str, int] = {}
 
         def fits(t: str) -> bool:
-            # longest task with size / rate(t) <= horizon, i.e. work <= horizon * rate / scale
+            # the first task in order with size / rate(t) <= horizon,
+            # i.e. work <= horizon * rate / scale
             j = found.get(t)
             if j is None:
-                j = bisect_left(c.q, (tier, -(horizon * self._rates.get(t, 0.0) / scale)))
-                found[t] = j = j if j < len(c.q) and c.q[j][0] == tier else -1
+                limit = horizon * self._rates.get(t, 0.0) / scale
+                j = -1
+                if c.works[0] <= limit:   # else none fits: no scan
+                    for k, e in enumerate(c.q):
+                        if e[0] != tier:
+                            break
+                        if -e[2] <= limit:
+                            j = k
+                            break
+                found[t] = j
             return j >= 0
 
         if not fits(c.slow.fastest):
@@ -409,19 +427,25 @@ class Admission:
             self._by_cid.append(c)
             c.refresh(self._proxies, self._rates)
         self._seq += 1
-        entry = (t.tier, -(t.size / c.first_rate if c.first_rate else float(t.size)),
-                 self._seq, t.key)
+        w = self._work(t)
+        entry = (t.tier, -max(w, self._vm_work.get(t.vm, w)), -w, self._seq, t.key)
         self._queued[t.key] = (entry, c, t)
         self._queued_bytes += t.size
         insort(c.q, entry)
+        insort(c.works, w)
         if entry is c.q[0]:
             self._reorder(c)
+
+    def _work(self, t: TaskSpec) -> float:
+        rate = self._rates.get(t.options[0][1]) if t.options and self._rates else None
+        return t.size / rate if rate else float(t.size)
 
     def _dequeue(self, key: str) -> TaskSpec:
         entry, c, t = self._queued.pop(key)
         self._queued_bytes -= t.size
         j = bisect_left(c.q, entry)
         del c.q[j]
+        del c.works[bisect_left(c.works, -entry[2])]
         if j == 0:
             self._reorder(c)
         return t
@@ -429,7 +453,7 @@ class Admission:
     def _reorder(self, c: _Class) -> None:
         """Put the class at the place of its head task in the order (or out of it)."""
         h = c.q[0] if c.q else None
-        entry = (h[0], c.constraint, h[1], h[2], c.cid) if h else None
+        entry = (h[0], c.constraint, h[1], h[2], h[3], c.cid) if h else None
         if entry == c.entry:
             return
         if c.entry is not None:
