@@ -20,7 +20,8 @@ Infrastructure file (YAML, version 1; documented in docs/restore.md)::
         hotadd: hostd            # hostd (host services attach it) | scsi (docs/hotadd.md)
 
 Without a file there is one local proxy (``local``) with 4 slots, SAN 'auto',
-and when the lab is up, the lab's proxy VM as its VM.
+and as its VM the proxy VM of the restore's site (the command's choice: the
+lab's proxy VM when restoring into the lab).
 
 Task slots are lock files taken with ``flock`` in :func:`slot_dir`: a
 slot is free again the moment its holder exits, even by kill -9, so a crashed
@@ -98,7 +99,7 @@ class Infra:
 
 
 def default_infra(proxy_vm: str | None = None) -> Infra:
-    """One local proxy; a VM (HotAdd) when the caller knows the proxy VM (the lab's)."""
+    """One local proxy; a VM (HotAdd) when the caller knows the proxy VM (the site's)."""
     return Infra([Proxy(name="local", slots=4, vm=proxy_vm)], source="default")
 
 
@@ -192,6 +193,24 @@ def free_slots(infra: Infra, slot_dir: Path) -> dict[str, int]:
                 n += 1
                 lease.release()
         out[p.name] = n
+    return out
+
+
+def acquire_more(lease: SlotLease, slot_dir: Path, n: int) -> list[SlotLease]:
+    """Up to ``n`` more free slots on the proxy of ``lease``, without waiting.
+
+    A job whose VM has several disks runs them in parallel, one slot each: the
+    job holds its first slot for its whole run and these for its data phase.
+    """
+    out: list[SlotLease] = []
+    for i in range(lease.proxy.slots):
+        if len(out) >= n:
+            break
+        if i == lease.index:
+            continue
+        extra = _try_slot(slot_dir, lease.proxy, i)
+        if extra is not None:
+            out.append(extra)
     return out
 
 

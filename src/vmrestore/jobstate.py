@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -219,6 +220,8 @@ class JobState:
         self.path = directory / f"{self.stem}.json"
         self.doc: StateDoc | None = None
         self._lock_fd: int | None = None
+        # the disks of one VM run in threads: one writer of the document at a time
+        self.mutex = threading.RLock()
         self._identity = job.identity()
 
     def lock(self) -> None:
@@ -272,9 +275,11 @@ class JobState:
     def save(self) -> None:
         if self.doc is None:
             return
-        self.doc.updated = time.time()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, msgspec.json.format(msgspec.json.encode(self.doc), indent=1))
+        with self.mutex:
+            self.doc.updated = time.time()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path,
+                         msgspec.json.format(msgspec.json.encode(self.doc), indent=1))
 
     def checkpoint_path(self, disk: int) -> Path:
         return self.dir / f"{self.stem}.disk{disk}.ckpt"
@@ -290,16 +295,19 @@ class JobState:
     # -- ledger helpers ----------------------------------------------------------------
     def attach(self, kind: str, ident: str, disk: int) -> None:
         assert self.doc is not None
-        self.doc.attachments.append(Attachment(kind, ident, disk))
-        self.save()
+        with self.mutex:
+            self.doc.attachments.append(Attachment(kind, ident, disk))
+            self.save()
 
     def detach(self, kind: str, ident: str) -> None:
         assert self.doc is not None
-        self.doc.attachments = [a for a in self.doc.attachments
-                                if not (a.kind == kind and a.id == ident)]
-        self.save()
+        with self.mutex:
+            self.doc.attachments = [a for a in self.doc.attachments
+                                    if not (a.kind == kind and a.id == ident)]
+            self.save()
 
     def disk(self, index: int) -> DiskStatus:
         """The status record of disk index (created pending)."""
         assert self.doc is not None
-        return self.doc.disks.setdefault(str(index), DiskStatus())
+        with self.mutex:
+            return self.doc.disks.setdefault(str(index), DiskStatus())

@@ -32,6 +32,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ from vmrestore import infra as infra_mod
 from vmrestore.errors import (
     HostServiceError,
     Interrupted,
-    LabError,
     TransportError,
     UsageError,
     VmrError,
@@ -84,14 +84,40 @@ class _Attachment:
         self.note = note
 
 
+@dataclass
+class Site:
+    """Where a restore goes, as the command decided it (the lab as default is its choice).
+
+    ``target`` is the vCenter/ESXi connection (vsphere.connect.Target), ``hostd`` the
+    hosts' data services client (transport.host.HostServices; None: none known, refused
+    in phase 1 after the connection to vCenter). The defaults apply
+    when the job names none: the datacenter, the default proxy's VM (HotAdd), and the
+    VixDiskLib to use with ``--disk-library vddk`` (with the environment it needs and
+    the password file its sessions read).
+    """
+
+    target: Any
+    hostd: Any
+    datacenter: str | None = None
+    proxy_vm: str | None = None
+    vddk_libdir: str | None = None
+    vddk_env: dict[str, str] = field(default_factory=dict)
+    vddk_password_file: str | None = None
+    vddk_note: str = ""          # said in phase 1 when that library is used
+
+
 class Orchestrator:
+    """One VM restore in five phases. ``site(job) -> Site`` says where it goes (the command's
+    choice; phase 1 calls it, so a refusal there is reported as a failed initialize)."""
+
     def __init__(self, job: RestoreJob, display: Any = None, movers: Any = None,
-                 lab_dir: str | os.PathLike[str] | None = None) -> None:
+                 site: Callable[[RestoreJob], Site] | None = None) -> None:
         self.job = job
         self.display = display
         self.report = Report(backup=job.backup or job.repository or "", point=job.point or "")
         self.faults = parse_faults(os.environ.get("VMRESTORE_FAULT"))
-        self.lab_dir = lab_dir
+        self._site_for = site
+        self.site: Site | None = None
         self._movers = movers
         self.session: Any = None
         self.state: Any = None
@@ -103,7 +129,6 @@ class Orchestrator:
         self.vm: Any = None
         self.dc: Any = None
         self.hostd: Any = None
-        self.lab: Any = None
         self.ds_types: dict[str, str] = {}
         self.luns: dict[str, str] = {}
         self.proxy: infra_mod.Proxy | None = None
@@ -325,48 +350,11 @@ class Orchestrator:
 
     # --- phase 1 ----------------------------------------------------------------------
 
-    def _target(self) -> Any:
-        """The vCenter connection target: the job's, else the running lab's."""
-        from vmrestore.vsphere.connect import Target
-
-        job = self.job
-        if job.vcenter:
-            try:
-                password = Path(job.password_file or "").read_text().strip()
-            except OSError as e:
-                raise UsageError(f"--password-file {job.password_file}: {e.strerror}") from None
-            return Target(job.vcenter, job.user or "", password, job.thumbprint, job.ca_file,
-                          job.insecure)
-        if self.lab is None:
-            raise UsageError("restore: no --vcenter given and no lab is up (run 'vmrestore lab "
-                             "up', or give --vcenter URL --user U --password-file F)")
-        return self.lab.target()
-
-    def _on_lab(self, url: str) -> bool:
-        """Is url one of the running lab's endpoints (its vCenter or its ESXi host)?"""
-        return self.lab is not None and url.rstrip("/") in (
-            u.rstrip("/") for u in self.lab.endpoints())
-
-    def _load_lab(self) -> None:
-        from vmrestore.lab.client import lab_is_up, load_lab
-
-        if lab_is_up(self.lab_dir):
-            try:
-                self.lab = load_lab(self.lab_dir)
-            except LabError as e:
-                log.info("lab not usable: %s", e)
-
-    def _host_services(self) -> Any:
-        from vmrestore.transport.host import HostServices
-
-        url = os.environ.get("VMRESTORE_HOSTD_URL")
-        if url:
-            tok = Path(os.environ.get("VMRESTORE_HOSTD_TOKEN_FILE", "")).read_text().strip()
-            return HostServices(url, tok)
-        if self.lab is not None and (not self.job.vcenter or self._on_lab(self.job.vcenter)):
-            return HostServices.from_lab(self.lab)
-        raise UsageError(f"no host data services known for {self.job.vcenter} (set "
-                         "VMRESTORE_HOSTD_URL and VMRESTORE_HOSTD_TOKEN_FILE, see docs/restore.md)")
+    def _site(self) -> Site:
+        if self._site_for is None:
+            raise UsageError("restore: no target site given (the command decides where a "
+                             "restore goes)")
+        return self._site_for(self.job)
 
     def initialize(self) -> str:
         from vmrestore.jobstate import JobState, state_dir_for
@@ -419,39 +407,41 @@ class Orchestrator:
         else:
             self.state.start()
 
-        # Infrastructure: a proxy with a free task slot (the lab's proxy VM is the default
-        # proxy's VM only when the target is the lab).
-        self._load_lab()
-        target = self._target()
-        on_lab = self._on_lab(target.url)  # the lab's vCenter or its ESXi host
-        lab_vc = on_lab and target.url.rstrip("/") == self.lab.vcenter_url.rstrip("/")
+        # Infrastructure: a proxy with a free task slot (the site's proxy VM is the default
+        # proxy's VM).
+        site = self.site = self._site()
+        target = site.target
         infra = (infra_mod.load_infra(job.infra) if job.infra else
-                 infra_mod.default_infra(self.lab.proxy_vm if lab_vc else None))
+                 infra_mod.default_infra(site.proxy_vm))
         self._take_slot(infra)
 
         # vCenter/ESXi.
         self.report.vcenter = target.url
         self.session = connect(target)
-        self.hostd = self._host_services()
+        if site.hostd is None:
+            raise UsageError(f"no host data services known for {target.url} (set "
+                             "VMRESTORE_HOSTD_URL and VMRESTORE_HOSTD_TOKEN_FILE, see "
+                             "docs/restore.md)")
+        self.hostd = site.hostd
         if job.resume:
             self._release_attachments()  # stale exports / hot-adds of the killed run
 
-        # VixDiskLib, when it writes the disks: the user's, or vddk_sim mapped onto the lab.
+        # VixDiskLib, when it writes the disks: the user's, or the site's (the lab: vddk_sim).
         self._vddk_libdir: str | None = None
         self._vddk_password_file: str | None = None
         if job.disk_library == "vddk":
             from vmrestore import vddk
 
             libdir = job.vddk_libdir or os.environ.get(vddk.LIBDIR_ENV)
-            if not libdir and on_lab:
-                libdir = str(vddk.sim_libdir())
-                os.environ.update(vddk.sim_env_for_lab(self.lab))
-                self.say(f"disk library: vddk_sim ({libdir}) over the lab's datastores")
+            if not libdir and site.vddk_libdir:
+                libdir = site.vddk_libdir
+                os.environ.update(site.vddk_env)
+                if site.vddk_note:
+                    self.say(site.vddk_note)
             # Refused here, not in phase 4; InitEx now, on the main thread (VMware's rule).
             self._vddk_lib = vddk.Library.load(libdir)
             self._vddk_libdir = libdir
-            self._vddk_password_file = job.password_file or (
-                str(self.lab.password_file) if on_lab else None)
+            self._vddk_password_file = job.password_file or site.vddk_password_file
 
         # Data movers (repository side + proxy side), connected.
         if self._movers is None:
@@ -462,8 +452,7 @@ class Orchestrator:
 
         # Every named object must exist before anything is created.
         s = self.session
-        self.dc = s.datacenter(job.datacenter or (self.lab.datacenter if self.lab and
-                                                  not job.vcenter else None))
+        self.dc = s.datacenter(job.datacenter or site.datacenter)
         self.report.datacenter = self.dc.name
         if job.original:
             self._locate_original()
@@ -722,7 +711,7 @@ class Orchestrator:
     def transport_data(self) -> str:
         from vmrestore.vsphere import disks as vdisks
 
-        total = 0
+        todo: list[tuple[Any, str, Any, DiskStatus]] = []
         for t in self.layout.disks:
             rd = self.report.disk(t.index)
             st = self.state.disk(t.index)
@@ -735,8 +724,7 @@ class Orchestrator:
                 # The original VM's current file (the safety snapshot's delta): a revert
                 # drops every write of the rollback. The disk exists: nothing to prepare.
                 rd.file = t.file_name
-                self._restore_one(t, t.file_name, rd, st)
-                total += rd.bytes_written + rd.bytes_zeroed
+                todo.append((t, t.file_name, rd, st))
                 continue
             vd = vdisks.disk_for_file(self.vm, t.file_name)
             base = vd.base_file
@@ -745,9 +733,62 @@ class Orchestrator:
             rd.file = base
             # What a real host did when it created the disk; a no-op against real ESXi.
             self.hostd.prepare_disk(base, t.capacity, t.provisioning)
-            self._restore_one(t, base, rd, st)
-            total += rd.bytes_written + rd.bytes_zeroed
-        return f"{len(self.layout.disks)} disk(s), {total / (1 << 20):.1f} MiB moved"
+            todo.append((t, base, rd, st))
+        width = self._run_disks(todo)
+        total = sum(d.bytes_written + d.bytes_zeroed for d in self.report.disks)
+        return (f"{len(self.layout.disks)} disk(s), {total / (1 << 20):.1f} MiB moved"
+                + (f", {width} at a time" if width > 1 else ""))
+
+    def _run_disks(self, todo: list[tuple[Any, str, Any, DiskStatus]]) -> int:
+        """Run the disks' tasks, several at once up to the proxy's free task slots.
+
+        The job holds one slot; each further disk running at the same time takes
+        another free slot of the same proxy for the data phase. The first failure
+        cancels the others (their checkpoints stay: a --resume continues them) and
+        is the one raised. Returns how many ran at once.
+        """
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        extra = []
+        # VixDiskLib's Open/Close want one thread at a time (VMware's rule): serial there.
+        if len(todo) > 1 and self.slot is not None and self.job.disk_library != "vddk":
+            extra = infra_mod.acquire_more(self.slot, infra_mod.slot_dir(), len(todo) - 1)
+        width = 1 + len(extra)
+        try:
+            if width == 1:
+                for item in todo:
+                    self._restore_one(*item)
+                return 1
+            self._cancel_disks = threading.Event()
+            failed: list[BaseException] = []
+
+            def one(item: tuple[Any, str, Any, DiskStatus]) -> None:
+                if self._cancel_disks.is_set():
+                    return
+                try:
+                    self._restore_one(*item)
+                except BaseException as e:
+                    failed.append(e)
+                    self._cancel_disks.set()
+
+            with ThreadPoolExecutor(width, thread_name_prefix="disk") as pool:
+                futures = [pool.submit(one, item) for item in todo]
+                try:
+                    for f in futures:  # short waits: Ctrl-C reaches this thread at once
+                        while not f.done():
+                            with contextlib.suppress(TimeoutError):
+                                f.result(timeout=0.2)
+                except KeyboardInterrupt:
+                    self._cancel_disks.set()
+                    raise
+            if failed:
+                first = [e for e in failed if not isinstance(e, Interrupted)] or failed
+                raise first[0]
+            return width
+        finally:
+            for lease in extra:
+                lease.release()
 
     def _restore_one(self, t: Any, base: str, rd: Any, st: DiskStatus) -> None:
         from vmrestore.disktask import DiskTask, TaskSettings
@@ -756,6 +797,7 @@ class Orchestrator:
         dec = self.decisions[t.index]
         modes = [dec.mode, *dec.fallback]
         ckpt_path = self.state.checkpoint_path(t.index)
+        cancel = getattr(self, "_cancel_disks", None)
         last_err: VmrError | None = None
         for attempt, mode in enumerate(modes):
             ck = read_checkpoint(ckpt_path)
@@ -768,15 +810,17 @@ class Orchestrator:
             task = None
             if self.display is not None:
                 task = self.display.task(f"disk {t.index} ({mode})", total=t.capacity)
+            # The attempt number fences a run that outlives its successor: the driver
+            # refuses to write under a checkpoint a later attempt holds, the host revokes
+            # a lower attempt's export or hot-add.
+            fence = (ck.attempt if ck else 0) + 1
             try:
-                att = self._attach(t, base, mode)
+                att = self._attach(t, base, mode, attempt=fence)
                 try:
-                    # The attempt number fences a run that outlives its successor: the driver
-                    # refuses to write under a checkpoint a later attempt holds.
                     dtask = DiskTask(
                         job_id=self.state.id, vm=self.layout.name, disk=t.index,
                         source=self._point_source(), target=att.uri, transport=mode,
-                        checkpoint=str(ckpt_path), attempt=(ck.attempt if ck else 0) + 1,
+                        checkpoint=str(ckpt_path), attempt=fence,
                         settings=TaskSettings(
                             threads=self.job.threads or 0, queue_depth=self.job.queue_depth or 0,
                             token_file=self.job.token_file,
@@ -788,7 +832,7 @@ class Orchestrator:
                                  f"({ck.bytes_done / (1 << 20):.1f} MiB already durable)")
                     out = self._movers.restore_disk(
                         dtask, (lambda p, _t=task: p.durable or _t.update(completed=p.done))
-                        if task else None)
+                        if task else None, cancel)
                 finally:
                     att.release()
             except (TransportError, HostServiceError, VSphereError) as e:

@@ -159,6 +159,18 @@ def test_slots_are_exclusive_and_pick_the_freest_proxy(tmp_path) -> None:
         lease.release()
 
 
+def test_more_slots_for_the_disks_of_one_job_only_those_free(tmp_path) -> None:
+    inf = infra.Infra([infra.Proxy("a", slots=3), infra.Proxy("b", slots=4)])
+    job = infra.acquire_slot(inf, tmp_path, "a", "auto")
+    other = infra.acquire_slot(inf, tmp_path, "a", "auto")  # another job on the same proxy
+    more = infra.acquire_more(job, tmp_path, 5)
+    assert [m.proxy.name for m in more] == ["a"]   # one left on a, none taken from b
+    assert {m.index for m in more} | {job.index, other.index} == {0, 1, 2}
+    assert infra.acquire_more(job, tmp_path, 2) == []
+    for lease in (*more, other, job):
+        lease.release()
+
+
 def test_slot_freed_when_holder_dies(tmp_path) -> None:
     inf = infra.Infra([infra.Proxy("a", slots=1)])
     code = ("import sys, os; from pathlib import Path; from vmrestore import infra; "

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 def test_the_loser_of_a_vm_name_race_destroys_nothing(lab, lab_si, backup, tmp_path,
                                                       monkeypatch) -> None:
+    from vmrestore.commands.restore import default_site
     from vmrestore.errors import VSphereError
     from vmrestore.job import RestoreJob, validate
     from vmrestore.orchestrator import Orchestrator
@@ -48,7 +49,7 @@ def test_the_loser_of_a_vm_name_race_destroys_nothing(lab, lab_si, backup, tmp_p
                               disk_datastores={1: "ds-san"}, transport="nbd",
                               network_map={"VM Network": "Restore Network"},
                               state_dir=str(tmp_path / "loser")))
-    rep = Orchestrator(job).run()
+    rep = Orchestrator(job, site=default_site).run()
 
     assert winner["rc"] == 0, winner["stderr"]
     assert rep.status == "failed" and rep.failed_phase == "config"

@@ -187,14 +187,19 @@ def test_name_clash(lab, lab_si, host_services, backup, tmp_path) -> None:
 
 
 def test_proxy_mover_subprocess(lab, lab_si, backup, tmp_path) -> None:
-    """The same restore with the proxy side as a `vmrestore proxy-mover` subprocess."""
+    """The same restore with the proxy side as `vmrestore proxy-mover` subprocesses, the two
+    disks at once (the default proxy's 4 slots are free: slots of this test only)."""
     name = unique("r-subproc")
     p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
                          "ds-local", "--transport", "nbd", "--network-map",
                          "VM Network=Restore Network",
-                         env=lab_env(lab, VMRESTORE_MOVER="subprocess"), state_dir=tmp_path)
+                         env=lab_env(lab, VMRESTORE_MOVER="subprocess",
+                                     VMRESTORE_SLOT_DIR=str(tmp_path / "slots")),
+                         state_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "movers proxy-mover subprocess" in " ".join(rep["events"])
+    data = next(ph for ph in rep["phases"] if ph["name"] == "data")
+    assert data["detail"].endswith("2 at a time"), data
     assert_restored(lab, lab_si, name, backup.images, ["thick-eager", "thin"])
 
 

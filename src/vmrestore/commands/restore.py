@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     # SIGTERM and SIGHUP stop like Ctrl-C (clean rollback): cli.install_signal_handlers
     with ui.Display(quiet=args.quiet or False) as display:
-        orch = Orchestrator(job, display=display)
+        orch = Orchestrator(job, display=display, site=default_site)
         report = orch.run()
     if job.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -188,3 +188,65 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         raise report.error
     return 0
+
+
+def default_site(job: Any, lab_dir: Any = None) -> Any:
+    """Where a restore goes: the job's vCenter, else the embedded lab when it is up.
+
+    The lab is this command's default, not the orchestrator's: with the lab as the
+    target its host data services, proxy VM, datacenter and (for --disk-library
+    vddk) vddk_sim over its datastores come with it. Any other vCenter takes its
+    host data services from $VMRESTORE_HOSTD_URL + $VMRESTORE_HOSTD_TOKEN_FILE.
+    """
+    import logging
+    import os
+    from pathlib import Path
+
+    from vmrestore.errors import LabError, UsageError
+    from vmrestore.lab.client import lab_is_up, load_lab
+    from vmrestore.orchestrator import Site
+    from vmrestore.transport.host import HostServices
+    from vmrestore.vsphere.connect import Target  # for --vcenter; the lab makes its own
+
+    lab = None
+    if lab_is_up(lab_dir):
+        try:
+            lab = load_lab(lab_dir)
+        except LabError as e:
+            logging.getLogger("vmrestore.restore").info("lab not usable: %s", e)
+    if job.vcenter:
+        try:
+            password = Path(job.password_file or "").read_text().strip()
+        except OSError as e:
+            raise UsageError(f"--password-file {job.password_file}: {e.strerror}") from None
+        target = Target(job.vcenter, job.user or "", password, job.thumbprint, job.ca_file,
+                        job.insecure)
+    elif lab is not None:
+        target = lab.target()
+    else:
+        raise UsageError("restore: no --vcenter given and no lab is up (run 'vmrestore lab "
+                         "up', or give --vcenter URL --user U --password-file F)")
+    # the lab's vCenter or its ESXi host: its host data services and vddk_sim serve both
+    on_lab = lab is not None and target.url.rstrip("/") in (
+        u.rstrip("/") for u in lab.endpoints())
+    url = os.environ.get("VMRESTORE_HOSTD_URL")
+    if url:
+        tok = Path(os.environ.get("VMRESTORE_HOSTD_TOKEN_FILE", "")).read_text().strip()
+        hostd = HostServices(url, tok)
+    elif on_lab:
+        hostd = HostServices.from_lab(lab)
+    else:
+        hostd = None  # refused by phase 1 once vCenter answered (docs/restore.md)
+    if not on_lab:
+        return Site(target, hostd)
+    lab_vc = target.url.rstrip("/") == lab.vcenter_url.rstrip("/")
+    site = Site(target, hostd, datacenter=None if job.vcenter else lab.datacenter,
+                proxy_vm=lab.proxy_vm if lab_vc else None,
+                vddk_password_file=str(lab.password_file))
+    if job.disk_library == "vddk":
+        from vmrestore import vddk
+
+        site.vddk_libdir = str(vddk.sim_libdir())
+        site.vddk_env = vddk.sim_env_for_lab(lab)
+        site.vddk_note = f"disk library: vddk_sim ({site.vddk_libdir}) over the lab's datastores"
+    return site

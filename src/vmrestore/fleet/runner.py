@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -189,7 +190,9 @@ class PlanRunner:
 
         ctx = PlanContext(self.dispatcher, self.admission, v.tier, t0, self.resume, on_phase,
                           self.stop)
-        orch = PlanVmRestore(v.job, ctx)
+        from vmrestore.commands.restore import default_site
+
+        orch = PlanVmRestore(v.job, ctx, site=partial(default_site, lab_dir=self.lab_dir))
         # Recorded as done in the plan state the moment phase 5 ends, before the job
         # state goes: a resume never restores a VM twice.
         commit = orch.commit

@@ -81,8 +81,9 @@ class _Either:
 
 
 class PlanVmRestore(Orchestrator):
-    def __init__(self, job: Any, ctx: PlanContext, display: Any = None) -> None:
-        super().__init__(job, display=display)
+    def __init__(self, job: Any, ctx: PlanContext, display: Any = None,
+                 site: Any = None) -> None:
+        super().__init__(job, display=display, site=site)
         self.ctx = ctx
         self.resume_if_found = ctx.resume
         self.options: dict[int, list[tuple[str, str]]] = {}

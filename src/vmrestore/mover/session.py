@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,8 +42,8 @@ class MoverSession(Protocol):
     def open(self) -> None: ...
 
     def restore_disk(self, task: DiskTask,
-                     progress: Callable[[DiskProgress], None] | None = None
-                     ) -> DiskTaskResult: ...
+                     progress: Callable[[DiskProgress], None] | None = None,
+                     cancel: threading.Event | None = None) -> DiskTaskResult: ...
 
     def close(self) -> None: ...
 
@@ -61,9 +62,9 @@ class InProcessMovers:
         pass
 
     def restore_disk(self, task: DiskTask,
-                     progress: Callable[[DiskProgress], None] | None = None
-                     ) -> DiskTaskResult:
-        return run_disk_task(task, progress)
+                     progress: Callable[[DiskProgress], None] | None = None,
+                     cancel: threading.Event | None = None) -> DiskTaskResult:
+        return run_disk_task(task, progress, cancel)
 
 
 def _progress_event(ev: dict[str, Any], task: DiskTask) -> DiskProgress | None:
@@ -100,12 +101,12 @@ class SubprocessMovers:
         pass
 
     def restore_disk(self, task: DiskTask,
-                     progress: Callable[[DiskProgress], None] | None = None
-                     ) -> DiskTaskResult:
+                     progress: Callable[[DiskProgress], None] | None = None,
+                     cancel: threading.Event | None = None) -> DiskTaskResult:
         import msgspec
 
         from vmrestore import errors
-        from vmrestore.mover.launcher import run_proxy_mover
+        from vmrestore.mover.launcher import ProxyMover
 
         spec = {"version": 2, "job_id": task.job_id or f"disk{task.disk}",
                 "tasks": [msgspec.to_builtins(task)]}
@@ -119,7 +120,24 @@ class SubprocessMovers:
             if p is not None and progress is not None:
                 progress(p)
 
-        res = run_proxy_mover(spec, on_event=on_event)
+        ended = threading.Event()
+
+        def watch(pm: ProxyMover) -> None:  # cancel -> SIGTERM: the mover stops, exit 130
+            while not ended.wait(0.2):
+                if cancel is not None and cancel.is_set():
+                    pm.cancel()
+                    return
+
+        with ProxyMover(spec) as pm:
+            threading.Thread(target=watch, args=(pm,), daemon=True,
+                             name=f"cancel-disk{task.disk}").start()
+            try:
+                for ev in pm.events():
+                    on_event(ev)
+            finally:
+                ended.set()
+        res = pm.result
+        assert res is not None
         if not res.ok:
             err = (res.errors or [{}])[-1]
             msg = err.get("message") or f"proxy mover {res.status} (exit {res.exit_code}): " \
