@@ -163,7 +163,8 @@ def refuse_overlap(target: str | os.PathLike[str] | None,
         return
     behind = _backing_identity(target)  # a loop device over a chain file writes that file
     for p in protected:
-        if _identity(p) in (t, behind):
+        ident = _identity(p)  # None: not a local file (repo://...), it cannot be the target
+        if ident is not None and ident in (t, behind):
             same = ("" if os.path.abspath(target) == os.path.abspath(p)
                     else f" (the same file as {p})")
             raise UsageError(f"{what} {target}{same} is {why}: refused, --force or not")
