@@ -498,7 +498,9 @@ class Orchestrator:
 
         An explicit --transport hotadd is refused; an auto choice becomes nbd, saying why.
         """
-        if not any(d.mode == "hotadd" for d in decisions) or not self.proxy.vm:
+        # A plan's VM (fleet) has no single proxy: each disk's proxy is chosen per task.
+        if not any(d.mode == "hotadd" for d in decisions) or self.proxy is None or \
+                not self.proxy.vm:
             return decisions
         if self.session.find_vm(self.dc, self.proxy.vm) is not None:
             return decisions
