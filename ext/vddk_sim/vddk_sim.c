@@ -795,7 +795,8 @@ VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
     g_nnfc = 0;
     pthread_mutex_unlock(&g_mu);
     g_initialized = 1;
-    trace("VixDiskLib_InitEx %u.%u", majorVersion, minorVersion);
+    trace("VixDiskLib_InitEx %u.%u LD_LIBRARY_PATH=%s", majorVersion, minorVersion,
+          getenv("LD_LIBRARY_PATH") ? getenv("LD_LIBRARY_PATH") : "");
     sim_log(0, "vddk_sim: initialized (API %u.%u)\n", majorVersion, minorVersion);
     return VIX_OK;
 }

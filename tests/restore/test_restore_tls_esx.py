@@ -85,12 +85,21 @@ def test_restore_straight_to_an_esxi_host(lab, backup, tmp_path, library) -> Non
     trace = tmp_path / "vddk-trace.log"
     # VixDiskLib's stand-in plays a host: PrepareForAccess there would fail the restore.
     env = lab_env(lab, VMRESTORE_VDDK_SIM_HOST="esx", VMRESTORE_VDDK_SIM_TRACE=str(trace))
+    extra: list[str] = []
+    if library == "vddk":  # a library named on the command line: the CLI re-executes itself
+        from vmrestore import vddk
+
+        env.update(vddk.sim_env_for_lab(lab))
+        extra = ["--vddk-libdir", str(vddk.sim_libdir(tmp_path / "vddk"))]
     p, rep = restore_cli(lab, "--backup", str(backup.inc), "--name", name, "--datastore",
                          "ds-local", "--transport", "nbd", "--disk-library", library,
-                         "--network-map", "VM Network=Restore Network",
+                         "--network-map", "VM Network=Restore Network", *extra,
                          *_login(lab, tmp_path, lab.esx_url, "--ca-file", str(lab.ca_file)),
                          env=env, state_dir=tmp_path / "s")
     assert p.returncode == 0, p.stderr
+    if library == "vddk":  # the library saw its lib64 on the search path it started with
+        init = next(x for x in trace.read_text().splitlines() if x.startswith("VixDiskLib_Init"))
+        assert f"LD_LIBRARY_PATH={tmp_path / 'vddk' / 'lib64'}" in init
     assert rep["vm"]["datacenter"] == "ha-datacenter"
     assert rep["vm"]["host"] == lab.raw["esx"]["host"]
     si = _esx_si(lab)

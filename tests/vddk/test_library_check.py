@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,12 @@ def test_missing_required_function_refused(tmp_path):
     assert "is not a usable VixDiskLib" in msg
     assert "VixDiskLib_ConnectEx (VDDK 5.0)" in msg and "VixDiskLib_Open" in msg
     assert "VixDiskLib_InitEx" not in msg
+    # `vddk info` still shows what the refused library has, then says why (exit 10).
+    proc = run_cli("vddk", "info", "--vddk-libdir", str(libdir))
+    assert proc.returncode == 10, proc.stderr
+    assert "REFUSED:" in proc.stdout and "is not a usable VixDiskLib" in proc.stdout
+    assert re.search(r"VixDiskLib_InitEx\s+ok", proc.stdout)
+    assert re.search(r"VixDiskLib_ConnectEx\s+MISSING", proc.stdout)
 
 
 def test_old_library_loads_but_async_write_names_the_missing_calls(tmp_path):

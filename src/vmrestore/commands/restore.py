@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from vmrestore.commands import point_id
@@ -175,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         raise
 
+    if job.disk_library == "vddk" and (job.vddk_libdir or os.environ.get("VMRESTORE_VDDK_LIBDIR")):
+        from vmrestore import vddk  # VMware's search path rule, before anything starts
+
+        vddk.ensure_search_path(job.vddk_libdir)
     # SIGTERM and SIGHUP stop like Ctrl-C (clean rollback): cli.install_signal_handlers
     with ui.Display(quiet=args.quiet or False) as display:
         orch = Orchestrator(job, display=display, site=default_site)
