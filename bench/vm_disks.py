@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         bk = wd / "vm.vmrb"
         subprocess.run([sys.executable, "-m", "vmrestore", "backup", "create", "--force", "-q",
                         "-o", str(bk), *[x for s in sources for x in ("--disk", str(s))]],
-                       check=True)
+                       check=True, stdout=subprocess.DEVNULL)
         largest = max(range(len(sizes)), key=lambda i: sizes[i])
         everything = list(range(len(sizes)))
         ways = {"largest alone": ([largest], False), "vm parallel": (everything, True),
