@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from vddk_helpers import MIB, sim_env
+from vddk_helpers import MIB, backed_up_disk, sim_env
 
-from h1_helpers import backup, make_disk
 from vmrestore import vddk
 from vmrestore.errors import TargetError, VddkError
 
@@ -19,12 +18,8 @@ SIZE = 24 * MIB
 
 @pytest.fixture
 def source(tmp_path):
-    """A backup of a 24 MiB disk (zero, random and compressible blocks) and its bytes."""
-    raw = tmp_path / "src.raw"
-    data = make_disk(raw, SIZE, seed=11)
-    out = tmp_path / "b.vmrb"
-    backup([raw], out)
-    return out, data
+    """A backup of a 24 MiB disk and its bytes."""
+    return backed_up_disk(tmp_path, SIZE, seed=11)
 
 
 def test_restore_new_disk_byte_identical_and_skips_zeros(sim, source):

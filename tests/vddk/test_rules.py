@@ -12,9 +12,8 @@ import sys
 import threading
 
 import pytest
-from vddk_helpers import MIB, sim_env
+from vddk_helpers import MIB, backed_up_disk, sim_env
 
-from h1_helpers import backup, make_disk
 from vmrestore import vddk
 from vmrestore.errors import TargetError, VddkError
 
@@ -23,11 +22,7 @@ SIZE = 8 * MIB
 
 @pytest.fixture
 def source(tmp_path):
-    raw = tmp_path / "src.raw"
-    data = make_disk(raw, SIZE, seed=5)
-    out = tmp_path / "b.vmrb"
-    backup([raw], out)
-    return out, data
+    return backed_up_disk(tmp_path, SIZE, seed=5)
 
 
 def in_threads(fn, n: int = 2) -> list[Exception]:

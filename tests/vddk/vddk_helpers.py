@@ -49,6 +49,17 @@ class Sim:
         return "vddk://root@esx1/ds1/" + path + "?" + "&".join(f"{k}={v}" for k, v in q.items())
 
 
+def backed_up_disk(tmp_path: Path, size: int, seed: int) -> tuple[Path, bytes]:
+    """A backup of a disk of size bytes (zero, random and compressible blocks), and its bytes."""
+    from h1_helpers import backup, make_disk
+
+    raw = tmp_path / "src.raw"
+    data = make_disk(raw, size, seed=seed)
+    out = tmp_path / "b.vmrb"
+    backup([raw], out)
+    return out, data
+
+
 def compile_so(out: Path, sources: list[Path], *flags: str) -> Path:
     """Build a small shared library (for missing/legacy-library tests)."""
     need_tool("gcc")
