@@ -207,6 +207,23 @@ class DiskTaskResult(msgspec.Struct, kw_only=True):
         return d
 
     @classmethod
+    def from_counters(cls, c: Any, *, settings: dict[str, int] | None = None,
+                      compare: bool = False, note: str = "", **fields: Any) -> DiskTaskResult:
+        """One engine run's result from its final core counters (pipeline.Counters)."""
+        from vmrestore.restore_disk import peak_rss
+
+        return cls(
+            bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
+            bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, peak_rss=peak_rss(),
+            busy=c.busy, busy_ns=c.busy_ns, elapsed_ns=c.elapsed_ns,
+            settings={"readers": c.readers, "threads": c.threads, "lanes": c.lanes,
+                      "queue_depth": c.queue_depth, "buffers": c.buffers, **(settings or {})},
+            notes=[note] if note else [], quick_rollback=compare,
+            compared_entries=c.cmp_entries, differing_entries=c.cmp_differ,
+            compare_read_bytes=c.cmp_bytes_read, known_zero_bytes=c.cmp_known_zero,
+            bytes_same=c.bytes_same, **fields)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiskTaskResult:
         """Back from as_dict() (a disk_done event); derived and unknown keys are dropped."""
         fields = set(cls.__struct_fields__)
@@ -416,7 +433,7 @@ def run_disk_task(task: DiskTask, progress: Progress | None = None,
 
 
 def _add(out: DiskTaskResult, res: Any) -> None:
-    """Sum one engine run (a RestoreResult or RemoteResult) into the task's result."""
+    """Sum one engine run (a DiskTaskResult or a RemoteResult) into the task's result."""
     for k in ("bytes_written", "bytes_zeroed", "bytes_skipped", "bytes_read", "reconnects",
               "refetches", "stored_bytes", "elapsed_ns", "compared_entries",
               "differing_entries", "compare_read_bytes", "known_zero_bytes", "bytes_same"):

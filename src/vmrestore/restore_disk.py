@@ -9,7 +9,7 @@ block bytes. Two levels:
   driver, ``run_disk_task`` (the command, the orchestrator's movers and the
   proxy mover all go through it).
 - :func:`run_plan` -- a plan (or a slice ``plan[k:]`` for a resume) + chain
-  file paths + target -> RestoreResult: the driver's engine for local chain
+  file paths + target -> DiskTaskResult (of that run): the driver's engine for local chain
   files. ``on_start(job)`` receives the running
   :class:`vmrestore.pipeline.Job`: ``job.completed_prefix()`` then
   ``job.flush()`` then record = a durable checkpoint (prefix counts entries of
@@ -22,73 +22,16 @@ import os
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from vmrestore import ownership
+from vmrestore.disktask import DiskTaskResult
 from vmrestore.errors import TargetError, UsageError
 from vmrestore.timeline import SAMPLE_INTERVAL, Sampler
 
 MiB = 1 << 20
-
-
-@dataclass
-class RestoreResult:
-    """What one disk restore did; ``as_dict()`` is the --json output."""
-
-    disk: int
-    target: str
-    transport: str
-    writer: str
-    capacity: int
-    bytes_written: int
-    bytes_zeroed: int
-    bytes_skipped: int
-    bytes_read: int
-    seconds: float
-    mb_per_s: float              # logical disk MiB per second (capacity of the slice / seconds)
-    peak_rss: int                # bytes, this process (getrusage)
-    busy: dict[str, float]       # fraction 0..1 per stage: read, decompress, write
-    busy_ns: dict[str, float]
-    elapsed_ns: int
-    entries: int
-    completed_prefix: int
-    settings: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    timeline: dict[str, Any] = field(default_factory=dict)  # vmrestore.timeline samples
-    # From a repository agent (repo://): what crossed the network (docs/protocol.md).
-    source: str = "local"        # local | repository
-    resumed_bytes: int = 0       # covered by plan entries before start_entry
-    wire_bytes: int = 0          # every byte received from the agent (planning + data)
-    stored_bytes: int = 0        # stored (compressed) extent bytes received
-    metadata_bytes: int = 0      # of wire_bytes, for planning
-    reconnects: int = 0
-    refetches: int = 0
-    connections: int = 0
-    tls: bool = False
-    # Quick rollback (compare=True): the target was compared block by block first.
-    quick_rollback: bool = False
-    compared_entries: int = 0    # plan entries compared (data blocks + zero blocks)
-    differing_entries: int = 0   # of those, entries the target did not hold (restored)
-    compare_read_bytes: int = 0  # bytes read from the target to compare
-    known_zero_bytes: int = 0    # zero bytes the target reported as holes (not read)
-    bytes_same: int = 0          # bytes the target already held (not written)
-
-    @property
-    def wire_ratio(self) -> float:
-        logical = self.bytes_written + self.bytes_zeroed + self.bytes_skipped
-        return self.wire_bytes / logical if logical and self.wire_bytes else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["busy_pct"] = {k: round(100 * v, 1) for k, v in self.busy.items()}
-        d["seconds"] = round(self.seconds, 3)
-        d["mb_per_s"] = round(self.mb_per_s, 1)
-        if self.source == "repository":
-            d["wire_ratio"] = round(self.wire_ratio, 4)
-        return d
 
 
 def peak_rss() -> int:
@@ -104,7 +47,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
              open_options: dict[str, Any] | None = None, sampler: Sampler | None = None,
              on_counters: Callable[[Any], None] | None = None,
              on_start: Callable[[Any], None] | None = None,
-             interval: float = SAMPLE_INTERVAL) -> RestoreResult:
+             interval: float = SAMPLE_INTERVAL) -> DiskTaskResult:
     """Run a plan (slice) into target; writes in place (force=True) unless told otherwise.
 
     ``compare``: quick rollback of an existing target (give ``plan.compare_plan``):
@@ -147,21 +90,11 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
         mode = getattr(writer, "transport_mode", None) or spec.transport
     finally:
         writer.close()
-    seconds = time.monotonic() - t0
-    logical = c.bytes_done
-    return RestoreResult(
-        disk=disk, target=target, transport=mode, writer=name, capacity=size,
-        bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
-        bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, seconds=seconds,
-        mb_per_s=logical / MiB / seconds if seconds > 0 else 0.0, peak_rss=peak_rss(),
-        busy=c.busy, busy_ns=c.busy_ns, elapsed_ns=c.elapsed_ns, entries=c.entries_total,
-        completed_prefix=c.completed_prefix,
-        settings={"readers": c.readers, "threads": c.threads, "lanes": c.lanes,
-                  "queue_depth": c.queue_depth, "buffers": c.buffers},
-        notes=[note] if note else [], quick_rollback=compare,
-        compared_entries=c.cmp_entries, differing_entries=c.cmp_differ,
-        compare_read_bytes=c.cmp_bytes_read, known_zero_bytes=c.cmp_known_zero,
-        bytes_same=c.bytes_same, timeline=sampler.as_dict())
+    return DiskTaskResult.from_counters(
+        c, disk=disk, target=target, transport=mode, writer=name, capacity=size,
+        seconds=time.monotonic() - t0, entries=c.entries_total,
+        completed_prefix=c.completed_prefix, compare=compare, note=note,
+        timeline=sampler.as_dict())
 
 
 def _plan_end(plan: np.ndarray) -> int:

@@ -311,10 +311,10 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     entries of the whole plan (see :func:`run_repo_plan`). ``compare``: quick
     rollback of an existing target; the plan (and its entry numbers) is then
     ``plan.compare_plan`` of the remote plan, and only differing blocks are fetched.
-    Returns a vmrestore.restore_disk.RestoreResult with the wire fields filled.
+    Returns a vmrestore.disktask.DiskTaskResult of this run with the wire fields filled.
     """
     from vmrestore import pipeline as pl
-    from vmrestore.restore_disk import MiB, RestoreResult, peak_rss
+    from vmrestore.disktask import DiskTaskResult
     from vmrestore.timeline import Sampler
     from vmrestore.transport.uri import OpenOptions, open_target, parse_target
 
@@ -356,20 +356,11 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
     seconds = time.monotonic() - t0
     c = run.counters
     resumed = int(entries["length"][:start_entry].sum()) if start_entry else 0
-    return RestoreResult(
-        disk=disk, target=target, transport=mode, writer=name, capacity=dp.capacity,
-        bytes_written=c.bytes_written, bytes_zeroed=c.bytes_zeroed,
-        bytes_skipped=c.bytes_skipped, bytes_read=c.bytes_read, seconds=seconds,
-        mb_per_s=c.bytes_done / MiB / seconds if seconds > 0 else 0.0, peak_rss=peak_rss(),
-        busy=c.busy, busy_ns=c.busy_ns, elapsed_ns=c.elapsed_ns, entries=len(entries),
-        completed_prefix=start_entry + c.completed_prefix,
-        settings={"readers": c.readers, "threads": c.threads, "lanes": c.lanes,
-                  "queue_depth": c.queue_depth, "buffers": c.buffers,
-                  "connections": run.connections},
-        notes=[note] if note else [], source="repository", resumed_bytes=resumed,
+    return DiskTaskResult.from_counters(
+        c, disk=disk, target=target, transport=mode, writer=name, capacity=dp.capacity,
+        seconds=seconds, entries=len(entries), completed_prefix=start_entry + c.completed_prefix,
+        settings={"connections": run.connections}, compare=compare, note=note,
+        source="repository", resumed_bytes=resumed,
         wire_bytes=rp.metadata_bytes + run.wire_bytes, stored_bytes=run.stored_bytes,
         metadata_bytes=rp.metadata_bytes, reconnects=run.reconnects, refetches=run.refetches,
-        connections=run.connections, tls=False, timeline=sampler.as_dict(),
-        quick_rollback=compare, compared_entries=c.cmp_entries,
-        differing_entries=c.cmp_differ, compare_read_bytes=c.cmp_bytes_read,
-        known_zero_bytes=c.cmp_known_zero, bytes_same=c.bytes_same)
+        connections=run.connections, tls=False, timeline=sampler.as_dict())
