@@ -75,6 +75,7 @@ class RestoreJob(msgspec.Struct, kw_only=True):
     quick_rollback: bool = False  # write only the blocks that differ (compare first)
     keep_config: bool = False  # keep the VM's CPU, memory and NICs as they are
     force: bool = False  # power the original VM off when it is on
+    full: bool = False  # replace disks that differ from the backup's with new ones (original.py)
     # Failure handling.
     resume: bool = False
     keep_on_failure: bool = False
@@ -272,7 +273,7 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
         if not k or not v:
             raise bad("network_map", f"empty network name in {k!r}={v!r}")
     if not job.original:
-        for key in ("original_vm", "quick_rollback", "keep_config", "force"):
+        for key in ("original_vm", "quick_rollback", "keep_config", "force", "full"):
             if getattr(job, key):
                 raise bad(key, "only with 'original' (restore to the original VM)")
     else:
@@ -283,6 +284,9 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
             raise bad("disk_datastores", "not with 'original': the VM keeps its disks")
         if job.disk_format != "same":
             raise bad("disk_format", "not with 'original': the VM keeps its disks")
+        if job.full and job.quick_rollback:
+            raise bad("full", "not with 'quick_rollback': --full writes new disks, there is "
+                      "nothing to compare them with")
         if job.keep_config and job.network_map:
             raise bad("network_map", "not with 'keep_config' (the NICs are kept as they are)")
         if job.disk_library != "native":

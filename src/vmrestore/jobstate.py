@@ -174,6 +174,26 @@ class DiskStatus(msgspec.Struct):
     attempt: int = 0          # a plan run: its fencing token (docs/fleet.md), kept across runs
 
 
+class NewDisk(msgspec.Struct):
+    """--original --full: a disk file this job creates for backup disk ``disk``; its name
+    carries the job's random token, so a file of that name is this job's to delete."""
+
+    disk: int
+    path: str
+    created: bool = False   # CreateVirtualDisk returned (False: it may exist half-made)
+
+
+class OldDisk(msgspec.Struct):
+    """--original --full: a disk the VM had before the swap, where it was (to put it back)."""
+
+    path: str
+    key: int
+    controller_key: int
+    unit: int
+    capacity: int
+    provisioning: str = "thin"
+
+
 class OriginalRecord(msgspec.Struct):
     """--original: the VM rolled back in place (never removed), and what was done to it."""
 
@@ -183,6 +203,12 @@ class OriginalRecord(msgspec.Struct):
     files: list[str] = msgspec.field(default_factory=list)
     snapshot: str | None = None      # the safety snapshot's moref while it exists
     powered_off: bool = False        # this job powered the VM off
+    # --full: the new files (rollback deletes them), the disks they replace, and the swap:
+    # "" not started, "running" (ReconfigVM sent: rollback puts the old disks back),
+    # "done" (the VM runs on the new disks; the old files are deleted last)
+    new_disks: list[NewDisk] = msgspec.field(default_factory=list)
+    old_disks: list[OldDisk] = msgspec.field(default_factory=list)
+    swap: str = ""
 
 
 class StateDoc(msgspec.Struct):

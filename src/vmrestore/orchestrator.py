@@ -20,7 +20,8 @@ each disk from its checkpoint.
 Test-only fault hook, ``VMRESTORE_FAULT`` (comma-separated):
 ``phase:NAME`` fail at the start of phase NAME; ``transport:MODE`` make attaching a
 disk by MODE fail (exercises the nbd fallback); ``stall:data:SECONDS`` run each
-disk in slices with a checkpoint and a pause after each (lets a test kill -9 mid-data).
+disk in slices with a checkpoint and a pause after each (lets a test kill -9 mid-data);
+``after:swap`` fail in phase 5 right after ``--original --full`` swapped the disks.
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ from vmrestore.errors import (
     VSphereError,
 )
 from vmrestore.job import RestoreJob
-from vmrestore.jobstate import Created, DiskStatus, OriginalRecord, VMRecord
+from vmrestore.jobstate import (
+    Created,
+    DiskStatus,
+    NewDisk,
+    OldDisk,
+    OriginalRecord,
+    VMRecord,
+)
 from vmrestore.report import PHASES, Report
 from vmrestore.timeline import role_busy
 
@@ -60,7 +68,8 @@ class InjectedFault(VmrError):
 
 
 def parse_faults(text: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"phases": set(), "transports": set(), "stall": 0.0}
+    out: dict[str, Any] = {"phases": set(), "transports": set(), "stall": 0.0,
+                           "after": set()}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         parts = item.split(":")
         if parts[0] == "phase" and len(parts) == 2 and parts[1] in PHASES:
@@ -69,9 +78,11 @@ def parse_faults(text: str | None) -> dict[str, Any]:
             out["transports"].add(parts[1])
         elif parts[0] == "stall" and len(parts) == 3 and parts[1] == "data":
             out["stall"] = float(parts[2])
+        elif item == "after:swap":
+            out["after"].add(parts[1])
         else:
             raise UsageError(f"VMRESTORE_FAULT: unknown item {item!r} (phase:NAME, "
-                             "transport:MODE, stall:data:SECONDS)")
+                             "transport:MODE, stall:data:SECONDS, after:swap)")
     return out
 
 
@@ -287,8 +298,12 @@ class Orchestrator:
         if self.session is None:
             raise VSphereError(f"VM {rec.name} ({rec.moref}): no vCenter connection "
                                "to revert it to its safety snapshot")
+        if rec.swap == "committed":  # --full: the VM already runs on the backup's disks
+            return
         vm = self.session.vm_by_moref(rec.moref)
-        if rec.snapshot:
+        if rec.new_disks:
+            self._rollback_new_disks(vm, rec)
+        elif rec.snapshot:
             orig.revert(self.session, vm, rec.snapshot, self.hostd, rec.files)
             self.report.rollback.append(f"reverted VM {rec.name} ({rec.moref}) to its "
                                         "safety snapshot and removed it: disks and "
@@ -306,6 +321,25 @@ class Orchestrator:
             power.power_on(self.session, vm)
             self.report.rollback.append(f"powered VM {rec.name} on again")
             rec.powered_off = False
+            self.state.save()
+
+    def _rollback_new_disks(self, vm: Any, rec: OriginalRecord) -> None:
+        """--full: the old disks back where they were if the swap began, then the new files
+        (the ledger's, by their token-bearing names) deleted. The VM's own files were never
+        written."""
+        from vmrestore import original as orig
+
+        paths = [n.path for n in rec.new_disks]
+        if rec.swap in ("running", "done"):
+            orig.swap_back(self.session, vm, rec.old_disks, paths)
+            rec.swap = ""
+            self.state.save()
+            self.report.rollback.append(f"put VM {rec.name}'s own disks back "
+                                        f"({', '.join(o.path for o in rec.old_disks)})")
+        for n in list(rec.new_disks):
+            if orig.delete_disk_file(self.session, self.dc, n.path):
+                self.report.rollback.append(f"deleted new disk {n.path}")
+            rec.new_disks.remove(n)
             self.state.save()
 
     def _release_attachments(self) -> None:
@@ -544,9 +578,42 @@ class Orchestrator:
             moref=o.moref, name=o.name, found_by=o.found_by,
             files=[d.file_name for d in o.disks], snapshot=rec.snapshot if rec else None,
             powered_off=rec.powered_off if rec else False)
+        if o.replace:
+            self._plan_new_disks(rec)
         self.state.save()
         self.say(f"original VM {o.name} ({o.moref}) found by {o.found_by}: {o.power_state}, "
-                 f"{len(o.disks)} disk(s) matching the backup")
+                 f"{len(o.disks)} disk(s) " + (f"replaced with new ones (--full): "
+                                               f"{'; '.join(o.replace)}" if o.replace else
+                                               "matching the backup"))
+
+    def _plan_new_disks(self, old_rec: OriginalRecord | None) -> None:
+        """--full: every backup disk goes to a new file (the interrupted run's, on resume),
+        recorded in the ledger before it exists; the VM's disks are recorded to be put back."""
+        from vmrestore import original as orig
+
+        o, rec = self.original, self.state.doc.original
+        if old_rec is not None and old_rec.new_disks:
+            rec.new_disks, rec.old_disks, rec.swap = (old_rec.new_disks, old_rec.old_disks,
+                                                      old_rec.swap)
+        else:
+            token = secrets.token_hex(4)
+            rec.new_disks = [NewDisk(t.index, orig.new_disk_path(o.vm, o.disks, t.index,
+                                                                 t.datastore, token))
+                             for t in self.layout.disks]
+            rec.old_disks = [OldDisk(d.file_name, d.key, d.controller_key, d.unit, d.capacity,
+                                     d.provisioning) for d in o.disks]
+        paths = {n.disk: n.path for n in rec.new_disks}
+        for t in self.layout.disks:
+            t.file_name = paths[t.index]
+            self.report.disk(t.index).file = t.file_name
+        self.report.original["mode"] = "replace the disks (--full)"
+        self.report.original["replaced"] = [
+            *(f"disk {t.index}: {o.disks[t.index].file_name} "
+              f"({o.disks[t.index].capacity} bytes) -> {t.file_name} ({t.capacity} bytes)"
+              if t.index < len(o.disks) else f"disk {t.index}: added {t.file_name} "
+              f"({t.capacity} bytes)" for t in self.layout.disks),
+            *(f"removed {d.file_name} ({d.capacity} bytes)"
+              for d in o.disks[len(self.layout.disks):])]
 
     def _luns(self) -> dict[str, str]:
         """Datastore -> the LUN behind it, as the host reports (SAN candidates)."""
@@ -674,6 +741,12 @@ class Orchestrator:
             self.say(f"phase 3 snapshot: not taken, datastore {', '.join(vvol)} is VVOL "
                      "(VDDK limitation)")
             return self.report.snapshot
+        if self.original is not None and self.original.replace:
+            self.report.phases["snapshot"].status = "skipped"
+            self.report.snapshot = ("not taken: --full writes new disk files; the VM's own are "
+                                    "untouched until they are swapped in phase 5")
+            self.say(f"phase 3 snapshot: {self.report.snapshot}")
+            return self.report.snapshot
         if self.original is not None:
             return self._safety_snapshot()
         if snapshots.has_snapshot(self.vm):
@@ -721,6 +794,12 @@ class Orchestrator:
                 rd.status = "skipped"
                 rd.history.append("written by the interrupted run")
                 rd.transport = st.transport or rd.transport
+                continue
+            if self.original is not None and self.original.replace:
+                rd.file = t.file_name
+                self._new_disk_file(t)
+                self._restore_one(t, t.file_name, rd, st)
+                total += rd.bytes_written + rd.bytes_zeroed
                 continue
             if self.original is not None:
                 # The original VM's current file (the safety snapshot's delta): a revert
@@ -792,6 +871,31 @@ class Orchestrator:
             for lease in extra:
                 lease.release()
 
+    def _new_disk_file(self, t: Any) -> None:
+        """--full: create backup disk t's new file (ledger first), sized and provisioned."""
+        from vmrestore import original as orig
+
+        nd = next(n for n in self.state.doc.original.new_disks if n.disk == t.index)
+        if not nd.created:
+            if self.job.resume:  # the killed run may have made it: ours by its name
+                orig.delete_disk_file(self.session, self.dc, nd.path)
+            try:
+                orig.create_disk_file(self.session, self.dc, nd.path, t.capacity,
+                                      t.provisioning)
+            except VSphereError as e:
+                if e.fault == "FileAlreadyExists":  # someone else's: never ours to delete
+                    self.state.doc.original.new_disks.remove(nd)
+                    self.state.save()
+                raise
+            nd.created = True
+            self.state.save()
+        self.hostd.prepare_disk(nd.path, t.capacity, t.provisioning)
+
+    @property
+    def _in_place(self) -> bool:
+        """--original writing the VM's own disks (not --full's new files)."""
+        return self.original is not None and not self.original.replace
+
     def _restore_one(self, t: Any, base: str, rd: Any, st: DiskStatus) -> None:
         from vmrestore.disktask import DiskTask, TaskSettings
         from vmrestore.jobstate import read_checkpoint
@@ -826,8 +930,8 @@ class Orchestrator:
                         settings=TaskSettings(
                             threads=self.job.threads or 0, queue_depth=self.job.queue_depth or 0,
                             token_file=self.job.token_file,
-                            target_zeroed=self.original is None,
-                            compare=self.original is not None and self.job.quick_rollback,
+                            target_zeroed=not self._in_place,
+                            compare=self._in_place and self.job.quick_rollback,
                             stall=self.faults["stall"]))
                     if ck is not None and ck.prefix:
                         self.say(f"disk {t.index}: resuming at plan entry {ck.prefix} "
@@ -860,7 +964,7 @@ class Orchestrator:
             rd.seconds = out.seconds
             rd.busy = role_busy(mode, out.busy)
             rd.timeline = out.timeline
-            if self.original is not None:
+            if self._in_place:
                 rd.rollback = self._rollback_figures(t, out)
             st.status, st.transport = "done", mode
             self.state.save()
@@ -1037,6 +1141,9 @@ class Orchestrator:
         from vmrestore.vsphere import power
 
         rec, parts = self.state.doc.original, []
+        if rec.new_disks:
+            self._swap_disks(rec)
+            parts.append(f"{len(rec.new_disks)} new disk(s) swapped in")
         if not self.job.keep_config:
             changes = orig.apply_config(self.session, self.dc, self.vm, self.layout)
             self.report.original["config_changes"] = changes
@@ -1053,7 +1160,49 @@ class Orchestrator:
             self.report.powered_on = True
             parts.append("powered on")
         rec.powered_off = False
+        if rec.old_disks and rec.swap == "done":
+            parts.append(self._delete_old_disks(rec))
         self.state.doc.status = "done"
         self.state.save()
         self.say(f"phase 5 commit: {self.vm.name}: {', '.join(parts) or 'nothing to do'}")
         return ", ".join(parts) or "nothing to commit"
+
+    def _swap_disks(self, rec: OriginalRecord) -> None:
+        """--full: one ReconfigVM detaches the VM's disks (files kept) and attaches the new,
+        written and verified ones; recorded first, so a failure from here swaps back."""
+        from vmrestore import original as orig
+
+        rec.swap = "running"
+        self.state.save()
+        orig.swap_disks(self.session, self.vm, rec.old_disks,
+                        [(n.path, self.layout.disks[n.disk]) for n in rec.new_disks])
+        rec.swap = "done"
+        self.state.save()
+        self.say(f"phase 5 commit: VM {self.vm.name} now runs on "
+                 f"{', '.join(n.path for n in rec.new_disks)}")
+        if "swap" in self.faults["after"]:
+            raise InjectedFault("fault injected after the disk swap (VMRESTORE_FAULT, "
+                                "test only)")
+
+    def _delete_old_disks(self, rec: OriginalRecord) -> str:
+        """--full, last step: the replaced disks' files. The VM is right whatever happens
+        here, so the new disks stay; a file that cannot be deleted is named, not undone."""
+        from vmrestore import original as orig
+
+        rec.new_disks, rec.swap = [], "committed"  # nothing of ours left to roll back
+        self.state.save()
+        deleted, left = [], []
+        for o in list(rec.old_disks):
+            try:
+                orig.delete_disk_file(self.session, self.dc, o.path)
+                deleted.append(o.path)
+            except VSphereError as e:
+                left.append(f"{o.path} ({e})")
+            rec.old_disks.remove(o)
+            self.state.save()
+        self.report.original["deleted"] = deleted
+        if left:
+            self.report.original["left"] = left
+            self.say(f"phase 5 commit: old disk file(s) not deleted: {'; '.join(left)}")
+        return f"{len(deleted)} old disk file(s) deleted" + (f", {len(left)} left" if left
+                                                              else "")

@@ -16,6 +16,11 @@ the destination is the VM that went wrong instead of a new one (no block I/O):
   rollback that fails reverts to it and the VM is left as it was; removed
   (its delta merged) once the data and configuration are right. Not on VVOL.
 
+- ``--full`` (:func:`new_disk_path`, :func:`create_disk_file`, :func:`swap_disks`,
+  :func:`swap_back`, :func:`delete_disk_file`): disks that differ from the
+  backup's are replaced by new files written in full, swapped in by one
+  ReconfigVM at the end; the old files are deleted last (docs/restore.md).
+
 The data phase writes the VM's *current* disk files (a delta while the safety
 snapshot exists), so that reverting the snapshot drops every write made by
 the rollback. The lab's simulator keeps no deltas, so its host data services
@@ -43,6 +48,7 @@ class Original:
     found_by: str                    # "instance UUID ...", "name ...", "--original-vm ..."
     power_state: str                 # as found: poweredOn / poweredOff / suspended
     disks: list[Any] = field(default_factory=list)   # vsphere.disks.VmDisk, backup order
+    replace: list[str] = field(default_factory=list)  # --full: how the disks differ
 
     def as_dict(self) -> dict[str, Any]:
         return {"moref": self.moref, "name": self.name, "found_by": self.found_by,
@@ -143,16 +149,28 @@ def locate(session: Any, dc: Any, vm_config: dict[str, Any], layout: Any, job: A
         vm, how = find_vm(session, dc, vm_config, job.name, job.original_vm)
     disks = sorted(vm_disks(vm), key=lambda d: (d.controller_key, d.unit))
     diff = disk_differences(layout.disks, disks)
-    if diff:
+    if not diff and state and state.get("new_disks"):  # resumed after --full's swap
+        diff = ["the interrupted --full run's new disks"]
+    if diff and not job.full:
         raise UsageError(f"restore --original refused: VM {vm.name} ({vm._moId}) does not have "
-                         f"the backup's disks: {'; '.join(diff)} (recreating disks "
-                         "(--original --full) is not supported yet: restore to a new VM)")
+                         f"the backup's disks: {'; '.join(diff)} (give --full to replace them "
+                         "with new disks, or restore to a new VM)")
+    if diff and _controller(vm, [d.controller_key for d in disks]) is None:
+        raise UsageError(f"restore --original --full refused: VM {vm.name} ({vm._moId}) has no "
+                         "disk controller to attach the backup's disks to")
     power = str(vm.runtime.powerState)
     if power != "poweredOff" and not job.force and not (state and state.get("powered_off")):
         raise UsageError(f"restore --original refused: VM {vm.name} ({vm._moId}) is {power}; "
                          "a rollback overwrites its disks, so it must be off: give --force to "
                          "power it off first")
     layout.name = vm.name
+    if diff:  # --full: new files next to the VM's (names given by the orchestrator's ledger)
+        home = str(vm.config.files.vmPathName)
+        for t in layout.disks:
+            t.datastore = (disks[t.index].datastore if t.index < len(disks)
+                           else home[1:home.index("]")])
+        layout.datastore = layout.disks[0].datastore if layout.disks else layout.datastore
+        return Original(vm, vm._moId, vm.name, how, power, disks, diff)
     for t, d in zip(layout.disks, disks, strict=True):
         t.datastore = d.datastore
         t.file_name = d.file_name
@@ -287,3 +305,114 @@ def remove_safety_snapshot(session: Any, vm: Any, moref: str, hostd: Any,
                  f"remove the safety snapshot of VM {vm.name}")
     for f in files:
         hostd.disk_snapshot(f, "drop")
+
+
+# ------------------------------------------------------------------ --full: new disks
+
+
+def new_disk_path(vm: Any, disks: list[Any], index: int, datastore: str, token: str) -> str:
+    """Where backup disk ``index`` is written: a fresh name next to the VM's disk it replaces
+    (else in the VM's home directory), carrying the job's token (``NAME_vmrN_TOKEN.vmdk``)."""
+    from vmrestore.vsphere.disks import split_ds_path
+
+    ref = disks[index].file_name if index < len(disks) else str(vm.config.files.vmPathName)
+    rel = split_ds_path(ref)[1]
+    folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+    return f"[{datastore}] {folder}{vm.name}_vmr{index}_{token}.vmdk"
+
+
+def create_disk_file(session: Any, dc: Any, path: str, capacity: int, provisioning: str) -> None:
+    """A new, unattached virtual disk of the backup's capacity and provisioning."""
+    from pyVmomi import vim
+
+    spec = vim.VirtualDiskManager.FileBackedVirtualDiskSpec(
+        diskType={"thin": "thin", "thick-lazy": "preallocated"}.get(provisioning,
+                                                                     "eagerZeroedThick"),
+        adapterType="lsiLogic", capacityKb=capacity // 1024)
+    vdm = session.content.virtualDiskManager
+    session.wait(vdm.CreateVirtualDisk_Task(name=path, datacenter=dc, spec=spec),
+                 f"create disk {path}")
+
+
+def delete_disk_file(session: Any, dc: Any, path: str) -> bool:
+    """Delete a virtual disk (descriptor and extents); False when it was not there."""
+    vdm = session.content.virtualDiskManager
+    try:
+        session.wait(vdm.DeleteVirtualDisk_Task(name=path, datacenter=dc), f"delete disk {path}")
+    except VSphereError as e:
+        if e.fault == "FileNotFound":
+            return False
+        raise
+    return True
+
+
+def _controller(vm: Any, disk_controllers: list[int]) -> int | None:
+    """The controller an added disk goes to: the first disk's, else the first SCSI one."""
+    from pyVmomi import vim
+
+    if disk_controllers:
+        return int(disk_controllers[0])
+    return next((d.key for d in vm.config.hardware.device
+                 if isinstance(d, vim.vm.device.VirtualSCSIController)), None)
+
+
+def _attached(vm: Any) -> dict[str, Any]:
+    """The VM's disk devices by file name."""
+    from pyVmomi import vim
+
+    return {d.backing.fileName: d for d in vm.config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualDisk)}
+
+
+def _disk_device(vim: Any, path: str, capacity: int, provisioning: str, controller: int,
+                 unit: int, key: int) -> Any:
+    return vim.vm.device.VirtualDisk(
+        key=key, controllerKey=controller, unitNumber=unit, capacityInBytes=capacity,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            diskMode="persistent", fileName=path, thinProvisioned=provisioning == "thin",
+            eagerlyScrub=provisioning == "thick-eager"))
+
+
+def _reconfigure_disks(session: Any, vm: Any, remove: list[str],
+                       add: list[tuple[str, int, str, int | None, int | None]], what: str) -> None:
+    """One ReconfigVM: detach the disks backed by ``remove`` (their files kept), attach
+    ``add`` (path, capacity, provisioning, controller, unit; None: a free unit on the VM's
+    disk controller). Files already in the wanted state are left alone (a repeat is a no-op)."""
+    from pyVmomi import vim
+
+    have = _attached(vm)
+    changes = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=have[p])
+               for p in remove if p in have]
+    gone = {have[p].key for p in remove if p in have}
+    used = {(d.controllerKey, d.unitNumber) for d in vm.config.hardware.device
+            if d.key not in gone and getattr(d, "controllerKey", None) is not None}
+    default = _controller(vm, [d.controllerKey for d in have.values() if d.key not in gone]
+                          or [d.controllerKey for d in have.values()])
+    for i, (path, cap, prov, ctrl, unit) in enumerate(add):
+        if path in have:
+            continue
+        if ctrl is None or unit is None or (ctrl, unit) in used:
+            ctrl = default
+            unit = next(u for u in range(64) if u != 7 and (ctrl, u) not in used)
+        used.add((ctrl, unit))
+        changes.append(vim.vm.device.VirtualDeviceSpec(
+            operation="add", device=_disk_device(vim, path, cap, prov, ctrl, unit, -(4000 + i))))
+    if changes:
+        session.wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)),
+                     f"{what} of VM {vm.name}")
+
+
+def swap_disks(session: Any, vm: Any, old: list[Any], new: list[tuple[str, Any]]) -> None:
+    """Detach the VM's old disks (files kept) and attach the new ones, each on the old
+    disk's controller and unit where there was one. ``new``: (path, layout disk)."""
+    slots = {i: (o.controller_key, o.unit) for i, o in enumerate(old)}
+    _reconfigure_disks(session, vm, [o.path for o in old],
+                       [(p, t.capacity, t.provisioning, *slots.get(t.index, (None, None)))
+                        for p, t in new], "swap the disks")
+
+
+def swap_back(session: Any, vm: Any, old: list[Any], new_paths: list[str]) -> None:
+    """Undo :func:`swap_disks`, wholly or from halfway: the old disks where they were."""
+    _reconfigure_disks(session, vm, new_paths,
+                       [(o.path, o.capacity, o.provisioning, o.controller_key, o.unit)
+                        for o in old], "put the old disks back")

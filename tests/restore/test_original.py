@@ -234,3 +234,69 @@ def test_found_by_instance_uuid_overwrite_keeps_identity(lab, lab_si, host_servi
     nics = [d for d in find_vm(lab_si, name).config.hardware.device
             if hasattr(d, "macAddress")]
     assert [n.backing.deviceName for n in nics] == ["Restore Network"]
+
+
+def _vm_with_other_disks(lab: Any, si: Any, name: str,
+                         disks: list[tuple[int, str]]) -> tuple[Any, list[Path], list[bytes]]:
+    """A VM whose disks differ from the backup's, filled with its own data: (vm, flat files,
+    their contents)."""
+    from lab_helpers import create_vm
+
+    vm, paths = create_vm(si, lab, name, "ds-local", disks)
+    files = [flat_file(lab, p) for p in paths]
+    rng = np.random.default_rng(21)
+    for f in files:
+        f.write_bytes(rng.integers(0, 256, f.stat().st_size, dtype=np.uint8).tobytes())
+    drop_caches()
+    return vm, files, [f.read_bytes() for f in files]
+
+
+def test_full_replaces_disks_that_differ(lab, lab_si, host_services, backup, tmp_path) -> None:
+    """--original --full: a VM with a disk of another capacity and one disk too many gets the
+    backup's disks as new files; the same VM (moref, UUID), the old files deleted."""
+    name = unique("orig-full")
+    vm, old_files, _ = _vm_with_other_disks(lab, lab_si, name, [(16 * MIB, "thin"),
+                                                               (32 * MIB, "thin"),
+                                                               (8 * MIB, "thin")])
+    moref, uuid = vm._moId, vm.config.instanceUuid
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--full", "--name",
+                         name, "--transport", "nbd", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    vm = find_vm(lab_si, name)
+    assert (vm._moId, vm.config.instanceUuid) == (moref, uuid) == (rep["vm"]["moref"], uuid)
+    disks = vm_disks(lab_si, name)
+    assert [d.capacityInBytes for d in disks] == [img.stat().st_size for img in backup.images]
+    assert all("_vmr" in d.backing.fileName for d in disks)
+    assert _same([flat_file(lab, d.backing.fileName) for d in disks], backup.images)
+    assert [f for f in old_files if f.exists()] == [], "old disk files left"
+    replaced = rep["original"]["replaced"]
+    assert len(replaced) == 3 and replaced[2].startswith("removed "), replaced
+    assert rep["original"]["mode"] == "replace the disks (--full)"
+    assert len(rep["original"]["deleted"]) == 3
+    assert "not taken" in rep["snapshot"] and not vm.rootSnapshot
+
+
+def test_full_failure_after_the_swap_puts_the_old_disks_back(lab, lab_si, host_services,
+                                                            backup, tmp_path) -> None:
+    """A fault after the swap: the VM gets its own disks back, unchanged, on the same units;
+    the new files are deleted (the backup has a disk more than the VM: one added, undone)."""
+    name = unique("orig-full-f")
+    vm, old_files, before = _vm_with_other_disks(lab, lab_si, name, [(16 * MIB, "thin")])
+    old = [(d.backing.fileName, d.controllerKey, d.unitNumber) for d in vm_disks(lab_si, name)]
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--full", "--name",
+                         name, "--transport", "nbd",
+                         env=lab_env(lab, VMRESTORE_FAULT="after:swap"), state_dir=tmp_path)
+    assert p.returncode != 0 and rep["failed_phase"] == "commit", p.stderr
+    assert "fault injected after the disk swap" in p.stderr
+    assert any("own disks back" in r for r in rep["rollback"]), rep["rollback"]
+    new = [d["file"] for d in rep["disks"]]
+    assert len(new) == 2 and all("_vmr" in f for f in new)
+    assert sum(f"deleted new disk {f}" in rep["rollback"] for f in new) == 2, rep["rollback"]
+    assert [(d.backing.fileName, d.controllerKey, d.unitNumber)
+            for d in vm_disks(lab_si, name)] == old
+    assert find_vm(lab_si, name)._moId == vm._moId
+    drop_caches()
+    assert [f.read_bytes() for f in old_files] == before
+    assert not any(flat_file(lab, f).exists() or flat_file(lab, f).with_name(
+        flat_file(lab, f).name.replace("-flat", "")).exists() for f in new)
+    assert not list(tmp_path.glob("restore-*.json")), "job state left after the rollback"

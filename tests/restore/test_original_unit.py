@@ -21,7 +21,10 @@ def test_job_fields_and_refusals() -> None:
                      ({"original": True, "disk_format": "thin"}, "keeps its disks"),
                      ({"original": True, "keep_config": True, "network_map": {"a": "b"}},
                       "keep_config"),
-                     ({"original": True, "disk_library": "vddk"}, "own writers")):
+                     ({"original": True, "disk_library": "vddk"}, "own writers"),
+                     ({"full": True}, "only with 'original'"),
+                     ({"original": True, "full": True, "quick_rollback": True},
+                      "field 'full': not with 'quick_rollback': .* nothing to compare")):
         with pytest.raises(UsageError, match=why):
             from_mapping({"backup": "b.vmrb", **bad})
 
@@ -34,3 +37,16 @@ def test_disk_differences_name_count_and_capacity() -> None:
     assert disk_differences(t, d[:1]) == ["the backup has 2 disk(s), the VM 1"]
     assert disk_differences(t, [SimpleNamespace(label="x", capacity=16),
                                 SimpleNamespace(label="y", capacity=32)]) == []
+
+
+def test_full_with_quick_rollback_refused_on_one_line() -> None:
+    """The command form: exit 2, one line naming both options, no traceback."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "vmrestore", "restore", "--backup", "b.vmrb",
+                        "--original", "--full", "--quick-rollback"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'full'" in lines[0] and "quick_rollback" in lines[0], p.stderr

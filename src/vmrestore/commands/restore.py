@@ -101,7 +101,8 @@ def register(sub: Any) -> None:
     og.add_argument("--original", action="store_true", default=None,
                     help="roll back the VM the backup was taken of instead of creating one: "
                     "found by the backup's instance UUID, then by name (--name overrides); "
-                    "it must have the backup's disks (count, capacities) and be powered off; "
+                    "it must have the backup's disks (count, capacities; or --full) and be powered "
+                    "off; "
                     "a safety snapshot is taken first and reverted to if the rollback fails")
     og.add_argument("--original-vm", metavar="MOREF",
                     help="with --original: the VM by managed object id (e.g. vm-42), when "
@@ -113,6 +114,12 @@ def register(sub: Any) -> None:
     og.add_argument("--keep-config", action="store_true", default=None,
                     help="with --original: keep the VM's CPU, memory and NICs (default: "
                     "restore the backup's; the report lists what changed)")
+    og.add_argument("--full", action="store_true", default=None,
+                    help="with --original: when the VM's disks differ from the backup's (count "
+                    "or capacity), write every backed-up disk into a new file and swap them "
+                    "into the VM at the end (same VM, moref, UUID and name); its old disks are "
+                    "deleted only after the swap; a failure leaves the VM as it was. Not with "
+                    "--quick-rollback")
     og.add_argument("--force", action="store_true", default=None,
                     help="with --original: power the VM off when it is on (default: refuse)")
     tr = p.add_argument_group("data movement")
