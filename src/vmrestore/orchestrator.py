@@ -798,8 +798,7 @@ class Orchestrator:
             if self.original is not None and self.original.replace:
                 rd.file = t.file_name
                 self._new_disk_file(t)
-                self._restore_one(t, t.file_name, rd, st)
-                total += rd.bytes_written + rd.bytes_zeroed
+                todo.append((t, t.file_name, rd, st))
                 continue
             if self.original is not None:
                 # The original VM's current file (the safety snapshot's delta): a revert
