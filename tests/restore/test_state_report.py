@@ -123,10 +123,11 @@ def test_state_dir_default_next_to_backup(tmp_path, monkeypatch) -> None:
 
 
 def test_parse_faults() -> None:
-    f = parse_faults("phase:data, transport:san,stall:data:0.25")
-    assert f == {"phases": {"data"}, "transports": {"san"}, "stall": 0.25}
-    assert parse_faults(None) == {"phases": set(), "transports": set(), "stall": 0.0}
-    for bad in ("phase:nope", "boom", "stall:config:1"):
+    f = parse_faults("phase:data, transport:san,stall:data:0.25,after:swap")
+    assert f == {"phases": {"data"}, "transports": {"san"}, "stall": 0.25, "after": {"swap"}}
+    assert parse_faults(None) == {"phases": set(), "transports": set(), "stall": 0.0,
+                                  "after": set()}
+    for bad in ("phase:nope", "boom", "stall:config:1", "after:data"):
         with pytest.raises(UsageError, match="VMRESTORE_FAULT"):
             parse_faults(bad)
 
