@@ -22,6 +22,7 @@ from core_helpers import (
     nbdkit,
     restore_cli,
     synth_plan,
+    wait_written,
 )
 from support import need_tool
 
@@ -37,17 +38,6 @@ def _popen_restore(*args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_first_write(target: Path, proc: subprocess.Popen[str]) -> None:
-    """Wait until the restore has written data (not a fixed sleep: start-up under load varies)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if any(target.read_bytes()):
-            return
-        time.sleep(0.05)
-    pytest.fail("the restore wrote nothing within 60 s")
-
-
 def test_nbdkit_killed_mid_restore(tmp_path: Path, backed_up: tuple[bytes, Path]) -> None:
     data, bk = backed_up
     target = tmp_path / "t.img"
@@ -56,7 +46,7 @@ def test_nbdkit_killed_mid_restore(tmp_path: Path, backed_up: tuple[bytes, Path]
                 "delay-zero=150ms") as srv:
         proc = _popen_restore(str(bk), "--disk", "0", "--to", srv.uri + "&retries=2", "-q",
                               "--queue-depth", "2", "--connections", "1")
-        _wait_first_write(target, proc)
+        wait_written(target, proc)
         t0 = time.monotonic()
         srv.kill()
         _out, err = proc.communicate(timeout=60)
@@ -147,8 +137,7 @@ def test_sigint_stops_cleanly(tmp_path: Path, backed_up: tuple[bytes, Path]) -> 
     with nbdkit(tmp_path, target, "--filter=delay", "delay-write=200ms") as srv:
         proc = _popen_restore(str(bk), "--disk", "0", "--to", srv.uri, "-q",
                               "--connections", "1", "--queue-depth", "2")
-        time.sleep(1.0)
-        assert proc.poll() is None
+        wait_written(target, proc)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
