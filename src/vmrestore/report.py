@@ -236,6 +236,8 @@ def format_table(r: Report) -> str:
                      f"{r.original['found_by']}: {r.original['mode']}; configuration "
                      f"{r.original['config']}: "
                      f"{'; '.join(r.original['config_changes']) or 'no change'}")
+        lines += [f"  replaced: {x}" for x in r.original.get("replaced", [])]
+        lines += [f"  old disk file not deleted: {x}" for x in r.original.get("left", [])]
         for d in sorted(r.disks, key=lambda d: d.disk):
             f = d.rollback
             if f and f["mode"] == "quick rollback":
@@ -246,8 +248,9 @@ def format_table(r: Report) -> str:
                              f"{f['seconds']:.2f} s")
     lines.append("")
     if r.status == "ok" and r.original is not None:
+        how = "with new disks" if r.original.get("replaced") else "in place"
         lines.append(f"OK in {r.seconds:.1f} s: VM {r.vm_name!r} rolled back to the restore "
-                     f"point in place{', powered on' if r.powered_on else ''}; {r.snapshot}")
+                     f"point {how}{', powered on' if r.powered_on else ''}; {r.snapshot}")
     elif r.status == "ok":
         lines.append(f"OK in {r.seconds:.1f} s: VM {r.vm_name!r} restored"
                      f"{', powered on' if r.powered_on else ''}; snapshot {r.snapshot}")

@@ -166,6 +166,21 @@ def test_report_table_of_a_failure_names_phase_and_rollback() -> None:
     assert "rolled back: destroyed VM web02" in t
 
 
+def test_report_table_lists_the_replaced_disks() -> None:
+    r = _report()
+    r.original = {"name": "web02", "moref": "vm-7", "found_by": "name 'web02'",
+                  "mode": "replace the disks (--full)", "config": "backup's",
+                  "config_changes": [], "replaced": [
+                      "disk 0: [ds] web02/web02.vmdk (8 bytes) -> [ds] web02/x.vmdk (16 bytes)",
+                      "removed [ds] web02/web02_1.vmdk (8 bytes)"],
+                  "left": ["[ds] web02/web02_1.vmdk (locked)"]}
+    t = format_table(r)
+    assert "  replaced: disk 0: [ds] web02/web02.vmdk (8 bytes) -> [ds] web02/x.vmdk" in t
+    assert "  replaced: removed [ds] web02/web02_1.vmdk" in t
+    assert "old disk file not deleted: [ds] web02/web02_1.vmdk (locked)" in t
+    assert "rolled back to the restore point with new disks" in t
+
+
 def test_busy_mapping_by_transport() -> None:
     from vmrestore.timeline import role_busy
 
