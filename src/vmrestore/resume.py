@@ -115,10 +115,14 @@ class NewFileTarget:
     """One run's partial file; :meth:`prepare` decides fresh or resumed, :meth:`commit` ends it."""
 
     def __init__(self, target: Path, backup: str, disk: int, point: str | None,
-                 checkpoints: bool) -> None:
+                 checkpoints: bool, token_file: str | None = None) -> None:
+        from vmrestore.mover.client import is_repo_url
+
         self.target = target
         self.partial, self.state_path = paths(target)
-        self.backup = os.path.abspath(backup) if checkpoints else backup
+        self.remote = is_repo_url(backup)
+        self.backup = backup if self.remote else os.path.abspath(backup)
+        self.token_file = token_file
         self.disk = disk
         self.point = point or ""
         self.checkpoints = checkpoints
@@ -141,8 +145,7 @@ class NewFileTarget:
 
     def _resume_from(self, old: ResumeState | None) -> None:
         if not self.checkpoints:
-            raise UsageError("--resume needs a local backup file (a repo:// restore resumes "
-                             "by itself after a lost connection)")
+            raise UsageError("--resume: this run records no checkpoints")
         if old is None:
             raise UsageError(f"{self.target}: nothing to resume (no {self.state_path.name})")
         try:
@@ -169,6 +172,15 @@ class NewFileTarget:
         log.info("%s: resuming at plan entry %d", self.target, self.start)
 
     def _point_id(self) -> str:
+        """The id of the point file asked for (over the wire for repo://, metadata only)."""
+        if self.remote:
+            from vmrestore.mover.repo_source import open_repository_chain
+
+            chain = open_repository_chain(self.backup, self.token_file)
+            try:
+                return str(chain.point.point_id)
+            finally:
+                chain.close()
         from vmrestore.repository.reader import open_point
 
         p = open_point(self.backup)
@@ -236,9 +248,10 @@ class NewFileTarget:
 
 @contextlib.contextmanager
 def new_file_target(target: Path, backup: str, disk: int, point: str | None, *,
-                    resume: bool, checkpoints: bool) -> Iterator[NewFileTarget]:
+                    resume: bool, checkpoints: bool = True,
+                    token_file: str | None = None) -> Iterator[NewFileTarget]:
     """A NewFileTarget prepared for this run; on failure kept for --resume or removed."""
-    t = NewFileTarget(target, backup, disk, point, checkpoints)
+    t = NewFileTarget(target, backup, disk, point, checkpoints, token_file)
     try:
         t.prepare(resume)  # a refusal here touches nothing
         try:

@@ -35,7 +35,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return img, backup(img, d / "b.vmrb", "--codec", "none")
 
 
-def _start(bk: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+def _start(bk: Path | str, out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vmrestore", "restore-disk", str(bk),
                              "--disk", "0", "--to", str(out), "-q", "--threads", "1",
                              "--connections", "1", "--checkpoint-every", "0.1", *extra],
@@ -152,5 +152,35 @@ def test_second_run_for_the_same_target_is_refused_while_the_first_lives(
     _o, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert second.returncode == 6 and "another restore is writing it" in second.stderr
+    assert out.read_bytes() == img.read_bytes()
+    assert _leftovers(tmp_path, out) == []
+
+
+def test_kill9_then_resume_from_a_repository_agent(tmp_path: Path,
+                                                   big: tuple[Path, Path]) -> None:
+    """The same through repo://: the checkpoint names the URL, the point id comes over the
+    wire, and --resume pulls only the rest of the disk from the agent."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mover"))
+    from mover_helpers import TOKEN, AgentProc
+
+    img, bk = big
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN + "\n")
+    agent = AgentProc(bk.parent, tok).start()
+    try:
+        url = agent.url(bk.name)
+        out = tmp_path / "new.img"
+        proc = _start(url, out, "--token-file", str(tok))
+        ckpt = _wait_checkpoint(proc, out)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert ckpt["backup"] == url and not out.exists()
+        r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", url, "--disk",
+                            "0", "--to", str(out), "--resume", "--token-file", str(tok),
+                            "--json", "-q"], capture_output=True, text=True, timeout=120)
+    finally:
+        agent.stop()
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["start_entry"] > 0
     assert out.read_bytes() == img.read_bytes()
     assert _leftovers(tmp_path, out) == []

@@ -87,8 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue a killed or interrupted restore to a new local file from its "
                         "checkpoint (.NAME.vmrestore-resume beside the target)")
     p.add_argument("--checkpoint-every", type=number(0.05, 3600, float), default=2.0,
-                   metavar="S", help="new local file from a local backup: record durable "
-                                     "progress every S seconds (default 2)")
+                   metavar="S", help="new local file: record durable progress every S "
+                                     "seconds for --resume (default 2)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=run)
@@ -188,21 +188,19 @@ def _is_file_target(target: str) -> bool:
 
 
 def _restore_new_file(args: argparse.Namespace, target: Path, common: dict[str, Any]) -> Any:
-    """Write a hidden partial file (checkpointed for a local backup), then put it in place."""
-    from vmrestore.mover.client import is_repo_url
+    """Write a hidden partial file, checkpointed (local or repo:// source), then put it in place."""
     from vmrestore.restore_disk import restore_disk
     from vmrestore.resume import new_file_target
 
-    local = not is_repo_url(args.backup)
     show = common.pop("progress")
     with new_file_target(target, args.backup, args.disk, args.point, resume=args.resume,
-                         checkpoints=local) as t:
+                         token_file=args.token_file) as t:
 
         def progress(p: Any) -> None:
             # the driver reports a checkpoint once the partial file is flushed up to it
-            if p.durable and local:
+            if p.durable:
                 t.record(p.prefix)
-            elif not p.durable:
+            else:
                 show(p)
 
         try:
