@@ -783,6 +783,16 @@ class Orchestrator:
 
     # --- phase 4 ----------------------------------------------------------------------
 
+    @staticmethod
+    def _done_before(rd: Any, st: Any) -> bool:
+        """A disk the interrupted run finished: reported as skipped, not written again."""
+        if st.status != "done":
+            return False
+        rd.status = "skipped"
+        rd.history.append("written by the interrupted run")
+        rd.transport = st.transport or rd.transport
+        return True
+
     def transport_data(self) -> str:
         from vmrestore.vsphere import disks as vdisks
 
@@ -790,10 +800,7 @@ class Orchestrator:
         for t in self.layout.disks:
             rd = self.report.disk(t.index)
             st = self.state.disk(t.index)
-            if st.status == "done":
-                rd.status = "skipped"
-                rd.history.append("written by the interrupted run")
-                rd.transport = st.transport or rd.transport
+            if self._done_before(rd, st):
                 continue
             if self.original is not None and self.original.replace:
                 rd.file = t.file_name

@@ -75,17 +75,25 @@ def _worker_facts(dask_worker: Any) -> dict[str, Any] | None:
     return {**f, "pid": os.getpid()} if f else None
 
 
-def live_proxies(client: Any, pids: dict[str, int] | None = None
-                 ) -> dict[str, tuple[str, Proxy]]:
-    """Proxy name -> (worker address, its facts) for every worker that advertises a proxy.
+def workers(client: Any) -> dict[str, str]:
+    """Worker address -> name, as the scheduler knows them (who is a member now)."""
+    return {addr: str(w.get("name")) for addr, w in
+            client.scheduler_info(n_workers=-1)["workers"].items()}
 
-    Raises WorkersUnknown when the workers cannot be asked: a caller must not take
-    that for "every proxy is gone".
 
+def live_proxies(client: Any, pids: dict[str, int] | None = None,
+                 only: list[str] | None = None) -> dict[str, tuple[str, Proxy]]:
+    """Proxy name -> (worker address, its facts) for the workers that advertise a proxy.
+
+    ``only``: ask just these worker addresses (the new ones). A worker that does not
+    answer is left out; it is not thereby gone (membership is the scheduler's word,
+    :func:`workers`). Raises WorkersUnknown when the workers cannot be asked at all.
     ``pids`` (if given) is filled with each proxy worker's process id (the live view
-    shows it: which process is which proxy)."""
-    names = {addr: str(w.get("name")) for addr, w in
-             client.scheduler_info(n_workers=-1)["workers"].items()}
+    shows it: which process is which proxy).
+    """
+    names = workers(client)
+    if only is not None:
+        names = {a: n for a, n in names.items() if a in only}
     if not names:
         return {}
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmrestore.errors import TransportError, VmrError
-from vmrestore.fleet.cluster import live_proxies
+from vmrestore.fleet.cluster import live_proxies, workers
 from vmrestore.infra import Proxy
 from vmrestore.schedule import Admission, Grant, ProxySpec, TaskSpec
 
@@ -93,6 +93,8 @@ class Dispatcher:
 
         with contextlib.suppress(Exception):
             self.client.subscribe_topic(TOPIC, self._on_progress)
+        with contextlib.suppress(Exception):  # the live view's proxy -> process id
+            live_proxies(self.client, self.pids, only=list(self.live.values()))
         self._thread.start()
         return self
 
@@ -250,24 +252,32 @@ class Dispatcher:
                     self.on_change()
 
     def _watch(self) -> None:
-        seen = live_proxies(self.client, self.pids)
+        """Membership is the scheduler's word: a proxy is lost when its worker's address is
+        no longer a member (dead, or restarted elsewhere); a worker that is merely slow to
+        answer is not. New members are asked for their proxy facts."""
+        members = workers(self.client)
         for name, addr in list(self.live.items()):
-            if seen.get(name, (None,))[0] != addr:
+            if addr not in members:
                 del self.live[name]
                 lost = self.admission.proxy_lost(name)
-                self.say(f"proxy {name}: worker {addr} gone; {len(lost)} running disk task(s) "
-                         "requeued")
+                self.say(f"proxy {name}: worker {addr} gone; {len(lost)} running disk "
+                         "task(s) requeued")
                 with self._lock:
                     for g in lost:
                         w = self._waiters.get(g.task.key)
                         if w is not None and g.attempt in w.lost:
                             w.lost[g.attempt].set()
-        for name, (addr, p) in seen.items():
-            if name not in self.live:
-                self.live[name] = addr
-                self.known[name] = p
-                self.admission.proxy_added(ProxySpec(name, p.slots, tuple(p.transports)))
-                self.say(f"proxy {name}: worker {addr} joined ({p.slots} slots)")
+        known = set(self.live.values())
+        new = [a for a in members if a not in known]
+        if not new:
+            return
+        for name, (addr, p) in live_proxies(self.client, self.pids, only=new).items():
+            if name in self.live:  # two workers claim one proxy: keep the first
+                continue
+            self.live[name] = addr
+            self.known[name] = p
+            self.admission.proxy_added(ProxySpec(name, p.slots, tuple(p.transports)))
+            self.say(f"proxy {name}: worker {addr} joined ({p.slots} slots)")
 
     def _check_unplaceable(self, now: float) -> None:
         stuck = {t.key for t in self.admission.unplaceable()}
@@ -298,7 +308,7 @@ class Dispatcher:
         out: dict[str, dict[str, float]] = {}
         with self._lock:
             ivs = list(self.intervals)
-        for name, p in self.known.items():
+        for name, p in list(self.known.items()):
             mine = [iv for iv in ivs if iv.proxy == name]
             edges = sorted([(iv.start, 1) for iv in mine] +
                            [(iv.end or end, -1) for iv in mine])

@@ -225,10 +225,11 @@ class PlanRunner:
     def snapshot(self) -> dict[str, Any]:
         d = self.dispatcher
         counts: dict[str, int] = {"done": 0, "failed": 0, "queued": 0, "running": 0}
-        for s in self.vm_status.values():
+        # Copies first (one C call each): other threads update these dicts meanwhile.
+        for s in list(self.vm_status.values()):
             counts[s if s in ("done", "failed", "queued") else "running"] += 1
         u = self.admission.usage()
-        done = sum(x[1] for x in d.progress.values())
+        done = sum(x[1] for x in list(d.progress.values()))
         return {"t": round(time.monotonic() - d.t0, 2), "vms": counts,
                 "bytes_done": done, "slots": dict(u.slots),
                 "slot_capacity": dict(u.slot_capacity), "disks_queued": u.queued,

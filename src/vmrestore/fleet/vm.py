@@ -120,6 +120,7 @@ class PlanVmRestore(Orchestrator):
                            facts: list[infra_mod.DiskFacts]) -> list[infra_mod.Decision]:
         """Every (proxy, transport) that can write each disk, best transport first."""
         primary: dict[int, list[tuple[int, str, str]]] = {}
+        vm_present: dict[str, bool] = {}  # HotAdd needs the proxy's VM in this datacenter
         fallback: dict[int, list[tuple[str, str]]] = {}
         reasons: dict[int, str] = {}
         refused: list[str] = []
@@ -129,7 +130,14 @@ class PlanVmRestore(Orchestrator):
             except UsageError as e:
                 refused.append(f"{p.name}: {e}")
                 continue
+            if any(d.mode == "hotadd" for d in decisions) and p.vm not in vm_present:
+                vm_present[p.vm] = self.session.find_vm(self.dc, p.vm) is not None
             for d in decisions:
+                if d.mode == "hotadd" and not vm_present[p.vm]:
+                    refused.append(f"{p.name}: proxy VM {p.vm!r} not found in {self.dc.name}")
+                    if self.job.transport == "hotadd":
+                        continue
+                    d = infra_mod.Decision(d.disk, "nbd", d.reason)
                 primary.setdefault(d.disk, []).append((MODE_RANK.get(d.mode, 9), p.name, d.mode))
                 reasons.setdefault(d.disk, d.reason)
                 fallback.setdefault(d.disk, []).extend((p.name, m) for m in d.fallback)
@@ -147,6 +155,10 @@ class PlanVmRestore(Orchestrator):
                                           f"{len({p for p, _ in opts})} proxies"))
         return out
 
+    def _proxy_vm_present(self, decisions: list[infra_mod.Decision]
+                          ) -> list[infra_mod.Decision]:
+        return decisions  # checked per proxy in _choose_transports
+
     # --- phase 4 ----------------------------------------------------------------------------
 
     def transport_data(self) -> str:
@@ -156,10 +168,7 @@ class PlanVmRestore(Orchestrator):
         for t in self.layout.disks:
             rd = self.report.disk(t.index)
             st = self.state.disk(t.index)
-            if st.status == "done":
-                rd.status = "skipped"
-                rd.history.append("written by the interrupted run")
-                rd.transport = st.transport or rd.transport
+            if self._done_before(rd, st):
                 self.disk_runs[t.index] = DiskRun(t.index, "", st.proxy or "",
                                                   rd.transport)
                 continue
