@@ -53,26 +53,37 @@ def _run_plan(plan: Path, lab: Any, kill: str | None) -> tuple[int, dict[str, An
                             text=True, env=env)
     snaps: list[dict] = []
     killed: list[int] = []
+    other: list[str] = []
 
     def read_stderr() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if not line.startswith("{"):
+            try:
+                snap = json.loads(line) if line.startswith('{"event"') else None
+            except ValueError:
+                snap = None
+            if snap is None:
+                other.append(line)
                 continue
-            snap = json.loads(line)
             snaps.append(snap)
             pid = snap.get("workers", {}).get(kill)
             if kill and not killed and pid and snap["slots"].get(kill, 0) >= 1 \
                     and snap["vms"]["done"] >= 2:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:  # restarted meanwhile: the next snapshot's pid
+                    other.append(f"worker pid {pid} already gone\n")
 
     t = threading.Thread(target=read_stderr)
     t.start()
-    out, _ = proc.communicate(timeout=400)
+    assert proc.stdout is not None
+    out = proc.stdout.read()  # stderr is the reader thread's alone (not communicate()'s)
+    proc.wait(timeout=400)
     t.join()
     if kill:
         assert killed, "the worker was never seen running a disk: no kill happened"
+    assert any(s["final"] for s in snaps), "".join(other)[-3000:]
     return proc.returncode, json.loads(out), snaps
 
 

@@ -75,10 +75,17 @@ def _worker_facts(dask_worker: Any) -> dict[str, Any] | None:
     return {**f, "pid": os.getpid()} if f else None
 
 
+def _members(dask_scheduler: Any) -> dict[str, str]:
+    return {addr: str(ws.name) for addr, ws in dask_scheduler.workers.items()}
+
+
 def workers(client: Any) -> dict[str, str]:
-    """Worker address -> name, as the scheduler knows them (who is a member now)."""
-    return {addr: str(w.get("name")) for addr, w in
-            client.scheduler_info(n_workers=-1)["workers"].items()}
+    """Worker address -> name, asked of the scheduler now (who is a member).
+
+    Not the client's cached ``scheduler_info()``, which may lag or be empty while
+    it refreshes: an empty answer there would look like every proxy gone.
+    """
+    return dict(client.run_on_scheduler(_members))
 
 
 def live_proxies(client: Any, pids: dict[str, int] | None = None,

@@ -79,6 +79,7 @@ class Dispatcher:
         self.progress: dict[str, tuple[int, int, int]] = {}  # key -> (attempt, done, total)
         self.events: list[str] = []
         self.pids: dict[str, int] = {}  # proxy -> its worker's process id
+        self._lost_grants: set[tuple[str, int]] = set()  # (key, attempt) given up by proxy_lost
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -140,17 +141,28 @@ class Dispatcher:
                 self._forget(key)
                 raise item
             with self._lock:
+                if (key, item.attempt) in self._lost_grants:
+                    continue  # its proxy was lost before it was picked up: requeued already
                 w.lost[item.attempt] = threading.Event()
                 self.intervals.append(Interval(item.proxy, key, item.attempt, item.transport,
                                                time.monotonic()))
             return item
 
     def run(self, grant: Grant, fn: Callable[..., Any], *args: Any) -> Any:
-        """Submit ``fn(*args)`` to the grant's proxy worker only; returns the Dask future."""
+        """Submit ``fn(*args)`` to the grant's proxy worker only; returns the Dask future.
+
+        Pinned to the worker's address, not its name: a restarted worker of the same
+        name is a new member, and the attempt granted on the old one is lost."""
+        addr = self.live.get(grant.proxy)
+        with self._lock:
+            lost = (grant.task.key, grant.attempt) in self._lost_grants
+        if addr is None or lost:
+            raise WorkerLost(f"{grant.task.key}: proxy {grant.proxy} lost before attempt "
+                             f"{grant.attempt} started")
         return self.client.submit(
             fn, *args, key=f"vmr-{grant.task.key}-a{grant.attempt}-{time.monotonic_ns()}",
-            workers=[self.live.get(grant.proxy, grant.proxy)], allow_other_workers=False,
-            resources={"slot": 1}, pure=False, retries=0)
+            workers=[addr], allow_other_workers=False, resources={"slot": 1}, pure=False,
+            retries=0)
 
     def result(self, grant: Grant, future: Any, cancel: Any) -> Any:
         """The future's result; WorkerLost if its worker died or the proxy was lost.
@@ -166,7 +178,7 @@ class Dispatcher:
         lost = self._waiters[grant.task.key].lost[grant.attempt]
         try:
             while True:
-                if lost.is_set():
+                if lost.is_set() or (grant.task.key, grant.attempt) in self._lost_grants:
                     raise WorkerLost(f"{grant.task.key}: proxy {grant.proxy} lost during "
                                      f"attempt {grant.attempt}")
                 if cancel.is_set():
@@ -186,7 +198,9 @@ class Dispatcher:
                     raise WorkerLost(f"{grant.task.key}: attempt {grant.attempt} on proxy "
                                      f"{grant.proxy}: task {status}")
                 try:
-                    return future.result(timeout=30)
+                    return future.result(timeout=2)
+                except TimeoutError:
+                    continue  # the result is on a worker that may be gone: look again
                 except VmrError:
                     raise
                 except BaseException as e:
@@ -264,6 +278,7 @@ class Dispatcher:
                          "task(s) requeued")
                 with self._lock:
                     for g in lost:
+                        self._lost_grants.add((g.task.key, g.attempt))
                         w = self._waiters.get(g.task.key)
                         if w is not None and g.attempt in w.lost:
                             w.lost[g.attempt].set()

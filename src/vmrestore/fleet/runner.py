@@ -254,8 +254,10 @@ class _Ticker:
         if self._thread.is_alive():
             self._thread.join(5)
         if self.runner.progress is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self.runner.progress.update(self.runner.snapshot(), final=True)
+            except Exception as e:  # the view must not fail the plan; say why it stopped
+                log.warning("progress view: %r", e)
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):

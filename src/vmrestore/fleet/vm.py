@@ -223,8 +223,9 @@ class PlanVmRestore(Orchestrator):
             proxy = d.proxy(g.proxy)
             ck = read_checkpoint(ckpt_path)
             with self._lock:
-                # The fencing token survives orchestrator restarts: it is in the job state.
-                attempt = st.attempt + 1
+                # The fencing token survives orchestrator restarts: it is in the job state
+                # and in the checkpoint the driver claims for it.
+                attempt = max(st.attempt, ck.attempt if ck else 0) + 1
                 st.status, st.transport, st.proxy, st.attempt = ("running", g.transport,
                                                                  g.proxy, attempt)
                 self.state.save()
@@ -242,7 +243,7 @@ class PlanVmRestore(Orchestrator):
                 d.requeue(g, spec, "failed")
                 continue
             try:
-                task = self._disk_task(t, att.uri, g.transport, ckpt_path, ck, attempt)
+                task = self._disk_task(t, att.uri, g.transport, ckpt_path, attempt)
                 fut = d.run(g, run_disk, task, spec.key, attempt, str(once))
                 out = d.result(g, fut, self._cancel)
             except WorkerLost as e:
@@ -299,18 +300,18 @@ class PlanVmRestore(Orchestrator):
         with self._lock, contextlib.suppress(HostServiceError):
             att.release()
 
-    def _disk_task(self, t: Any, uri: str, mode: str, ckpt_path: Any, ck: Any,
-                   attempt: int) -> Any:
-        """The unit of work the proxy's worker runs: a DiskTask fenced by ``attempt``."""
+    def _disk_task(self, t: Any, uri: str, mode: str, ckpt_path: Any, attempt: int) -> Any:
+        """The unit of work the proxy's worker runs (the one driver's DiskTask): it resumes
+        from the durable checkpoint, which it claims for ``attempt`` (a lower one stops)."""
         from vmrestore.disktask import DiskTask, TaskSettings
 
         return DiskTask(job_id=self.state.id, vm=self.layout.name, disk=t.index,
                         source=self._point_source(), target=uri, transport=mode,
-                        start_entry=ck.prefix if ck else 0, checkpoint=str(ckpt_path),
-                        attempt=attempt, settings=TaskSettings(
-                            token_file=self.job.token_file, threads=self.job.threads or 0,
-                            queue_depth=self.job.queue_depth or 0, target_zeroed=True,
-                            stall=self.faults["stall"]))
+                        checkpoint=str(ckpt_path), attempt=attempt,
+                        settings=TaskSettings(threads=self.job.threads or 0,
+                                              queue_depth=self.job.queue_depth or 0,
+                                              token_file=self.job.token_file,
+                                              target_zeroed=True, stall=self.faults["stall"]))
 
     def _record_outcome(self, t: Any, rd: Any, st: Any, g: Any, out: Any) -> None:
         with self._lock:
