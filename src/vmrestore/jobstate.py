@@ -205,7 +205,8 @@ class OriginalRecord(msgspec.Struct):
     powered_off: bool = False        # this job powered the VM off
     # --full: the new files (rollback deletes them), the disks they replace, and the swap:
     # "" not started, "running" (ReconfigVM sent: rollback puts the old disks back),
-    # "done" (the VM runs on the new disks; the old files are deleted last)
+    # "done" (the VM runs on the new disks), "committed" (deleting the old files: the new
+    # disks are the VM's, nothing is rolled back any more)
     new_disks: list[NewDisk] = msgspec.field(default_factory=list)
     old_disks: list[OldDisk] = msgspec.field(default_factory=list)
     swap: str = ""

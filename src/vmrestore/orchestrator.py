@@ -1166,7 +1166,7 @@ class Orchestrator:
             self.report.powered_on = True
             parts.append("powered on")
         rec.powered_off = False
-        if rec.old_disks and rec.swap == "done":
+        if rec.old_disks and rec.swap in ("done", "committed"):
             parts.append(self._delete_old_disks(rec))
         self.state.doc.status = "done"
         self.state.save()
@@ -1178,6 +1178,8 @@ class Orchestrator:
         written and verified ones; recorded first, so a failure from here swaps back."""
         from vmrestore import original as orig
 
+        if rec.swap == "committed":  # resumed while the old files were being deleted
+            return
         rec.swap = "running"
         self.state.save()
         orig.swap_disks(self.session, self.vm, rec.old_disks,
@@ -1195,7 +1197,7 @@ class Orchestrator:
         here, so the new disks stay; a file that cannot be deleted is named, not undone."""
         from vmrestore import original as orig
 
-        rec.new_disks, rec.swap = [], "committed"  # nothing of ours left to roll back
+        rec.swap = "committed"  # the new disks are the VM's now: never rolled back
         self.state.save()
         deleted, left = [], []
         for o in list(rec.old_disks):

@@ -300,3 +300,25 @@ def test_full_failure_after_the_swap_puts_the_old_disks_back(lab, lab_si, host_s
     assert not any(flat_file(lab, f).exists() or flat_file(lab, f).with_name(
         flat_file(lab, f).name.replace("-flat", "")).exists() for f in new)
     assert not list(tmp_path.glob("restore-*.json")), "job state left after the rollback"
+
+
+def test_full_kept_after_the_swap_then_resume(lab, lab_si, host_services, backup,
+                                              tmp_path) -> None:
+    """--keep-on-failure after the swap, then --resume: the VM (now on the backup's disks)
+    is recognised from the ledger, not rolled back in place; the old file is deleted."""
+    name = unique("orig-full-r")
+    vm, old_files, _ = _vm_with_other_disks(lab, lab_si, name, [(32 * MIB, "thin")])
+    args = ["--backup", str(backup.inc), "--original", "--full", "--name", name,
+            "--transport", "nbd", "--keep-on-failure"]
+    p, rep = restore_cli(lab, *args, env=lab_env(lab, VMRESTORE_FAULT="after:swap"),
+                         state_dir=tmp_path)
+    assert p.returncode != 0 and rep["failed_phase"] == "commit", p.stderr
+    assert old_files[0].exists()
+    p, rep = restore_cli(lab, *args, "--resume", state_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert rep["original"]["mode"] == "replace the disks (--full)"
+    assert all(d["status"] == "skipped" for d in rep["disks"])  # written by the first run
+    disks = vm_disks(lab_si, name)
+    assert find_vm(lab_si, name)._moId == vm._moId and len(disks) == 2
+    assert _same([flat_file(lab, d.backing.fileName) for d in disks], backup.images)
+    assert not old_files[0].exists()
