@@ -141,6 +141,7 @@ def locate(session: Any, dc: Any, vm_config: dict[str, Any], layout: Any, job: A
     the VM is the one recorded there, whatever its name is now.
     """
     from vmrestore.vsphere.disks import vm_disks
+    from vmrestore.vsphere.snapshots import has_snapshot
 
     if state and state.get("moref"):
         vm, how = find_vm(session, dc, vm_config, None, state["moref"])
@@ -155,6 +156,10 @@ def locate(session: Any, dc: Any, vm_config: dict[str, Any], layout: Any, job: A
         raise UsageError(f"restore --original refused: VM {vm.name} ({vm._moId}) does not have "
                          f"the backup's disks: {'; '.join(diff)} (give --full to replace them "
                          "with new disks, or restore to a new VM)")
+    if diff and not (state and state.get("new_disks")) and has_snapshot(vm):
+        raise UsageError(f"restore --original --full refused: VM {vm.name} ({vm._moId}) has "
+                         "snapshots, which keep its disks: remove them first (its disk files "
+                         "are deleted once replaced)")
     if diff and _controller(vm, [d.controller_key for d in disks]) is None:
         raise UsageError(f"restore --original --full refused: VM {vm.name} ({vm._moId}) has no "
                          "disk controller to attach the backup's disks to")

@@ -41,11 +41,14 @@ def _restored_vm(lab: Any, si: Any, backup: Any, tmp_path: Path, name: str,
     return [flat_file(lab, d.backing.fileName) for d in vm_disks(si, name)]
 
 
-def _power_on(vm: Any) -> None:
-    task = vm.PowerOnVM_Task()
+def _wait(task: Any) -> None:
     while task.info.state in ("queued", "running"):
         time.sleep(0.02)
-    assert task.info.state == "success"
+    assert task.info.state == "success", task.info.error
+
+
+def _power_on(vm: Any) -> None:
+    _wait(vm.PowerOnVM_Task())
 
 
 def _drift(files: list[Path], seed: int) -> dict[int, set[int]]:
@@ -259,8 +262,13 @@ def test_full_replaces_disks_that_differ(lab, lab_si, host_services, backup, tmp
                                                                (32 * MIB, "thin"),
                                                                (8 * MIB, "thin")])
     moref, uuid = vm._moId, vm.config.instanceUuid
-    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--full", "--name",
-                         name, "--transport", "nbd", state_dir=tmp_path)
+    args = ["--backup", str(backup.inc), "--original", "--full", "--name", name,
+            "--transport", "nbd"]
+    _wait(vm.CreateSnapshot_Task(name="user", memory=False, quiesce=False))
+    p, _ = restore_cli(lab, *args, state_dir=tmp_path)  # its snapshots keep the old disks
+    assert p.returncode == 2 and "has snapshots" in p.stderr, p.stderr
+    _wait(vm.RemoveAllSnapshots_Task())
+    p, rep = restore_cli(lab, *args, state_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     vm = find_vm(lab_si, name)
     assert (vm._moId, vm.config.instanceUuid) == (moref, uuid) == (rep["vm"]["moref"], uuid)
