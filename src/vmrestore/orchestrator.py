@@ -783,6 +783,20 @@ class Orchestrator:
 
     # --- phase 4 ----------------------------------------------------------------------
 
+    def _disk_written(self, base: str, mode: str, rd: Any, out: Any) -> None:
+        """A disk task ended well: the host's view made current, its report line filled."""
+        if mode == "san":  # written under the host's file system: make its view current
+            self.hostd.sync_disk(base)
+        rd.transport = mode
+        rd.status = "ok"
+        rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (
+            out.bytes_written, out.bytes_zeroed, out.bytes_skipped)
+        rd.resumed_from = out.resumed_bytes
+        rd.wire_bytes = out.wire_bytes
+        rd.seconds = out.seconds
+        rd.busy = role_busy(mode, out.busy)
+        rd.timeline = out.timeline
+
     @staticmethod
     def _done_before(rd: Any, st: Any) -> bool:
         """A disk the interrupted run finished: reported as skipped, not written again."""
@@ -959,17 +973,7 @@ class Orchestrator:
                 raise
             if task is not None:
                 task.done()
-            if mode == "san":  # written under the host's file system: make its view current
-                self.hostd.sync_disk(base)
-            rd.transport = mode
-            rd.status = "ok"
-            rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (
-                out.bytes_written, out.bytes_zeroed, out.bytes_skipped)
-            rd.resumed_from = out.resumed_bytes
-            rd.wire_bytes = out.wire_bytes
-            rd.seconds = out.seconds
-            rd.busy = role_busy(mode, out.busy)
-            rd.timeline = out.timeline
+            self._disk_written(base, mode, rd, out)
             if self._in_place:
                 rd.rollback = self._rollback_figures(t, out)
             st.status, st.transport = "done", mode

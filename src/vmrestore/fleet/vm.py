@@ -39,7 +39,6 @@ from vmrestore.errors import (
 from vmrestore.fleet.dispatch import Cancelled, Dispatcher, WorkerLost
 from vmrestore.orchestrator import Orchestrator
 from vmrestore.schedule import Admission, TaskSpec
-from vmrestore.timeline import role_busy
 
 MODE_RANK = {"san": 0, "hotadd": 1, "nbd": 2, "nbdssl": 3}
 CONTROL_PHASES = ("initialize", "config", "snapshot", "commit")
@@ -274,7 +273,7 @@ class PlanVmRestore(Orchestrator):
             self._release(att)
             record["outcome"] = "ok"
             d.finish(g, "ok")
-            self._record_outcome(t, rd, st, g, out)
+            self._record_outcome(t, base, rd, st, g, out)
             run.proxy, run.transport = g.proxy, g.transport
             return
 
@@ -313,16 +312,9 @@ class PlanVmRestore(Orchestrator):
                                               token_file=self.job.token_file,
                                               target_zeroed=True, stall=self.faults["stall"]))
 
-    def _record_outcome(self, t: Any, rd: Any, st: Any, g: Any, out: Any) -> None:
+    def _record_outcome(self, t: Any, base: str, rd: Any, st: Any, g: Any, out: Any) -> None:
         with self._lock:
-            rd.transport = g.transport
-            rd.status = "ok"
-            rd.bytes_written, rd.bytes_zeroed, rd.bytes_skipped = (
-                out.bytes_written, out.bytes_zeroed, out.bytes_skipped)
-            rd.resumed_from = out.resumed_bytes
-            rd.wire_bytes = out.wire_bytes
-            rd.seconds = out.seconds
-            rd.busy = role_busy(g.transport, out.busy)
+            self._disk_written(base, g.transport, rd, out)
             st.status, st.transport = "done", g.transport
             self.state.save()
         self.say(f"disk {t.index}: {g.transport} on {g.proxy}, "
