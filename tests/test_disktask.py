@@ -132,3 +132,34 @@ def test_stale_attempt_refused_before_writing_and_mid_run(point, tmp_path: Path)
     assert err and isinstance(err[0], StaleAttemptError)
     c = read_checkpoint(ck2)
     assert c is not None and c.attempt == 7 and c.prefix < c.entries
+
+
+def test_agent_lost_while_planning_is_retried_then_named(monkeypatch) -> None:
+    """An agent killed between OPEN and the chain's parents (seen in the soak): the
+    planning step reconnects like the data step, and gives up with one typed line."""
+    from vmrestore import disktask
+    from vmrestore.mover import repo_source
+    from vmrestore.mover.client import RepoURL
+
+    calls: list[int] = []
+    fail_first = 2
+
+    def flaky(url, token, disk, *, point=None, client=None):
+        calls.append(disk)
+        if len(calls) <= fail_first:
+            raise ConnectionError("connection closed by peer (0 of 16 bytes received)")
+        return "planned"
+
+    monkeypatch.setattr(repo_source, "plan_remote", flaky)
+    task = DiskTask(disk=2, source="repo://127.0.0.1:9/a.vmrb", target="/dev/null",
+                    settings=TaskSettings(retries=2))
+    url = RepoURL.parse(task.source)
+    assert disktask._plan_remote_retrying(task, url, b"t") == "planned"
+    assert len(calls) == 3
+
+    calls.clear()
+    fail_first = 10
+    with pytest.raises(TransportError, match=r"disk 2: planning from the repository agent "
+                                             r"127\.0\.0\.1:9: 2 retries failed"):
+        disktask._plan_remote_retrying(task, url, b"t")
+    assert len(calls) == 3

@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-from vmrestore.errors import Interrupted, UsageError
+from vmrestore.errors import Interrupted, MoverError, UsageError
 
 log = logging.getLogger("vmrestore.disktask")
 
@@ -246,19 +246,33 @@ class _Planned:
     metadata_bytes: int = 0
 
 
+def _plan_remote_retrying(task: DiskTask, url: Any, token: bytes) -> Any:
+    """Plan over the wire; an agent lost while planning is reconnected like one lost mid-data."""
+    from vmrestore.mover.repo_source import plan_remote
+    from vmrestore.retry import Backoff, RetryPolicy
+
+    s = task.settings
+    backoff = Backoff(RetryPolicy(attempts=s.retries, deadline=s.retry_deadline),
+                      f"disk {task.disk}: planning from the repository agent {url.host}:{url.port}")
+    while True:
+        try:
+            return plan_remote(url, token, task.disk, point=task.point, client=s.client)
+        except (OSError, MoverError) as e:
+            backoff.failed(e)   # waits, re-raises a final error, or gives up typed
+
+
 def _plan(task: DiskTask) -> _Planned:
     from vmrestore.mover.client import is_repo_url
 
     if is_repo_url(task.source):
         from vmrestore.mover.client import RepoURL, load_token
-        from vmrestore.mover.repo_source import plan_remote
 
         url = RepoURL.parse(task.source)
         token = load_token(task.settings.token_file)
         if task.settings.compare and url.tls:
             raise UsageError(f"disk {task.disk}: a quick rollback (compare) runs in the core: "
                              "repo:// or a local backup, not repos:// (TLS stays in Python)")
-        rp = plan_remote(url, token, task.disk, point=task.point, client=task.settings.client)
+        rp = _plan_remote_retrying(task, url, token)
         entries = rp.plan.plan
         if task.settings.compare:
             from vmrestore.plan import compare_plan
