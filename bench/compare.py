@@ -626,7 +626,9 @@ class Options:
     caches: tuple[str, ...] = CACHES
 
 
-def _prepare(opts: Options, wd: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _prepare(opts: Options, wd: Path, log: Callable[[str], None],
+             want_qcow2: bool = True) -> dict[str, Any]:
+    """The sample image, its vmrestore backup and (when a row reads it) the qcow2."""
     raw, vmrb, qcow2 = wd / "disk.raw", wd / "disk.vmrb", wd / "disk.qcow2"
     info: dict[str, Any] = {"size": opts.size}
     t = time.perf_counter()
@@ -637,7 +639,7 @@ def _prepare(opts: Options, wd: Path, log: Callable[[str], None]) -> dict[str, A
     log(f"image {raw}: {fmt_size(opts.size)} logical, {fmt_size(st.st_blocks * 512)} allocated "
         f"({info['generator']}, {info['generate_s']} s)")
 
-    if shutil.which("qemu-img"):
+    if want_qcow2 and shutil.which("qemu-img"):
         t = time.perf_counter()
         r = subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw),
                             str(qcow2)], capture_output=True, text=True)
@@ -751,12 +753,13 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
             "loop_target": "losetup over a sparse file (buffered backing), "
                            "blkdiscard before each run",
         }
-        report["image"] = info = _prepare(opts, wd, log)
+        cases = [c for c in build_cases() if not opts.only or c.key in opts.only
+                 or c.key.split("/")[0] in opts.only]
+        report["image"] = info = _prepare(opts, wd, log,
+                                          want_qcow2=any("qcow2" in c.tool for c in cases))
         ctx = Ctx(wd / "disk.raw", wd / "disk.vmrb", wd / "disk.qcow2")
         if (wd / "warm.vmrb").exists():
             ctx.warm_vmrb = wd / "warm.vmrb"
-        cases = [c for c in build_cases() if not opts.only or c.key in opts.only
-                 or c.key.split("/")[0] in opts.only]
         rows = {f"{cache}/{c.key}": Row(c.key, c.target, c.tool, c.how, cache)
                 for cache in opts.caches for c in cases}
         for row in rows.values():

@@ -62,10 +62,10 @@ DEFAULT_NBD_CONNECTIONS = 1
 # NBD early writeback (writer_nbd.c): one unwaited flush per connection every N MiB
 # written, so the server's disk writes back while we decompress (docs/core.md sweep).
 DEFAULT_NBD_FLUSH_EVERY_MIB = 64
-# NBD request size (URI request-size=KiB): a block larger than this goes out as several
-# writes (writer_nbd.c). 0 = one request per block: 256 KiB parts (nbdcopy's size) did not
-# beat whole 1 MiB blocks in the sweeps of docs/benchmarks.md.
-DEFAULT_NBD_REQUEST_KIB = 0
+# NBD request size (URI request-size=KiB; 0 = one request per block): a larger block goes
+# out as several writes (writer_nbd.c). 256 KiB, nbdcopy's size: nbdkit's file plugin spent
+# 3-7x the time per byte in 1 MiB writes, and the sweeps leaned to 256 (docs/benchmarks.md).
+DEFAULT_NBD_REQUEST_KIB = 256
 # Quick rollback (compare mode): each reader thread reads and hashes the target's blocks
 # with its own read handle (an NBD connection), so readers are the compare's parallelism.
 DEFAULT_COMPARE_READERS = 4

@@ -21,7 +21,7 @@ URI forms (docs/core.md, "Targets"):
     ``timeout=SECONDS`` (how long one request, flush or connection attempt
     may wait for the server before it counts as lost, default 30),
     ``request-size=KiB`` (a larger block goes out as several NBD writes of at
-    most this size; default 0 = one request per block).
+    most this size; default 256, 0 = one request per block).
 ``san:LUN?map=MAP.json`` (or ``san:?map=MAP.json``, LUN taken from the map)
     A raw LUN (block device or file) written at the disk's physical extents
     given by MAP.json: ``{"version": 1, "lun": PATH, "size": BYTES,
