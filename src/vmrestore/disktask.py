@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-from vmrestore.errors import Interrupted, MoverError, UsageError
+from vmrestore.errors import Interrupted, UsageError
 
 log = logging.getLogger("vmrestore.disktask")
 
@@ -249,16 +249,12 @@ class _Planned:
 def _plan_remote_retrying(task: DiskTask, url: Any, token: bytes) -> Any:
     """Plan over the wire; an agent lost while planning is reconnected like one lost mid-data."""
     from vmrestore.mover.repo_source import plan_remote
-    from vmrestore.retry import Backoff, RetryPolicy
+    from vmrestore.retry import RetryPolicy, call
 
     s = task.settings
-    backoff = Backoff(RetryPolicy(attempts=s.retries, deadline=s.retry_deadline),
-                      f"disk {task.disk}: planning from the repository agent {url.host}:{url.port}")
-    while True:
-        try:
-            return plan_remote(url, token, task.disk, point=task.point, client=s.client)
-        except (OSError, MoverError) as e:
-            backoff.failed(e)   # waits, re-raises a final error, or gives up typed
+    return call(lambda: plan_remote(url, token, task.disk, point=task.point, client=s.client),
+                RetryPolicy(attempts=s.retries, deadline=s.retry_deadline),
+                f"disk {task.disk}: planning from the repository agent {url.host}:{url.port}")
 
 
 def _plan(task: DiskTask) -> _Planned:

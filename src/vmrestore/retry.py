@@ -23,10 +23,12 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from vmrestore.errors import AuthenticationError, MoverError, RemoteError, TransportError
 
 log = logging.getLogger("vmrestore.retry")
+T = TypeVar("T")
 
 # errno values that name a broken or unreachable peer (worth a reconnect), as opposed to a
 # local file that is missing or a permission (retrying changes nothing).
@@ -123,3 +125,15 @@ class Backoff:
         log.warning("%s: %s; retry %d/%d in %.1f s", self.what, err, self.failures, p.attempts, d)
         self._sleep(d)
         return d
+
+
+def call(fn: Callable[[], T], policy: RetryPolicy, what: str, *,
+         give_up: Callable[[BaseException, int], BaseException] | None = None) -> T:
+    """fn() until it succeeds, under the rule: for one-shot steps such as planning
+    over the wire, where a lost peer is tried again like a lost data connection."""
+    backoff = Backoff(policy, what, give_up=give_up)
+    while True:
+        try:
+            return fn()
+        except (OSError, MoverError) as e:
+            backoff.failed(e)   # waits, re-raises a final error, or gives up typed

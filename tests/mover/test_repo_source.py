@@ -20,7 +20,7 @@ from mover_helpers import TOKEN, copy_with_bad_extent
 from test_faults import FlippingRelay
 
 from support import need_tool, run_cli
-from vmrestore.errors import ChecksumError, TransportError, UsageError
+from vmrestore.errors import ChecksumError, MoverError, TransportError, UsageError
 from vmrestore.restore_disk import restore_disk
 
 
@@ -186,3 +186,36 @@ def test_orchestrator_session_with_a_repository(sample, agent_factory, tmp_path,
     assert o.bytes_written + o.bytes_skipped + o.bytes_zeroed == disk.stat().st_size
     assert seen and seen[-1] == disk.stat().st_size
     assert (tmp_path / "ck").exists()
+
+
+def test_chain_metadata_read_survives_an_agent_connection_lost(sample, agent_factory,
+                                                               monkeypatch) -> None:
+    """The agent's connection lost while phase 1 reads the chain (an agent restart):
+    read again under the retry rule, not a traceback; a lasting loss keeps its own error."""
+    from vmrestore.mover import repo_source
+    from vmrestore.repository import reader
+
+    bk, _disk = sample
+    agent = agent_factory(bk.parent)
+    monkeypatch.setenv("VMRESTORE_REPO_TOKEN", TOKEN)
+    real = reader.open_chain
+    lost = {"left": 1}
+
+    def flaky(src):
+        if lost["left"]:
+            lost["left"] -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(src)
+
+    monkeypatch.setattr(reader, "open_chain", flaky)
+    chain = repo_source.open_repository_chain(agent.url())
+    try:
+        assert len(chain.points) == 2 and lost["left"] == 0
+    finally:
+        chain.close()
+
+    lost["left"] = 99
+    monkeypatch.setattr(repo_source, "RETRIES", 1)
+    with pytest.raises(MoverError, match=r"reading vm1/inc1\.vmrb: .*Connection reset by peer"):
+        repo_source.open_repository_chain(agent.url())
+    assert lost["left"] == 97  # the first try and one retry

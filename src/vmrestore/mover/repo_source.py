@@ -47,6 +47,7 @@ from vmrestore.errors import (
     TargetError,
     TransportError,
     UsageError,
+    VmrError,
 )
 from vmrestore.mover.client import Connection, RemoteSource, RepoURL
 from vmrestore.plan import compare_plan
@@ -100,14 +101,28 @@ def open_repository_chain(url: str, token_file: str | None = None,
     """
     from vmrestore.mover.client import load_token
     from vmrestore.repository.reader import open_chain
+    from vmrestore.retry import RetryPolicy, call
 
     ru = RepoURL.parse(url)
-    conn = Connection(ru, load_token(token_file), client)
-    try:
-        chain = open_chain(RemoteSource(conn, ru.path))
-    except BaseException:
-        conn.close()
-        raise
+    token = load_token(token_file)
+
+    def attempt() -> tuple[Any, Any]:
+        conn = Connection(ru, token, client)
+        try:
+            return conn, open_chain(RemoteSource(conn, ru.path))
+        except BaseException:
+            conn.close()
+            raise
+
+    # An agent restarted while we read the metadata is tried again; when the budget
+    # is spent our own error is raised as it was (same message, same exit code), a
+    # bare socket error as the MoverError it is.
+    what = f"repository agent {ru.host}:{ru.port}: reading {ru.path}"
+
+    def give_up(err: BaseException, _retries: int) -> BaseException:
+        return err if isinstance(err, VmrError) else MoverError(f"{what}: {err}")
+
+    conn, chain = call(attempt, RetryPolicy(attempts=RETRIES), what, give_up=give_up)
     close = chain.close
     chain.tls = conn.tls  # the agent answered with TLS (a repo:// data path cannot use it)
 
