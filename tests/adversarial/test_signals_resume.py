@@ -122,8 +122,9 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path: Path, big: tuple[Path,
     assert r.returncode == 2 and "must ask for the same" in r.stderr, r.stderr
     # the partial file replaced by another one
     partial = out.with_name(f".{out.name}.vmrestore-partial")
-    partial.unlink()
-    partial.write_bytes(b"x")
+    other = partial.with_name("other")
+    other.write_bytes(b"x")
+    other.replace(partial)  # renamed over it: a new inode (unlink + create may reuse the old one)
     r = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
                         "0", "--to", str(out), "--resume", "-q"],
                        capture_output=True, text=True, timeout=60)
