@@ -56,6 +56,12 @@ def test_restore_each_transport(lab, lab_si, backup, tmp_path, transport: str) -
     for d in rep["disks"]:
         assert d["bytes_written"] + d["bytes_zeroed"] + d["bytes_skipped"] == d["capacity"]
         assert set(d["busy"]) == {"source", "proxy", "network", "target"}
+        # ... and its timeline: samples up to the same totals, busy in the right role
+        tl = d["timeline"]
+        assert tl["t"] and tl["written"][-1] == d["bytes_written"], tl
+        assert tl["zeroed"][-1] + tl["skipped"][-1] == d["bytes_zeroed"] + d["bytes_skipped"]
+        role = "network" if d["transport"] in ("nbd", "nbdssl") else "target"
+        assert tl["busy_s"][role][-1] > 0
     assert not list((tmp_path / "state").glob("restore-*"))  # job state gone once done
 
 
