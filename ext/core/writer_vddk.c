@@ -21,6 +21,15 @@
  * new disk (VMR_FILE_TARGET_ZEROED -> target_zeroed). flush = Wait + Flush.
  * Errors carry VixDiskLib's own text (GetErrorText/FreeErrorText), the disk
  * name and the byte offset.
+ *
+ * The read side (compare stage of a quick rollback) reads through the SAME
+ * disk handle with the synchronous VixDiskLib_Read: a handle takes I/O from
+ * one thread at a time and a synchronous call while asynchronous ones are
+ * pending is refused (VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED). So every library
+ * call on the handle (WriteAsync, Write, Read, Wait, Flush) runs under the
+ * writer's io_mu, and a read first Waits for the writes in flight. Lock
+ * order: io_mu, then the lane's mu (a completion may run inside a call made
+ * under io_mu); nobody takes io_mu while holding the lane's mu.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -45,6 +54,7 @@ struct vddk_fns {
     VixDiskLib_Write_fn write;
     VixDiskLib_Wait_fn wait;
     VixDiskLib_Flush_fn flush;
+    VixDiskLib_Read_fn read;
     VixDiskLib_GetErrorText_fn get_error_text;
     VixDiskLib_FreeErrorText_fn free_error_text;
 };
@@ -87,6 +97,7 @@ struct vddk_lane {
 
 struct vddk_writer {
     VixDiskLibHandle h;
+    pthread_mutex_t io_mu;       /* held around every library call on h */
     struct vddk_fns fn;
     uint64_t size;
     uint32_t max_request;
@@ -96,6 +107,10 @@ struct vddk_writer {
     unsigned char *zeros;        /* max_request zeros, for submit_zero / zero */
     char disk[256];
 };
+
+/* Set while this thread is inside a Wait or Flush we called: a completion
+ * running there says nothing about the library having threads of its own. */
+static __thread int in_our_wait;
 
 /* ---- errors --------------------------------------------------------------- */
 
@@ -126,19 +141,20 @@ static void vddk_error(struct vddk_writer *w, struct vmr_error *err, VixError e,
         w->fn.free_error_text(text);
 }
 
-static int check_range(struct vddk_writer *w, uint32_t count, uint64_t offset,
-                       struct vmr_error *err)
+static int check_range(struct vddk_writer *w, const char *what, uint32_t count,
+                       uint64_t offset, struct vmr_error *err)
 {
     if (offset % SECTOR || count % SECTOR) {
         vmr_error_set(err, VMR_E_INTERNAL, 0, offset,
-                      "disk %s: VixDiskLib writes whole sectors; got %u bytes at offset %llu",
-                      w->disk, count, (unsigned long long)offset);
+                      "disk %s: VixDiskLib %ss whole sectors; got %u bytes at offset %llu",
+                      w->disk, what, count, (unsigned long long)offset);
         return -1;
     }
     if (offset > w->size || count > w->size - offset) {
         vmr_error_set(err, VMR_E_TARGET, 0, offset,
-                      "disk %s: write of %u bytes at offset %llu is past its end (%llu bytes)",
-                      w->disk, count, (unsigned long long)offset, (unsigned long long)w->size);
+                      "disk %s: %s of %u bytes at offset %llu is past its end (%llu bytes)",
+                      w->disk, what, count, (unsigned long long)offset,
+                      (unsigned long long)w->size);
         return -1;
     }
     return 0;
@@ -152,7 +168,7 @@ static void part_done(struct vddk_part *p, VixError result, uint32_t held)
     struct vddk_req *r = p->req;
     struct vddk_lane *L = r->lane;
     pthread_mutex_lock(&L->mu);
-    if (!pthread_equal(pthread_self(), L->thread))
+    if (!in_our_wait && !pthread_equal(pthread_self(), L->thread))
         L->lib_threads = 1;
     L->lib_bytes -= held;
     if (result != VIX_OK && r->result == VIX_OK) {
@@ -176,6 +192,23 @@ static void vddk_completion(void *cb_data, VixError result)
 {
     struct vddk_part *p = cb_data;
     part_done(p, result, p->count);
+}
+
+/* VixDiskLib_Wait (flush = 1: then Flush) under io_mu; not with a lane's mu held. */
+static VixError lib_wait(struct vddk_writer *w, int flush, const char **call)
+{
+    VixError e;
+    pthread_mutex_lock(&w->io_mu);
+    in_our_wait = 1;
+    *call = "VixDiskLib_Wait";
+    e = w->fn.wait(w->h);
+    if (e == VIX_OK && flush) {
+        *call = "VixDiskLib_Flush";
+        e = w->fn.flush(w->h);
+    }
+    in_our_wait = 0;
+    pthread_mutex_unlock(&w->io_mu);
+    return e;
 }
 
 /* Wait (L->mu held) until ready(L) or timeout_ms (< 0: no limit). When no
@@ -206,8 +239,9 @@ static int lane_wait(struct vddk_lane *L, int timeout_ms, int (*ready)(struct vd
         if (ready(L))
             break;
         if (!L->lib_threads) {
+            const char *call;
             pthread_mutex_unlock(&L->mu);
-            L->w->fn.wait(L->w->h);  /* completions come inside it */
+            lib_wait(L->w, 0, &call);  /* completions come inside it */
             pthread_mutex_lock(&L->mu);
         }
         if (timeout_ms > 0 && (timeout_ms -= slice) <= 0)
@@ -232,6 +266,7 @@ static int w_yes(void *wp) { (void)wp; return 1; }
 static void w_close(void *wp)
 {
     struct vddk_writer *w = wp;
+    pthread_mutex_destroy(&w->io_mu);
     pthread_mutex_destroy(&w->lane.mu);
     pthread_cond_destroy(&w->lane.cv);
     free(w->zeros);
@@ -256,10 +291,11 @@ static int w_close_lane(void *lp, struct vmr_error *err)
     struct vddk_lane *L = lp;
     struct vddk_writer *w = L->w;
     struct vddk_req *r;
+    const char *call;
     (void)err;
     if (L->inflight > 0) {
         /* Only after a broken run: make sure VixDiskLib holds no buffer of ours. */
-        w->fn.wait(w->h);
+        lib_wait(w, 0, &call);
         pthread_mutex_lock(&L->mu);
         while ((r = L->done_head) != NULL) {
             L->done_head = r->next;
@@ -281,11 +317,14 @@ static int w_pwrite(void *lp, const void *buf, uint32_t count, uint64_t offset, 
     struct vddk_writer *w = L->w;
     const unsigned char *p = buf;
     (void)flags;
-    if (check_range(w, count, offset, err) != 0)
+    if (check_range(w, "write", count, offset, err) != 0)
         return -1;
     for (uint32_t done = 0; done < count;) {
         uint32_t n = count - done > w->max_request ? w->max_request : count - done;
-        VixError e = w->fn.write(w->h, (offset + done) / SECTOR, n / SECTOR, p + done);
+        VixError e;
+        pthread_mutex_lock(&w->io_mu);
+        e = w->fn.write(w->h, (offset + done) / SECTOR, n / SECTOR, p + done);
+        pthread_mutex_unlock(&w->io_mu);
         if (e != VIX_OK) {
             vddk_error(w, err, e, "VixDiskLib_Write", offset + done, n);
             return -1;
@@ -313,14 +352,11 @@ static int w_flush(void *lp, uint32_t flags, struct vmr_error *err)
 {
     struct vddk_lane *L = lp;
     struct vddk_writer *w = L->w;
+    const char *call;
     VixError e;
     (void)flags;
-    if ((e = w->fn.wait(w->h)) != VIX_OK) {
-        vddk_error(w, err, e, "VixDiskLib_Wait", UINT64_MAX, 0);
-        return -1;
-    }
-    if ((e = w->fn.flush(w->h)) != VIX_OK) {
-        vddk_error(w, err, e, "VixDiskLib_Flush", UINT64_MAX, 0);
+    if ((e = lib_wait(w, 1, &call)) != VIX_OK) {
+        vddk_error(w, err, e, call, UINT64_MAX, 0);
         return -1;
     }
     return 0;
@@ -336,7 +372,7 @@ static int submit(struct vddk_lane *L, const unsigned char *buf, size_t stride, 
     struct vddk_req *r;
     uint32_t parts, i;
 
-    if (check_range(w, count, offset, err) != 0)
+    if (check_range(w, "write", count, offset, err) != 0)
         return -1;
     parts = count == 0 ? 1 : (count + w->max_request - 1) / w->max_request;
     if ((r = calloc(1, sizeof *r + parts * sizeof(struct vddk_part))) == NULL) {
@@ -368,8 +404,10 @@ static int submit(struct vddk_lane *L, const unsigned char *buf, size_t stride, 
         lane_wait(L, -1, has_room);
         L->lib_bytes += p->count;
         pthread_mutex_unlock(&L->mu);
+        pthread_mutex_lock(&w->io_mu);
         e = w->fn.write_async(w->h, p->offset / SECTOR, p->count / SECTOR, data,
                               vddk_completion, p);
+        pthread_mutex_unlock(&w->io_mu);
         if (e == VIX_ASYNC)
             continue;
         /* Completed (or refused) synchronously: no callback will come for it,
@@ -432,6 +470,46 @@ static int w_poll(void *lp, int timeout_ms, struct vmr_error *err)
     return L->inflight;
 }
 
+/* ---- the read side (compare readers; any thread, serialized by io_mu) --------- */
+
+static void *w_open_read(void *wp, int index, struct vmr_error *err)
+{
+    (void)index;
+    (void)err;
+    return wp;  /* every reader shares the one handle: nothing to open */
+}
+
+static int w_pread(void *rh, void *buf, uint32_t count, uint64_t offset, struct vmr_error *err)
+{
+    struct vddk_writer *w = rh;
+    unsigned char *p = buf;
+    VixError e = VIX_OK;
+    const char *call = "VixDiskLib_Read";
+    uint32_t done = 0, n = 0;
+
+    if (check_range(w, "read", count, offset, err) != 0)
+        return -1;
+    pthread_mutex_lock(&w->io_mu);
+    in_our_wait = 1;
+    e = w->fn.wait(w->h);  /* no synchronous call while writes are in flight */
+    in_our_wait = 0;
+    if (e != VIX_OK)
+        call = "VixDiskLib_Wait";
+    while (e == VIX_OK && done < count) {
+        n = count - done > w->max_request ? w->max_request : count - done;
+        if ((e = w->fn.read(w->h, (offset + done) / SECTOR, n / SECTOR, p + done)) == VIX_OK)
+            done += n;
+    }
+    pthread_mutex_unlock(&w->io_mu);
+    if (e != VIX_OK) {
+        vddk_error(w, err, e, call, offset + done, n);
+        return -1;
+    }
+    return 0;
+}
+
+static void w_close_read(void *rh) { (void)rh; }
+
 static const struct vmr_writer_ops vddk_ops = {
     .abi_version = VMR_WRITER_ABI_VERSION,
     .struct_size = sizeof(struct vmr_writer_ops),
@@ -451,6 +529,10 @@ static const struct vmr_writer_ops vddk_ops = {
     .submit_pwrite = w_submit_pwrite,
     .submit_zero = w_submit_zero,
     .poll = w_poll,
+    .open_read = w_open_read,
+    .pread = w_pread,
+    .known_zero = NULL,
+    .close_read = w_close_read,
 };
 
 int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *out,
@@ -461,10 +543,10 @@ int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *
 
     memset(out, 0, sizeof *out);
     if (opt->handle == 0 || !f->write_async || !f->write || !f->wait || !f->flush ||
-        !f->get_error_text || !f->free_error_text) {
+        !f->get_error_text || !f->free_error_text || !f->read) {
         vmr_error_set(err, VMR_E_INTERNAL, 0, UINT64_MAX,
                       "VDDK writer: a disk handle and the addresses of WriteAsync, Write, "
-                      "Wait, Flush, GetErrorText and FreeErrorText are required");
+                      "Wait, Flush, GetErrorText, FreeErrorText and Read are required");
         return -1;
     }
     if (opt->size == 0 || opt->size % SECTOR) {
@@ -484,6 +566,7 @@ int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *
     w->fn.flush = (VixDiskLib_Flush_fn)f->flush;
     w->fn.get_error_text = (VixDiskLib_GetErrorText_fn)f->get_error_text;
     w->fn.free_error_text = (VixDiskLib_FreeErrorText_fn)f->free_error_text;
+    w->fn.read = (VixDiskLib_Read_fn)f->read;
     w->size = opt->size;
     w->max_request = opt->max_request ? opt->max_request : VMR_VDDK_DEFAULT_MAX_REQUEST;
     w->max_request -= w->max_request % 4096;
@@ -500,6 +583,7 @@ int vmr_vddk_writer_open(const struct vmr_vddk_options *opt, struct vmr_writer *
     }
     memset(w->zeros, 0, w->max_request);
     w->lane.w = w;
+    pthread_mutex_init(&w->io_mu, NULL);
     pthread_mutex_init(&w->lane.mu, NULL);
     pthread_cond_init(&w->lane.cv, NULL);
 

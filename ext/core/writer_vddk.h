@@ -21,6 +21,7 @@ struct vmr_vddk_functions {
     uintptr_t flush;            /* VixDiskLib_Flush */
     uintptr_t get_error_text;   /* VixDiskLib_GetErrorText */
     uintptr_t free_error_text;  /* VixDiskLib_FreeErrorText */
+    uintptr_t read;             /* VixDiskLib_Read: the read side (quick rollback) */
 };
 
 struct vmr_vddk_options {

@@ -11,6 +11,7 @@ cdef extern from "writer_vddk.h" nogil:
         uintptr_t flush
         uintptr_t get_error_text
         uintptr_t free_error_text
+        uintptr_t read
     struct vmr_vddk_options:
         uintptr_t handle
         vmr_vddk_functions fn
@@ -77,6 +78,7 @@ def open_vddk_writer(dict args not None, uint64_t size, str disk, uint32_t max_r
     o.fn.flush = <uintptr_t>args["Flush"]
     o.fn.get_error_text = <uintptr_t>args["GetErrorText"]
     o.fn.free_error_text = <uintptr_t>args["FreeErrorText"]
+    o.fn.read = <uintptr_t>args["Read"]
     o.size = size
     o.max_request = max_request
     o.max_inflight = max_inflight

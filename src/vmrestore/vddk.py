@@ -673,7 +673,7 @@ class Disk:
             "handle": int(ffi.cast("uintptr_t", self.handle)),
             **{name: int(ffi.cast("uintptr_t", getattr(lib, f"VixDiskLib_{name}")))
                for name in ("WriteAsync", "Write", "Wait", "Flush",
-                            "GetErrorText", "FreeErrorText")},
+                            "GetErrorText", "FreeErrorText", "Read")},
         }
 
     def close(self) -> None:

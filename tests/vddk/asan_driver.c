@@ -2,7 +2,9 @@
  * together with -fsanitize=address,undefined by tests/vddk/test_asan.py: the
  * async path (WriteAsync from worker threads, completions handed to poll),
  * request splitting, zero requests, an injected write error (GetErrorText /
- * FreeErrorText), Wait + Flush, and every close. Exit 0 when the data reads
+ * FreeErrorText), Wait + Flush, and every close; and the writer's read side
+ * (VixDiskLib_Read on the same handle) from a second thread while the lane
+ * writes, as the compare readers of a quick rollback do. Exit 0 when the data reads
  * back identical and ASan/LSan found nothing.
  *
  * It passes the core's thread-safe log functions (ext/core/vddk_log.c) to
@@ -12,6 +14,7 @@
  * then abort when its default logger is used from a second thread.
  *
  * usage: asan_driver FLAT_FILE SIZE_BYTES [null-loggers] */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +58,48 @@ static void on_done(void *data, const struct vmr_error *err)
 
 #define CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, __VA_ARGS__); exit(1); } } while (0)
 
+/* The read side from another thread, over and over until told to stop. */
+struct reader {
+    struct vmr_writer *wr;
+    uint64_t size;
+    int stop, reads, failed;
+    char msg[512];
+};
+
+static void *read_side(void *arg)
+{
+    struct reader *r = arg;
+    const uint32_t n = 256 * 1024;
+    unsigned char *buf;
+    struct vmr_error err;
+    void *rh;
+
+    memset(&err, 0, sizeof err);
+    if (posix_memalign((void **)&buf, 4096, n) != 0 ||
+        (rh = r->wr->ops->open_read(r->wr->w, 0, &err)) == NULL) {
+        r->failed = 1;
+        return NULL;
+    }
+    for (uint64_t off = 0;; off = (off + n) % r->size) {  /* at least one read */
+        if (r->wr->ops->pread(rh, buf, n, off, &err) != 0) {
+            r->failed++;
+            snprintf(r->msg, sizeof r->msg, "%s", err.msg);
+            break;
+        }
+        r->reads++;
+        if (__atomic_load_n(&r->stop, __ATOMIC_SEQ_CST))
+            break;
+    }
+    /* past the end and not whole sectors: refused, nothing read */
+    memset(&err, 0, sizeof err);
+    if (r->wr->ops->pread(rh, buf, n, r->size - 4096, &err) == 0 ||
+        r->wr->ops->pread(rh, buf, 100, 0, &err) == 0)
+        r->failed++;
+    r->wr->ops->close_read(rh);
+    free(buf);
+    return NULL;
+}
+
 static int run(const char *path, uint64_t size, uint32_t max_request, int queue_depth,
                int expect_failure)
 {
@@ -80,6 +125,7 @@ static int run(const char *path, uint64_t size, uint32_t max_request, int queue_
     o.fn.flush = (uintptr_t)VixDiskLib_Flush;
     o.fn.get_error_text = (uintptr_t)VixDiskLib_GetErrorText;
     o.fn.free_error_text = (uintptr_t)VixDiskLib_FreeErrorText;
+    o.fn.read = (uintptr_t)VixDiskLib_Read;
     o.size = size;
     o.max_request = max_request;
     o.disk = "asan-disk";
@@ -92,6 +138,11 @@ static int run(const char *path, uint64_t size, uint32_t max_request, int queue_
     for (uint64_t i = 0; i < size; i++)
         data[i] = (unsigned char)(i * 2654435761u >> 13);
     memset(data + chunk, 0, chunk);  /* chunk 1 goes as a zero request */
+
+    struct reader rd = { &wr, size, 0, 0, 0, "" };
+    pthread_t rt;
+    if (!expect_failure)
+        CHECK(pthread_create(&rt, NULL, read_side, &rd) == 0, "reader thread\n");
 
     completed = failed = 0;
     int submitted = 0, inflight;
@@ -107,6 +158,12 @@ static int run(const char *path, uint64_t size, uint32_t max_request, int queue_
     }
     while (wr.ops->poll(lane, 100, &err) > 0) { }
     CHECK(completed == submitted, "completed %d of %d\n", completed, submitted);
+    if (!expect_failure) {
+        __atomic_store_n(&rd.stop, 1, __ATOMIC_SEQ_CST);
+        pthread_join(rt, NULL);
+        CHECK(rd.failed == 0 && rd.reads > 0, "read side during writes: %d reads, %s\n",
+              rd.reads, rd.msg);
+    }
     memset(&err, 0, sizeof err);
     CHECK(wr.ops->flush(lane, 0, &err) == 0, "flush: %s\n", err.msg);
     CHECK(wr.ops->close_lane(lane, &err) == 0, "close lane\n");
@@ -117,8 +174,7 @@ static int run(const char *path, uint64_t size, uint32_t max_request, int queue_
               "expected an injected failure, got %d: %s\n", failed, last_error);
     } else {
         CHECK(failed == 0, "unexpected failure: %s\n", last_error);
-        back = malloc(size);
-        CHECK(back != NULL, "oom\n");
+        CHECK(posix_memalign((void **)&back, 4096, size) == 0, "oom\n");
         CHECK(VixDiskLib_Read(h, 0, size / 512, back) == VIX_OK, "read back\n");
         CHECK(memcmp(back, data, size) == 0, "data differs\n");
         free(back);

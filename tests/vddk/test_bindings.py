@@ -153,7 +153,7 @@ def test_writer_args_are_addresses_of_the_loaded_library(lib, sim):
     with lib.connect(remote()) as conn, conn.open(path) as disk:
         args = disk.writer_args()
     assert set(args) == {"handle", "WriteAsync", "Write", "Wait", "Flush", "GetErrorText",
-                         "FreeErrorText"}
+                         "FreeErrorText", "Read"}
     assert all(isinstance(v, int) and v for v in args.values())
 
 

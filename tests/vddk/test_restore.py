@@ -167,3 +167,37 @@ def test_restore_disk_api_failure_runs_cleanup(sim, source, monkeypatch):
         restore_disk(str(bk), 0, sim.uri(libdir=str(sim.libdir)))
     assert isinstance(ei.value, VddkError) and ei.value.code == 8  # same class as vddk restore-disk
     assert sim.calls()[-1] == "VixDiskLib_Cleanup"
+
+
+def test_cli_quick_rollback_reads_through_the_disk_handle(sim, source):
+    """restore-disk --quick-rollback --to vddk://: VixDiskLib_Read on the writer's handle
+    finds the changed blocks; only they are written and the disk ends byte-identical."""
+    from vmrestore.restore_disk import restore_disk
+
+    bk, data = source
+    _, flat = sim.disk(size=SIZE)
+    restore_disk(str(bk), 0, sim.uri(new="1", libdir=str(sim.libdir)))
+    assert flat.read_bytes() == data
+    changed = bytearray(data)
+    for off in (3 * MIB + 4096, 7 * MIB, 20 * MIB - 512):  # blocks 3, 7 and 19
+        changed[off:off + 512] = bytes(x ^ 0xA5 for x in changed[off:off + 512])
+    flat.write_bytes(changed)
+    proc = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                           "0", "--to", sim.uri(libdir=str(sim.libdir)), "--quick-rollback",
+                           "--json", "-q"],
+                          capture_output=True, text=True, env=sim_env(sim), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["compared_entries"] == SIZE // MIB
+    assert doc["differing_entries"] == 3
+    assert doc["bytes_written"] + doc["bytes_zeroed"] == 3 * MIB
+    assert flat.read_bytes() == data
+    # the compare really reads through VixDiskLib: a failed Read is the run's one-line error
+    flat.write_bytes(changed)
+    env = {**sim_env(sim), "VMRESTORE_VDDK_SIM_FAIL": "read:4:16002"}
+    proc = subprocess.run([sys.executable, "-m", "vmrestore", "restore-disk", str(bk), "--disk",
+                           "0", "--to", sim.uri(libdir=str(sim.libdir)), "--quick-rollback",
+                           "-q"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 10 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "VixDiskLib_Read" in proc.stderr and "VixError 16002" in proc.stderr
