@@ -289,9 +289,9 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
                       "nothing to compare them with")
         if job.keep_config and job.network_map:
             raise bad("network_map", "not with 'keep_config' (the NICs are kept as they are)")
-        if job.disk_library != "native":
+        if job.disk_library != "native" and not job.quick_rollback:
             raise bad("disk_library", "restore to the original VM writes with vmrestore's own "
-                      "writers in this build")
+                      "writers in this build, unless it is a quick rollback")
     return job
 
 

@@ -1069,7 +1069,8 @@ class Orchestrator:
         _, host, port, _ = parse_vcenter(self.report.vcenter)
         uri = vddk_uri.build(host, base, self.vm._moId, self.session.target.user, port=port,
                              transports=(mode,), thumbprint=self.job.thumbprint,
-                             password_file=self._vddk_password_file, new=True,
+                             password_file=self._vddk_password_file,
+                             new=not self._in_place,
                              libdir=self._vddk_libdir, endpoint=self._vddk_endpoint(),
                              caller_access=True)
         return _Attachment(uri, lambda: None, f"VixDiskLib {mode}")

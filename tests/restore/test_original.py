@@ -112,6 +112,31 @@ def test_quick_rollback_writes_only_changed_blocks(lab, lab_si, host_services, b
     assert "powered off" in rep["phases"][1]["detail"]
 
 
+def test_quick_rollback_through_vixdisklib(lab, lab_si, host_services, backup,
+                                          tmp_path) -> None:
+    """--disk-library vddk: the compare reads through VixDiskLib (the writer's handle, vddk_sim
+    on the lab) and writes only the changed blocks; the disks end byte-identical."""
+    name = unique("orig-v")
+    files = _restored_vm(lab, lab_si, backup, tmp_path, name)
+    changed = _drift(files, seed=14)
+    trace = tmp_path / "vddk-trace.log"
+    p, rep = restore_cli(lab, "--backup", str(backup.inc), "--original", "--name", name,
+                         "--quick-rollback", "--transport", "nbd", "--disk-library", "vddk",
+                         state_dir=tmp_path,
+                         env=lab_env(lab, VMRESTORE_VDDK_SIM_TRACE=str(trace)))
+    assert p.returncode == 0, p.stderr
+    assert _same(files, backup.images)
+    for d in rep["disks"]:
+        fig = d["original"]
+        want = changed.get(d["disk"], set())
+        assert fig["blocks_differing"] == len(want), (d["disk"], fig, want)
+        assert fig["bytes_written"] == len(want) * MIB
+        assert fig["blocks_compared"] == 16 and fig["mode"] == "quick rollback"
+        assert "VixDiskLib" in d["reason"]
+    assert "VixDiskLib_Open" in trace.read_text()
+    assert not find_vm(lab_si, name).rootSnapshot, "safety snapshot left"
+
+
 def test_failed_rollback_reverts_to_safety_snapshot(lab, lab_si, host_services, backup,
                                                     tmp_path) -> None:
     name = unique("orig-f")

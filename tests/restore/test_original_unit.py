@@ -27,6 +27,9 @@ def test_job_fields_and_refusals() -> None:
                       "field 'full': not with 'quick_rollback': .* nothing to compare")):
         with pytest.raises(UsageError, match=why):
             from_mapping({"backup": "b.vmrb", **bad})
+    # VixDiskLib has a read side: a quick rollback may use it (an overwrite not yet)
+    assert from_mapping({"backup": "b.vmrb", "original": True, "quick_rollback": True,
+                         "disk_library": "vddk"}).disk_library == "vddk"
 
 
 def test_disk_differences_name_count_and_capacity() -> None:
