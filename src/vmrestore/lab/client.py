@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vmrestore.errors import LabError
+from vmrestore.procs import pid_alive
 
 STATUS_VERSION = 1
 
@@ -162,21 +163,8 @@ def lab_is_up(lab_dir: str | os.PathLike[str] | None = None) -> bool:
     try:
         doc = json.loads((d / "lab.json").read_text())
         pids = doc.get("pids", {})
-        return all(_alive(int(p)) for p in pids.values()) and bool(pids)
+        return all(pid_alive(int(p)) for p in pids.values()) and bool(pids)
     except (OSError, ValueError, TypeError):
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive for us.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

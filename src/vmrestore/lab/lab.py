@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from vmrestore.errors import LabError
-from vmrestore.lab.client import STATUS_VERSION, _alive, default_lab_dir, lab_is_up
+from vmrestore.lab.client import STATUS_VERSION, default_lab_dir, lab_is_up
+from vmrestore.procs import pid_alive
 
 log = logging.getLogger("vmrestore.lab")
 
@@ -279,7 +280,7 @@ def status(lab_dir: Path | None = None) -> dict[str, Any]:
         state = "broken" if (lab_dir / "run.json").exists() else "down"
         return {"version": STATUS_VERSION, "state": state, "dir": str(lab_dir)}
     problems = [f"{name} (pid {pid}) is not running"
-                for name, pid in doc.get("pids", {}).items() if not _alive(int(pid))]
+                for name, pid in doc.get("pids", {}).items() if not pid_alive(int(pid))]
     if not problems:
         import ssl
 
@@ -324,7 +325,7 @@ def _ours(pid: int, lab_dir: Path) -> bool:
 
 
 def _stop(pid: int, lab_dir: Path, name: str, actions: list[str]) -> None:
-    if not _alive(pid) or not _ours(pid, lab_dir):
+    if not pid_alive(pid) or not _ours(pid, lab_dir):
         return
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
@@ -333,7 +334,7 @@ def _stop(pid: int, lab_dir: Path, name: str, actions: list[str]) -> None:
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            if not _alive(pid):
+            if not pid_alive(pid):
                 actions.append(f"stopped {name} (pid {pid})")
                 return
             time.sleep(0.05)
@@ -356,7 +357,7 @@ def lab_processes(lab_dir: Path) -> list[int]:
                   or os.path.basename(argv[0]).startswith("vmr-vcsim")
                   or "vmrestore.lab.hostd" in argv)
         if daemon and any(str(lab_dir) + "/" in a or a == str(lab_dir) for a in argv[1:]):
-            if _alive(int(p.name)):
+            if pid_alive(int(p.name)):
                 pids.append(int(p.name))
     return pids
 
@@ -386,7 +387,7 @@ def _down_locked(lab_dir: Path, *, keep_files: bool) -> list[str]:
     # hostd first, politely: it releases its exports and hot-added disks.
     hostd_pid = pids.pop("hostd", None)
     url_path = lab_dir / "hostd.url"
-    if hostd_pid and _alive(int(hostd_pid)) and url_path.exists():
+    if hostd_pid and pid_alive(int(hostd_pid)) and url_path.exists():
         try:
             from vmrestore.transport.host import HostServices
 

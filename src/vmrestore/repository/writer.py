@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vmrestore.errors import TargetError
+from vmrestore.procs import pid_alive
 from vmrestore.repository import format as fmt
 
 log = logging.getLogger(__name__)
@@ -30,19 +31,6 @@ log = logging.getLogger(__name__)
 def temp_name(out_path: str) -> str:
     d, base = os.path.split(os.path.abspath(out_path))
     return os.path.join(d, f".{base}.{os.getpid()}.partial")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (EPERM: it does, not ours)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_partials(out_path: str) -> list[str]:
