@@ -258,7 +258,7 @@ def _plan_remote_retrying(task: DiskTask, url: Any, token: bytes) -> Any:
 
 
 def _plan(task: DiskTask) -> _Planned:
-    from vmrestore.mover.client import is_repo_url
+    from vmrestore.mover.url import is_repo_url
 
     if is_repo_url(task.source):
         from vmrestore.mover.client import RepoURL, load_token

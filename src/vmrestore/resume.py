@@ -116,7 +116,7 @@ class NewFileTarget:
 
     def __init__(self, target: Path, backup: str, disk: int, point: str | None,
                  checkpoints: bool, token_file: str | None = None) -> None:
-        from vmrestore.mover.client import is_repo_url
+        from vmrestore.mover.url import is_repo_url
 
         self.target = target
         self.partial, self.state_path = paths(target)

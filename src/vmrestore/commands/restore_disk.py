@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmrestore.mover.client import is_repo_url
+    from vmrestore.mover.url import is_repo_url
     from vmrestore.restore_disk import restore_disk
     from vmrestore.ui import Display
 

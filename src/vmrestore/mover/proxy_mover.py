@@ -172,7 +172,7 @@ def _emitter(emit: Emit) -> Callable[[DiskProgress], None]:
 
 def run_job(job: Job, emit: Emit) -> int:
     """Run every disk task of the job; returns the exit code (0, or the first error's)."""
-    from vmrestore.mover.client import is_repo_url
+    from vmrestore.mover.url import is_repo_url
 
     emit({"event": "start", "version": EVENT_VERSION, "job_id": job.job_id,
           "disks": [t.disk for t in job.tasks],
