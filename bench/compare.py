@@ -107,7 +107,7 @@ def fmt_size(n: float) -> str:
 def make_sample(path: Path, size: int, seed: int = 1) -> str:
     """Write the 40% zero / 30% text-like / 30% random image; returns who generated it.
 
-    Uses H1's ``vmrestore.sample`` when it is there; otherwise the fallback
+    Uses ``vmrestore.sample`` when it is there; otherwise the fallback
     below (same recipe). Zero blocks are left as holes either way (the file is
     re-sparsified with ``fallocate --dig-holes``), like a raw image converted
     from a thin disk.
@@ -624,6 +624,7 @@ class Options:
     only: tuple[str, ...] = ()
     seed: int = 1
     caches: tuple[str, ...] = CACHES
+    codec: str = ""  # backup create --codec ("": the default)
 
 
 def _prepare(opts: Options, wd: Path, log: Callable[[str], None],
@@ -654,14 +655,16 @@ def _prepare(opts: Options, wd: Path, log: Callable[[str], None],
         with contextlib.suppress(FileNotFoundError):
             vmrb.unlink()
         t = time.perf_counter()
-        r = subprocess.run([*_vmrestore(), "backup", "create", "--disk", str(raw), "-o", str(vmrb)],
-                           capture_output=True, text=True)
+        codec = ["--codec", opts.codec] if opts.codec else []
+        r = subprocess.run([*_vmrestore(), "backup", "create", "--disk", str(raw), "-o", str(vmrb),
+                            *codec], capture_output=True, text=True)
         if r.returncode != 0:
             raise SourceError(f"vmrestore backup create --disk {raw}: "
                               f"{(r.stderr or r.stdout).strip()}")
         info["vmrb_bytes"] = vmrb.stat().st_size
         info["vmrb_s"] = round(time.perf_counter() - t, 2)
-        log(f"vmrestore backup (default codec): {fmt_size(info['vmrb_bytes'])} "
+        info["codec"] = opts.codec or "default"
+        log(f"vmrestore backup ({opts.codec or 'default'} codec): {fmt_size(info['vmrb_bytes'])} "
             f"in {info['vmrb_s']} s")
         warm_raw, warm_vmrb = wd / "warm.raw", wd / "warm.vmrb"
         warm_raw.write_bytes(os.urandom(BLOCK))
@@ -953,7 +956,8 @@ def render(report: dict[str, Any]) -> str:
         f"{' '.join(f'{x:.2f}' for x in end)}",
         f"disk {fmt_size(size)} ({img['generator']}), allocated "
         f"{fmt_size(img['raw_allocated'])}; qcow2 -c {fmt_size(img.get('qcow2_bytes', 0))}; "
-        f"vmrestore backup {fmt_size(img.get('vmrb_bytes', 0))}",
+        f"vmrestore backup {fmt_size(img.get('vmrb_bytes', 0))} "
+        f"({img.get('codec', 'default')} codec)",
         f"best of {report['runs']} per tool and case, runs interleaved; every run "
         "byte-verified; every tool flushes the target before it exits",
         *[f"- **{c}**: {(report.get('cases') or CACHE_TEXT).get(c, c)}" for c in caches],
@@ -1047,7 +1051,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     opts = Options(size=parse_size(args.size), runs=args.runs,
                    workdir=Path(args.workdir) if args.workdir else None, keep=args.keep,
                    drop=not args.no_drop_caches, only=tuple(args.only or ()), seed=args.seed,
-                   caches=caches)
+                   caches=caches, codec=args.codec or "")
     if opts.runs < 1:
         raise UsageError("--runs must be at least 1")
     log = _log

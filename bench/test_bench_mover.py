@@ -48,7 +48,7 @@ def make_data(work: Path, size: int) -> tuple[Path, Path]:
 
 
 def restore_local(bk: Path, out: Path) -> dict[str, Any]:
-    """The in-process core (H2's pipeline) from the local file: the baseline."""
+    """The in-process core (the compiled pipeline) from the local file: the baseline."""
     from vmrestore.pipeline import Job
     from vmrestore.repository.plan import build_plan
     from vmrestore.repository.reader import open_chain

@@ -79,7 +79,7 @@ def core_codecs_extension() -> Extension:
     libs["include_dirs"].insert(0, str(HERE / "core"))
     return Extension(
         "vmrestore._core",
-        sources=["ext/core/_core.pyx", "ext/core/codec.c"],
+        sources=["ext/core/_core.pyx", "ext/core/codec.c", "ext/core/hash_avx2.c"],
         extra_compile_args=C_FLAGS,
         extra_link_args=["-pthread"],
         **libs,

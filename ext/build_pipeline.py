@@ -3,7 +3,7 @@
 Imported by build_helpers.extensions(). ``VMRESTORE_ASAN=1`` builds the
 module with AddressSanitizer (run it with ``LD_PRELOAD=$(gcc
 -print-file-name=libasan.so)``; tests/test_faults_core.py does this).
-Other engineers add their C files (e.g. writer_vddk.c, source_repo.c) to
+Other areas add their C files (e.g. writer_vddk.c, source_repo.c) to
 EXTRA_SOURCES below, one line each.
 """
 
@@ -20,13 +20,14 @@ CORE_SOURCES = [
     "ext/core/writer_file.c",
     "ext/core/writer_nbd.c",
     "ext/core/codec.c",
+    "ext/core/hash_avx2.c",
     "ext/core/compare.c",
 ]
-# Appended by other areas (one line each, with the owner in a comment).
+# Appended by other areas (one line each, with what it is in a comment).
 EXTRA_SOURCES: list[str] = [
-    "ext/core/writer_vddk.c",  # VixDiskLib writer (H5)
+    "ext/core/writer_vddk.c",  # VixDiskLib writer
     "ext/core/vddk_log.c",  # VixDiskLib's thread-safe log functions (InitEx)
-    "ext/core/source_repo.c",  # repository-agent source (H8)
+    "ext/core/source_repo.c",  # repository-agent source
 ]
 
 

@@ -1,7 +1,7 @@
 """Smoke tests of `vmrestore bench compare`: every tool's output byte-checked, table produced.
 
 Small (32 MiB, one run) so it stays fast on the shared machine; it checks the
-harness, never the speed. The vmrestore rows need `restore-disk` (H2); the
+harness, never the speed. The vmrestore rows need `restore-disk`; the
 peer rows run with whatever is installed.
 """
 

@@ -44,6 +44,20 @@ def test_xxh3_distinguishes_and_repeats() -> None:
     assert isinstance(lo, int) and isinstance(hi, int)
 
 
+# XXH3's known answers (xxhash's own test vectors, input of length 0) and lengths
+# around its internal boundaries: the AVX2 build (hash_avx2.c, used when the CPU has
+# AVX2) and libxxhash's code must give every stored checksum the same value.
+@pytest.mark.parametrize("n", [0, 1, 16, 17, 128, 129, 240, 241, 1024, 1025, 65536,
+                               (1 << 20) + 13])
+def test_xxh3_avx2_build_equals_the_library(n: int) -> None:
+    buf = os.urandom(n)
+    assert core.xxh3_128(buf) == core.xxh3_128(buf, portable=True)
+
+
+def test_xxh3_known_answer_of_empty_input() -> None:
+    assert core.xxh3_128(b"") == (0x6001C324468D497F, 0x99AA06D3014798D8)
+
+
 @given(n=st.integers(0, 5000), pos=st.integers(0, 4999))
 def test_is_zero(n: int, pos: int) -> None:
     buf = bytearray(n)

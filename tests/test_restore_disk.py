@@ -1,4 +1,4 @@
-"""`vmrestore restore-disk` end to end on real backups (H1's writer), chains and every target."""
+"""`vmrestore restore-disk` end to end on real backups, chains and every target."""
 
 from __future__ import annotations
 

@@ -56,13 +56,17 @@ def decompress(const unsigned char[::1] src not None, int codec_id, size_t raw_l
     return bytes(out)
 
 
-def xxh3_128(const unsigned char[::1] buf not None) -> tuple[int, int]:
-    """XXH3-128 of buf as (low64, high64)."""
+def xxh3_128(const unsigned char[::1] buf not None, bint portable=False) -> tuple[int, int]:
+    """XXH3-128 of buf as (low64, high64); portable=True: libxxhash's own code only
+    (the default uses the AVX2 build when the CPU has it; both give the same value)."""
     cdef uint64_t lo = 0, hi = 0
     cdef size_t n = buf.shape[0]
     cdef const unsigned char *p = &buf[0] if n else NULL
     with nogil:
-        codec.vmr_xxh3_128(p, n, &lo, &hi)
+        if portable:
+            codec.vmr_xxh3_128_portable(p, n, &lo, &hi)
+        else:
+            codec.vmr_xxh3_128(p, n, &lo, &hi)
     return lo, hi
 
 

@@ -583,5 +583,5 @@ cdef class Pipeline:
         return _core_error(&e)
 
 
-# The VDDK writer (ext/core/writer_vddk.*; owner H5): open_vddk_writer(...).
+# The VDDK writer (ext/core/writer_vddk.*): open_vddk_writer(...).
 include "writer_vddk.pxi"

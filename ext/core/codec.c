@@ -89,11 +89,23 @@ int vmr_decompress_dctx(void *dctx, int codec, const void *src, size_t n, void *
     return (!ZSTD_isError(r) && r == raw_len) ? 0 : -1;
 }
 
-void vmr_xxh3_128(const void *buf, size_t n, uint64_t *lo, uint64_t *hi)
+void vmr_xxh3_128_portable(const void *buf, size_t n, uint64_t *lo, uint64_t *hi)
 {
     XXH128_hash_t h = XXH3_128bits(buf, n);
     *lo = h.low64;
     *hi = h.high64;
+}
+
+void vmr_xxh3_128(const void *buf, size_t n, uint64_t *lo, uint64_t *hi)
+{
+#if VMR_XXH3_AVX2
+    /* short inputs take XXH3's scalar paths either way */
+    if (n > 240 && __builtin_cpu_supports("avx2")) {
+        vmr_xxh3_128_avx2(buf, n, lo, hi);
+        return;
+    }
+#endif
+    vmr_xxh3_128_portable(buf, n, lo, hi);
 }
 
 int vmr_is_zero(const void *buf, size_t n)

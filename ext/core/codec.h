@@ -35,8 +35,17 @@ void vmr_dctx_free(void *dctx);
 int vmr_decompress_dctx(void *dctx, int codec, const void *src, size_t n, void *dst,
                         size_t raw_len);
 
-/* XXH3 128-bit hash of buf. */
+/* XXH3 128-bit hash of buf: with AVX2 when the CPU has it (hash_avx2.c), else libxxhash. */
 void vmr_xxh3_128(const void *buf, size_t n, uint64_t *lo, uint64_t *hi);
+/* The same through libxxhash only (tests compare the two). */
+void vmr_xxh3_128_portable(const void *buf, size_t n, uint64_t *lo, uint64_t *hi);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VMR_XXH3_AVX2 1
+void vmr_xxh3_128_avx2(const void *buf, size_t n, uint64_t *lo, uint64_t *hi);
+#else
+#define VMR_XXH3_AVX2 0
+#endif
 
 /* 1 if all n bytes are zero, else 0. */
 int vmr_is_zero(const void *buf, size_t n);

@@ -10,4 +10,5 @@ cdef extern from "codec.h" nogil:
     size_t vmr_compress(int codec, int level, const void *src, size_t n, void *dst, size_t cap)
     int vmr_decompress(int codec, const void *src, size_t n, void *dst, size_t raw_len)
     void vmr_xxh3_128(const void *buf, size_t n, uint64_t *lo, uint64_t *hi)
+    void vmr_xxh3_128_portable(const void *buf, size_t n, uint64_t *lo, uint64_t *hi)
     int vmr_is_zero(const void *buf, size_t n)

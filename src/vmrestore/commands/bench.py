@@ -133,6 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--only", action="append", metavar="KEY",
                    help="run only these rows: nbd, loop, or e.g. nbd/qemu-img (repeatable)")
     c.add_argument("--seed", type=int, default=1, help="sample image seed (default 1)")
+    c.add_argument("--codec", choices=("zstd", "lz4", "none"),
+                   help="codec of vmrestore's backup (default: backup create's default)")
     c.set_defaults(func=_run_compare)
 
     r = sub.add_parser(

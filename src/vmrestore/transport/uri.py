@@ -243,7 +243,7 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
     return w
 
 
-# vddk:// (VixDiskLib; owner H5): the parser and opener live in transport/vddk_uri.py.
+# vddk:// (VixDiskLib): the parser and opener live in transport/vddk_uri.py.
 from vmrestore.transport import vddk_uri as _vddk_uri  # noqa: E402
 
 OPENERS[_vddk_uri.SCHEME] = _vddk_uri.open_target
