@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from h1_helpers import MIB, backup, make_disk, restored
+from repo_helpers import MIB, backup, make_disk, restored
 from support import need, need_root, need_tool
 from vmrestore.errors import IncompleteBackupError
 from vmrestore.repository.reader import open_chain, open_point

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from h1_helpers import MIB, backup, make_disk, restored
+from repo_helpers import MIB, backup, make_disk, restored
 from vmrestore.errors import ChainError, UsageError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import open_chain

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from h1_helpers import MIB, backup, make_disk
+from repo_helpers import MIB, backup, make_disk
 from vmrestore.errors import FormatError, IncompleteBackupError, UnsupportedVersionError
 from vmrestore.repository import format as fmt
 from vmrestore.repository.reader import open_point

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from h1_helpers import MIB, backup, make_disk
+from repo_helpers import MIB, backup, make_disk
 from vmrestore.plan import KIND_DATA, KIND_ZERO, PLAN_DTYPE
 from vmrestore.repository import format as fmt
 from vmrestore.repository.plan import build_plan, plan_from_map

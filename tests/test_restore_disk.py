@@ -51,6 +51,23 @@ def test_restore_latest_to_nbd(tmp_path: Path, chain: dict) -> None:
     assert target.read_bytes() == states[-1]
 
 
+@pytest.mark.parametrize(("query", "args", "lanes"), [
+    ("", (), 2),                              # the default against a multi-conn server
+    ("&connections=3", (), 3),                # the URI's connections=N
+    ("&connections=3", ("--connections", "1"), 1),  # --connections wins
+])
+def test_nbd_connections_from_the_uri_and_the_option(tmp_path: Path, chain: dict, query: str,
+                                                     args: tuple[str, ...], lanes: int) -> None:
+    states, pts = chain["states"], chain["points"]
+    target = tmp_path / "t.img"
+    target.write_bytes(b"\x01" * len(states[-1]))
+    with nbdkit(tmp_path, target) as srv:  # nbdkit's file plugin offers multi-conn
+        r = restore_cli(str(pts[-1]), "--disk", "0", "--to", srv.uri + query, "--json", *args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["settings"]["lanes"] == lanes
+    assert target.read_bytes() == states[-1]
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, chain: dict) -> None:
     pts = chain["points"]
     out = tmp_path / "exists.img"

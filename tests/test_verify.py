@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from h1_helpers import MIB, backup, flip_byte, make_disk
+from repo_helpers import MIB, backup, flip_byte, make_disk
 from vmrestore.repository.reader import open_chain, open_point
 from vmrestore.repository.verify import verify_chain
 

@@ -229,6 +229,8 @@ cdef class Writer:
 
     cdef vmr_writer wr
     cdef bint opened
+    # lanes the target asked for (an NBD URI's connections=N); 0: the pipeline's default
+    cdef public unsigned int preferred_lanes
 
     def __dealloc__(self):
         self._close()

@@ -58,7 +58,10 @@ DEFAULT_READERS = 1
 DEFAULT_THREADS = 2
 DEFAULT_QUEUE_DEPTH = 16
 DEFAULT_FILE_LANES = 2
-DEFAULT_NBD_CONNECTIONS = 1
+# NBD connections when the server offers multi-conn (one lane each): nbdkit serves one
+# connection's requests one at a time, and two of them took a warm 2 GiB restore from
+# 1.44 to 1.00 s (docs/benchmarks.md, "Second round"); four were no faster on two cores.
+DEFAULT_NBD_CONNECTIONS = 2
 # NBD early writeback (writer_nbd.c): one unwaited flush per connection every N MiB
 # written, so the server's disk writes back while we decompress (docs/core.md sweep).
 DEFAULT_NBD_FLUSH_EVERY_MIB = 64
@@ -204,7 +207,8 @@ class Job:
                 except OSError as e:
                     raise SourceError(f"{path}: cannot open: {e.strerror}") from None
             caps = writer.capabilities()
-            lanes = s.lanes or (DEFAULT_NBD_CONNECTIONS if caps["async"] else DEFAULT_FILE_LANES)
+            lanes = s.lanes or writer.preferred_lanes or (
+                DEFAULT_NBD_CONNECTIONS if caps["async"] else DEFAULT_FILE_LANES)
             if not caps["multi_conn"]:
                 lanes = 1
             readers = s.readers or (DEFAULT_COMPARE_READERS if compare else DEFAULT_READERS)

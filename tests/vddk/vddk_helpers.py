@@ -51,7 +51,7 @@ class Sim:
 
 def backed_up_disk(tmp_path: Path, size: int, seed: int) -> tuple[Path, bytes]:
     """A backup of a disk of size bytes (zero, random and compressible blocks), and its bytes."""
-    from h1_helpers import backup, make_disk
+    from repo_helpers import backup, make_disk
 
     raw = tmp_path / "src.raw"
     data = make_disk(raw, size, seed=seed)

@@ -220,6 +220,8 @@ def open_target(target: str | TargetSpec, size: int, opts: OpenOptions | None = 
                                    flush_every=every << 20, max_write=req_kib << 10,
                                    timeout_ms=int(1000 * float(spec.options.get(
                                        "timeout", o.timeout_s))))
+            # ?connections=N: lanes when the server offers multi-conn (--connections wins)
+            w.preferred_lanes = int(spec.options.get("connections", 0))
         elif spec.kind == "san":
             assert spec.map_path is not None
             doc = read_extent_map(spec.map_path)
