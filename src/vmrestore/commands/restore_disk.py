@@ -59,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-depth", type=number(0, 4096), default=0, metavar="Q",
                    help="requests in flight per connection for NBD (default 16)")
     p.add_argument("--connections", type=number(0, 64), default=0, metavar="C",
-                   help="writer lanes: NBD connections (multi-conn servers) or file writer "
-                        "threads (default 2)")
+                   help="writer lanes: NBD connections (multi-conn servers; default 2, or the "
+                        "URI's connections=N) or file writer threads (default 2)")
     p.add_argument("--buffers", type=number(0, 1 << 20), default=0, metavar="B",
                    help="block buffers in the pool (default: from the above)")
     p.add_argument("--force", action="store_true", help="overwrite an existing regular file")
