@@ -397,8 +397,9 @@ def prime_target(target: str | Path, raw: Path) -> None:
     early (vmrestore's unwaited flushes) meets them while it is still sending. The
     target is reset (truncated or discarded) before the timed run as always.
     """
+    direct = ["oflag=direct"] if str(target).startswith("/dev/") else []  # no device cache
     r = subprocess.run(["dd", f"if={raw}", f"of={target}", "bs=1M", "conv=sparse,notrunc,fsync",
-                        "status=none"], capture_output=True, text=True)
+                        *direct, "status=none"], capture_output=True, text=True)
     if r.returncode != 0:
         raise TargetError(f"priming {target} from {raw}: {r.stderr.strip()}")
 
@@ -805,9 +806,9 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         # file system's metadata (block bitmaps) cold, and no tool should be the one that
         # always pays for it.
         for run_no in range(1, opts.runs + 1):
-            k = (run_no - 1) % max(1, len(cases))
+            order = _rotated(cases, run_no - 1)
             for cache in opts.caches:
-                for c in cases[k:] + cases[:k]:
+                for c in order:
                     row = rows[f"{cache}/{c.key}"]
                     if row.skipped or row.error:
                         continue
@@ -826,6 +827,16 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         report["failed"] = [f"{r['cache']}/{r['key']}" for r in report["results"] if r["error"]]
         report["where_time_goes"] = where_time_goes(report)
         return report
+
+
+def _rotated(cases: list[Case], k: int) -> list[Case]:
+    """The cases of each target (nbd, then loop), each group rotated by k places."""
+    out: list[Case] = []
+    for target in dict.fromkeys(c.target for c in cases):
+        group = [c for c in cases if c.target == target]
+        j = k % len(group)
+        out += group[j:] + group[:j]
+    return out
 
 
 def _install_sigterm(stack: contextlib.ExitStack) -> None:

@@ -273,7 +273,8 @@ def test_backup_create_wrong_arguments(tmp_path: Path) -> None:
     (tmp_path / "odd.img").write_bytes(b"x" * 1000)
     cases = [
         # was: accepted, zstd clamped it to 22 while the index recorded 99
-        (["--disk", str(img), "--level", "99"], 2, "--level 99: zstd levels are -128..22"),
+        (["--disk", str(img), "--codec", "zstd", "--level", "99"], 2,
+         "--level 99: zstd levels are -128..22"),
         (["--disk", str(img), "--block-size", "3M"], 2, "not a power of two"),
         (["--disk", str(tmp_path / "none.img")], 5, "cannot open source disk"),
         (["--disk", str(tmp_path / "odd.img")], 5, "not a multiple of 512"),

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-transports", action="store_true",
                     help="also restore through each transport and print its MB/s")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--codec", default="zstd", choices=("zstd", "lz4", "none"))
+    ap.add_argument("--codec", default="lz4", choices=("zstd", "lz4", "none"))
     a = ap.parse_args(argv)
     size = parse_size(a.size)
     if size % 512 or size <= 0:

@@ -171,7 +171,7 @@ def _process_chunk(disk: _Disk, first: int, count: int, bs: int, codec: int, lev
 
 
 def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, Any] | None = None,
-                  codec: str = "zstd", level: int = 3, block_size: int | None = None,
+                  codec: str = "lz4", level: int = 3, block_size: int | None = None,
                   parent: str | None = None, force: bool = False, threads: int | None = None,
                   progress: ProgressFn | None = None,
                   start: Callable[[int], None] | None = None) -> dict[str, Any]:
