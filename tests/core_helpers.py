@@ -111,7 +111,7 @@ def build_asan_driver(tmp: Path) -> Path:
                     "-std=gnu11", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter",
                     f"-I{core}", str(ROOT / "tests" / "core_asan_driver.c"),
                     *(str(core / f) for f in ("pipeline.c", "compare.c", "writer_file.c",
-                                              "writer_nbd.c", "codec.c")),
+                                              "writer_nbd.c", "codec.c", "hash_avx2.c")),
                     "-o", str(exe), *libs], check=True)
     return exe
 

@@ -171,7 +171,7 @@ class DiskStatus(msgspec.Struct):
     status: str = "pending"   # pending | running | done
     transport: str | None = None
     proxy: str | None = None  # a plan run: the proxy of the disk's last attempt
-    attempt: int = 0          # a plan run: its fencing token (docs/fleet.md), kept across runs
+    attempt: int = 0          # its fencing token (docs/fleet.md), kept across runs (--resume)
 
 
 class NewDisk(msgspec.Struct):

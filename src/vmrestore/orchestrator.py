@@ -931,15 +931,17 @@ class Orchestrator:
                                        (st.transport or mode) == mode):
                 ckpt_path.unlink()   # another transport or a fresh run: start the disk over
                 ck = None
-            st.status, st.transport = "running", mode
+            # The attempt number fences a run that outlives its successor: the driver
+            # refuses to write under a checkpoint a later attempt holds, the host revokes
+            # a lower attempt's export or hot-add. It is in the ledger before the attach:
+            # a run killed between the host's hot-add and its first checkpoint left an
+            # attachment the ledger may not name, and only a higher attempt revokes it.
+            fence = max(ck.attempt if ck else 0, st.attempt) + 1
+            st.status, st.transport, st.attempt = "running", mode, fence
             self.state.save()
             task = None
             if self.display is not None:
                 task = self.display.task(f"disk {t.index} ({mode})", total=t.capacity)
-            # The attempt number fences a run that outlives its successor: the driver
-            # refuses to write under a checkpoint a later attempt holds, the host revokes
-            # a lower attempt's export or hot-add.
-            fence = (ck.attempt if ck else 0) + 1
             try:
                 att = self._attach(t, base, mode, attempt=fence)
                 try:

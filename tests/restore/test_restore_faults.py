@@ -104,6 +104,13 @@ def test_kill9_in_data_phase_then_resume(lab, lab_si, host_services, backup, tmp
     assert_restored(lab, lab_si, name, backup.images, ["thick-eager", "thin"])
     assert not [h for h in host_services.hot_adds() if f"] {name}/" in h.datastore_path]
     assert not list(state.glob("restore-*"))
+    # every disk the resumed run attached got a higher attempt than the killed run's
+    # (kept in the ledger before the attach): the host revoked whatever the killed run
+    # still held, even a hot-add made after its last ledger write
+    for f in host_services.fences():
+        if f"] {name}/" in f["datastore_path"] and len(f["log"]) > 1:
+            attempts = [e["attempt"] for e in f["log"]]
+            assert attempts == sorted(set(attempts)), f
 
 
 @pytest.mark.slow
