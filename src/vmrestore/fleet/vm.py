@@ -123,7 +123,8 @@ class PlanVmRestore(Orchestrator):
         fallback: dict[int, list[tuple[str, str]]] = {}
         reasons: dict[int, str] = {}
         refused: list[str] = []
-        for p in self.ctx.dispatcher.known.values():
+        # a snapshot: the dispatcher thread adds proxies as their workers join
+        for p in list(self.ctx.dispatcher.known.values()):
             try:
                 decisions = infra_mod.select_transports(self.job.transport, p, facts)
             except UsageError as e:
