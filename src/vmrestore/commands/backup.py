@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
                    help="block compression (default lz4: restores decompress it in half the CPU "
                         "of zstd; zstd makes backups about 14%% smaller, docs/benchmarks.md)")
     c.add_argument("--level", type=int, default=None,
-                   help="compression level: zstd -128..22 (default 3); ignored by lz4/none")
+                   help="compression level: zstd -128..22 (default 3); lz4: above 1 selects "
+                        "LZ4-HC (slower backups, smaller, restored as fast); ignored by none")
     c.add_argument("--block-size", default=None, metavar="SIZE",
                    help="block size, a power of two from 64K to 8M (default 1M, or the "
                    "parent's for an incremental)")
