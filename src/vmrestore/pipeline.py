@@ -60,7 +60,8 @@ DEFAULT_QUEUE_DEPTH = 16
 DEFAULT_FILE_LANES = 2
 # NBD connections when the server offers multi-conn (one lane each): nbdkit serves one
 # connection's requests one at a time, and two of them took a warm 2 GiB restore from
-# 1.44 to 1.00 s (docs/benchmarks.md, "Second round"); four were no faster on two cores.
+# 1.47-1.54 to 1.15-1.17 s (zstd) and 1.24 to 1.00-1.04 s (lz4) (docs/benchmarks.md,
+# "second round"); four were no faster on two cores.
 DEFAULT_NBD_CONNECTIONS = 2
 # NBD early writeback (writer_nbd.c): one unwaited flush per connection every N MiB
 # written, so the server's disk writes back while we decompress (docs/core.md sweep).

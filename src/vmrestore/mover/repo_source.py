@@ -207,6 +207,23 @@ def _sum_counters(acc: Any, c: Any, prefix_base: int, total: int) -> Any:
                                entries_total=acc.entries_total, bytes_total=total)
 
 
+def _durable_only(c: Any, seg: np.ndarray) -> Any:
+    """A failed attempt's byte counters limited to its durable prefix ``seg``.
+
+    The next attempt writes everything after that prefix again; counting the failed
+    attempt's later writes as well made a disk's written + zeroed + skipped exceed its
+    capacity after a reconnect."""
+    from vmrestore.plan import KIND_DATA, KIND_ZERO
+
+    data = int(seg["length"][seg["kind"] == KIND_DATA].sum())
+    zero = int(seg["length"][seg["kind"] == KIND_ZERO].sum())
+    same = min(c.bytes_same, data)
+    skipped = min(c.bytes_skipped, zero)
+    return dataclasses.replace(c, bytes_same=same, bytes_written=min(c.bytes_written, data - same),
+                               bytes_skipped=skipped,
+                               bytes_zeroed=min(c.bytes_zeroed, zero - skipped))
+
+
 def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], writer: Any,
                   url: RepoURL, token: bytes, *, disk: int = 0, settings: Any = None,
                   per_reader: int = DEFAULT_CONNECTIONS, retries: int = RETRIES,
@@ -283,6 +300,8 @@ def run_repo_plan(plan: np.ndarray, sources: list[str], sums: dict[str, bytes], 
         run.wire_bytes += st["wire_bytes"]
         run.stored_bytes += st["bulk_bytes"]
         run.requests += st["requests"]
+        if err is not None:
+            c = _durable_only(c, plan[base:base + c.completed_prefix])
         run.counters = _sum_counters(acc, c, base, total_bytes)
         if err is None:
             return run
