@@ -25,12 +25,13 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 192 MiB incompressible disk and its backup (codec none: quick to make, slow enough
-    to restore that a checkpoint comes before the end)."""
+    """A 512 MiB incompressible disk and its backup (codec none: quick to make, slow enough
+    to restore that checkpoints come before the end; 192 MiB once restored in under one
+    checkpoint interval here)."""
     d = tmp_path_factory.mktemp("signals")
     img = d / "disk.img"
     with open(img, "wb") as f:
-        for _ in range(192):
+        for _ in range(512):
             f.write(os.urandom(MiB))
     return img, backup(img, d / "b.vmrb", "--codec", "none")
 
