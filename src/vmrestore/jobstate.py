@@ -173,6 +173,13 @@ class DiskStatus(msgspec.Struct):
     proxy: str | None = None  # a plan run: the proxy of the disk's last attempt
     attempt: int = 0          # its fencing token (docs/fleet.md), kept across runs (--resume)
 
+    def next_attempt(self, ck: Checkpoint | None) -> int:
+        """Take the disk's next fencing token: above every attempt the job state or the
+        checkpoint has seen (both survive a kill); the caller saves the state before it
+        attaches, so a killed run's attachment is always fenced by the next one."""
+        self.attempt = max(self.attempt, ck.attempt if ck else 0) + 1
+        return self.attempt
+
 
 class NewDisk(msgspec.Struct):
     """--original --full: a disk file this job creates for backup disk ``disk``; its name

@@ -936,8 +936,8 @@ class Orchestrator:
             # a lower attempt's export or hot-add. It is in the ledger before the attach:
             # a run killed between the host's hot-add and its first checkpoint left an
             # attachment the ledger may not name, and only a higher attempt revokes it.
-            fence = max(ck.attempt if ck else 0, st.attempt) + 1
-            st.status, st.transport, st.attempt = "running", mode, fence
+            fence = st.next_attempt(ck)
+            st.status, st.transport = "running", mode
             self.state.save()
             task = None
             if self.display is not None:

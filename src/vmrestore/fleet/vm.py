@@ -225,9 +225,8 @@ class PlanVmRestore(Orchestrator):
             with self._lock:
                 # The fencing token survives orchestrator restarts: it is in the job state
                 # and in the checkpoint the driver claims for it.
-                attempt = max(st.attempt, ck.attempt if ck else 0) + 1
-                st.status, st.transport, st.proxy, st.attempt = ("running", g.transport,
-                                                                 g.proxy, attempt)
+                attempt = st.next_attempt(ck)
+                st.status, st.transport, st.proxy = "running", g.transport, g.proxy
                 self.state.save()
             record = {"proxy": g.proxy, "transport": g.transport, "attempt": attempt,
                       "outcome": "running", "start_entry": ck.prefix if ck else 0}
