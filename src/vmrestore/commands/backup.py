@@ -59,10 +59,10 @@ def register(subparsers: Any) -> None:
 
 def run_create(args: argparse.Namespace) -> int:
     from vmrestore import ui
-    from vmrestore.repository.create import create_backup, load_vm_config
+    from vmrestore.repository.create import create_backup, default_level, load_vm_config
 
     block_size = parse_size(args.block_size) if args.block_size else None
-    level = args.level if args.level is not None else (3 if args.codec == "zstd" else 0)
+    level = args.level if args.level is not None else default_level(args.codec)
     # zstd would silently clamp 99 to 22, and the index stores the level as int8: refuse
     # what would not be what the file says (negative levels are zstd's fast modes).
     if args.codec == "zstd" and not -128 <= level <= 22:

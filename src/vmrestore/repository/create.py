@@ -170,8 +170,14 @@ def _process_chunk(disk: _Disk, first: int, count: int, bs: int, codec: int, lev
     return out
 
 
+def default_level(codec: str) -> int:
+    """The level a codec gets when none is asked for: zstd 3; lz4 0 (plain LZ4: a level
+    above 1 selects LZ4-HC, codec.c); none ignores it."""
+    return 3 if codec == "zstd" else 0
+
+
 def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, Any] | None = None,
-                  codec: str = "lz4", level: int = 3, block_size: int | None = None,
+                  codec: str = "lz4", level: int | None = None, block_size: int | None = None,
                   parent: str | None = None, force: bool = False, threads: int | None = None,
                   progress: ProgressFn | None = None,
                   start: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -188,6 +194,8 @@ def create_backup(disk_paths: list[str], out_path: str, *, vm_config: dict[str, 
     if codec not in core.CODECS:
         raise UsageError(f"unknown codec {codec!r} (zstd, lz4, none)")
     codec_id = core.CODECS[codec]
+    if level is None:
+        level = default_level(codec)
     check_output(out_path, force)
     t0 = time.monotonic()
     chain = open_chain(parent) if parent else None
