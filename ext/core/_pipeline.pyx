@@ -61,7 +61,6 @@ cdef extern from "writer.h" nogil:
         void *s
     struct vmr_nbd_options:
         const char *uri
-        uint32_t connections
         uint32_t retries
         uint32_t retry_delay_ms
         uint32_t flags

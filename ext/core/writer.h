@@ -229,7 +229,6 @@ int vmr_file_writer_open(const char *path, uint64_t size, uint32_t flags, struct
  * psk_file / cert_dir / tls_username may be NULL. */
 struct vmr_nbd_options {
     const char *uri;
-    uint32_t connections;   /* wanted lanes (used only if the server offers multi-conn) */
     uint32_t retries;       /* attempts per request on a fresh connection */
     uint32_t retry_delay_ms;
     uint32_t flags;         /* VMR_FILE_TARGET_ZEROED honoured */

@@ -50,7 +50,7 @@ from vmrestore.errors import (
     VmrError,
 )
 from vmrestore.mover.client import Connection, RemoteSource, RepoURL
-from vmrestore.plan import compare_plan
+from vmrestore.plan import KIND_DATA, KIND_ZERO, compare_plan
 from vmrestore.retry import Backoff, RetryPolicy
 
 log = logging.getLogger("vmrestore.mover.repo_source")
@@ -213,8 +213,6 @@ def _durable_only(c: Any, seg: np.ndarray) -> Any:
     The next attempt writes everything after that prefix again; counting the failed
     attempt's later writes as well made a disk's written + zeroed + skipped exceed its
     capacity after a reconnect."""
-    from vmrestore.plan import KIND_DATA, KIND_ZERO
-
     data = int(seg["length"][seg["kind"] == KIND_DATA].sum())
     zero = int(seg["length"][seg["kind"] == KIND_ZERO].sum())
     same = min(c.bytes_same, data)
