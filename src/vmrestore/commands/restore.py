@@ -211,7 +211,6 @@ def default_site(job: Any, lab_dir: Any = None) -> Any:
     host data services from $VMRESTORE_HOSTD_URL + $VMRESTORE_HOSTD_TOKEN_FILE.
     """
     import logging
-    import os
     from pathlib import Path
 
     from vmrestore.errors import LabError, UsageError
