@@ -16,8 +16,12 @@ from vmrestore.mover.launcher import ProxyMover, run_proxy_mover
 
 
 def _job(source: dict, uri: str, start: int = 0) -> dict:
+    # one connection, one request in flight: a kill -9 then leaves nbdkit at most one reply
+    # to send (nbdkit 1.32 aborts when a client vanishes while several threads still reply,
+    # docs/core.md), so the resumed run finds the same server
     return {"version": 1, "job_id": "ckpt", "source": source,
-            "disks": [{"disk": 0, "target": uri, "start_entry": start, "target_zeroed": True}],
+            "disks": [{"disk": 0, "target": uri + "&connections=1", "start_entry": start,
+                       "target_zeroed": True}],
             "settings": {"progress_interval": 0.05, "checkpoint_interval": 0.1,
                          "queue_depth": 1}}
 
