@@ -236,8 +236,8 @@ struct vmr_nbd_options {
     const char *tls_username;
     const char *cert_dir;
     int tls_verify_peer;    /* -1 = libnbd default */
-    uint64_t flush_every;   /* early writeback: an unwaited flush per lane every this many
-                             * bytes written (0 = only the final flush); writer_nbd.c */
+    uint64_t flush_every;   /* early writeback: an unwaited flush every this many bytes
+                             * written on all lanes (0 = only the final flush); writer_nbd.c */
     uint32_t timeout_ms;    /* deadline of one request, flush or connection (0 = 30 s) */
     /* Optional: asked while vmr_nbd_writer_open waits for the server; non-zero
      * gives up (VMR_E_INTERRUPTED), so Ctrl-C stops a connection nobody answers. */

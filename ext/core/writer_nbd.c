@@ -25,8 +25,10 @@
  * (nbdkit file, qemu-nbd with a cache) otherwise keeps every written byte
  * dirty until our final flush, which then waits for all of it at once (0.6 s
  * of a 1.5 s restore of 2 GiB measured, docs/core.md). So after every
- * flush_every bytes of acknowledged writes a lane sends one NBD_CMD_FLUSH
- * without waiting for it (at most one in flight per lane): the server's disk
+ * flush_every bytes of acknowledged writes, counted over all lanes (so the
+ * rate does not change with the number of connections), the lane whose write
+ * crossed the mark sends one NBD_CMD_FLUSH without waiting for it (at most
+ * one in flight per lane): the server's disk
  * writes back while we keep decompressing. Such a flush is a hint, not a
  * promise: its result is ignored, durability still comes from the final
  * flush (and a checkpoint's), which fails loudly.
@@ -67,6 +69,7 @@ struct nbd_writer {
     uint32_t retries, retry_delay_ms;
     uint64_t size;
     uint64_t flush_every;   /* bytes written between early-writeback flushes, 0 = never */
+    uint64_t unflushed;     /* bytes acknowledged on all lanes since the last one (atomic) */
     uint32_t max_write;     /* split writes larger than this (0 = never) */
     int can_zero, can_fast_zero, can_trim, can_flush, can_multi_conn;
     uint32_t timeout_ms;    /* deadline of one request / flush / connection */
@@ -95,7 +98,6 @@ struct nbd_lane {
     int index;
     struct nreq *active;      /* submitted and not yet reported to the pipeline */
     int nactive;
-    uint64_t unflushed;       /* bytes acknowledged since the last early-writeback flush */
     int bg_flush;             /* an early-writeback flush is in flight */
     int stalled;              /* the server let a deadline pass: close without draining */
     int flush_done, flush_err;  /* the waited flush of nw_flush (lane-owned: outlives a timeout) */
@@ -215,20 +217,24 @@ static int on_bg_flush(void *user_data, int *error)
     return 1;
 }
 
-/* Count an acknowledged write; start an early-writeback flush every flush_every bytes. */
+/* Count an acknowledged write; start an early-writeback flush every flush_every
+ * bytes written on all lanes together. Lanes run on their own threads: the
+ * lane that resets the shared count (compare-and-swap) sends the flush. */
 static void wrote(struct nbd_lane *L, uint32_t count)
 {
     struct nbd_writer *w = L->w;
     if (w->flush_every == 0 || !w->can_flush)
         return;
-    L->unflushed += count;
-    if (L->unflushed < w->flush_every || L->bg_flush || L->h == NULL ||
+    uint64_t total = __atomic_add_fetch(&w->unflushed, count, __ATOMIC_RELAXED);
+    if (total < w->flush_every || L->bg_flush || L->h == NULL ||
         (!nbd_aio_is_ready(L->h) && !nbd_aio_is_processing(L->h)))
         return;
+    if (!__atomic_compare_exchange_n(&w->unflushed, &total, 0, 0, __ATOMIC_RELAXED,
+                                     __ATOMIC_RELAXED))
+        return; /* another lane added (or claimed) meanwhile: a later write decides */
     nbd_completion_callback cb = {.callback = on_bg_flush, .user_data = L, .free = NULL};
     if (nbd_aio_flush(L->h, cb, 0) != -1)
         L->bg_flush = 1;
-    L->unflushed = 0;
 }
 
 static void submit(struct nbd_lane *L, struct nreq *r)

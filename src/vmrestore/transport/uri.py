@@ -17,7 +17,7 @@ URI forms (docs/core.md, "Targets"):
     ``connections=N`` (used when the server offers multi-conn),
     ``retries=N`` (attempts per failed request on a fresh connection, default 3),
     ``tls-verify-peer=0|1``, ``flush-every=MiB`` (early writeback: an unwaited
-    flush per connection every MiB written, 0 = only the final flush),
+    flush every MiB written over all connections, 0 = only the final flush),
     ``timeout=SECONDS`` (how long one request, flush or connection attempt
     may wait for the server before it counts as lost, default 30),
     ``request-size=KiB`` (a larger block goes out as several NBD writes of at
