@@ -54,6 +54,15 @@ def test_flush_every_zero_flushes_once_per_connection(tmp_path: Path, lanes: int
     assert flushes == lanes
 
 
+def test_flush_every_counts_the_bytes_of_all_lanes(tmp_path: Path) -> None:
+    """14 MiB of data over 2 lanes, flush-every=10: the bytes of both lanes count, so
+    one early flush goes out before the two final ones. (The lanes take blocks from one
+    queue, so how the 14 MiB split is up to timing; the count does not depend on it.)"""
+    flushes, same = _restore(tmp_path, "10", blocks=24, lanes=2)
+    assert same
+    assert flushes >= 3
+
+
 def test_flush_every_parsed_and_checked() -> None:
     assert parse_target("nbd+unix:///?socket=/s&flush-every=64").options == {"flush-every": "64"}
     assert parse_target("nbd+unix:///?socket=/s&flush-every=64").nbd_uri == (
