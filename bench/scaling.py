@@ -4,7 +4,7 @@ Why: one ratio at 2 GiB says little about how the engine behaves on a 16 GiB
 disk, with eight disks on one proxy, or with another codec. This script
 prints the three tables of docs/benchmarks.md ("Scaling curves"):
 
-    python bench/scaling.py sizes --sizes 256M,1G,2G,4G,16G
+    python bench/scaling.py sizes --sizes 256M,1G,2G,4G,16G --drop-images
     python bench/scaling.py parallel --size 512M --disks 1,2,4,8
     python bench/scaling.py codecs --size 2G --codecs zstd:3,zstd:1,lz4,none
 
@@ -35,16 +35,17 @@ import compare as cmp
 VMR = [sys.executable, "-m", "vmrestore"]
 
 
-def _image(wd: Path, size: int, codec: str = "zstd:3") -> tuple[Path, Path]:
-    """The sample disk of `size` (bench compare's mix) and its backup with `codec`."""
+def _image(wd: Path, size: int, codec: str = "") -> tuple[Path, Path]:
+    """The sample disk of `size` (bench compare's mix) and its backup with `codec`
+    (NAME[:LEVEL]; empty: `backup create`'s defaults, what a restore usually meets)."""
     raw = wd / f"disk-{size >> 20}m.raw"
     if not raw.exists():
         cmp.make_sample(raw, size)
     name, _, level = codec.partition(":")
-    vmrb = wd / f"disk-{size >> 20}m-{name}{level}.vmrb"
+    vmrb = wd / f"disk-{size >> 20}m-{name or 'default'}{level}.vmrb"
     if not vmrb.exists():
-        cmd = [*VMR, "backup", "create", "--disk", str(raw), "--codec", name, "-o", str(vmrb),
-               "-q"] + (["--level", level] if level else [])
+        cmd = [*VMR, "backup", "create", "--disk", str(raw), "-o", str(vmrb), "-q"]
+        cmd += (["--codec", name] if name else []) + (["--level", level] if level else [])
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return raw, vmrb
 
@@ -167,7 +168,7 @@ def render(what: str, rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", help="images and targets (default: a new dir in /var/tmp)")
-    p.add_argument("--runs", type=int, default=2, help="runs per point, best kept (default 2)")
+    p.add_argument("--runs", type=int, default=3, help="runs per point, best kept (default 3)")
     p.add_argument("--json", action="store_true")
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("sizes")
