@@ -50,6 +50,13 @@ def _image(wd: Path, size: int, codec: str = "") -> tuple[Path, Path]:
     return raw, vmrb
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Kill a restore-disk that is still running (the run was interrupted)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _restore_many(wd: Path, jobs: list[tuple[Path, Path]], tag: str) -> dict[str, Any]:
     """Restore each (raw, vmrb) into its own nbdkit target, all at once; check the bytes."""
     logs = wd / "logs"
@@ -67,8 +74,10 @@ def _restore_many(wd: Path, jobs: list[tuple[Path, Path]], tag: str) -> dict[str
             cmd = [cmp.TIME, "-f", cmp.TIME_FMT, "-o", str(rss), "--", *VMR, "restore-disk",
                    str(vmrb), "--disk", "0", "--to", f"nbd+unix:///?socket={srv.sock}",
                    "--json", "-q"]
-            procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True), rss))
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            stack.callback(_stop, proc)  # on Ctrl-C / SIGTERM too, before its nbdkit goes
+            procs.append((proc, rss))
         t0 = time.perf_counter()
         outs = []
         for p, rss in procs:
@@ -185,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                  dir="/var/tmp"))
     wd.mkdir(parents=True, exist_ok=True)
     try:
-        rows = {"sizes": cmd_sizes, "parallel": cmd_parallel, "codecs": cmd_codecs}[a.what](a, wd)
+        with contextlib.ExitStack() as stack:
+            cmp._install_sigterm(stack)  # SIGTERM unwinds like Ctrl-C: servers are stopped
+            rows = {"sizes": cmd_sizes, "parallel": cmd_parallel,
+                    "codecs": cmd_codecs}[a.what](a, wd)
     finally:
         if not a.workdir:
             shutil.rmtree(wd, True)
