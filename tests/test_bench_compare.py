@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,10 @@ def test_compare_smoke_every_row_verified(compare: ModuleType, tmp_path: Path) -
         assert f" {r['best_s']:.2f} | " in table
     assert "warm: s" in table and "cold: s" in table and "caches dropped" in table
     assert "| issue 12 target | case |" in table
+    # one untimed warm-up run per target group, not counted in any row
+    assert report["warmup"] == 1 and "after 1 untimed warm-up run(s) per target" in table
+    assert re.search(r"warm-up warm nbd/vmrestore +1: +[0-9.]+ s \(not counted\)", proc.stderr)
+    assert re.search(r"warm-up warm loop/vmrestore +1: +[0-9.]+ s \(not counted\)", proc.stderr)
     assert _leftovers(tmp_path) == []
     assert not (tmp_path / "disk.raw").exists()  # cleaned up without --keep
     need(not report["image"]["vmrestore"], f"vmrestore rows: {report['image']['vmrestore']}")
