@@ -836,9 +836,10 @@ def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, w
              timeout: float, log: Callable[[str], None]) -> None:
     """Untimed runs before the timed rounds, one per target group and warm-up round.
 
-    Why: the first run after the images are made was slow in most invocations
-    (target CPU 1.4-3.5 s against 0.6-0.7 s later; docs/benchmarks.md, third round),
-    and the first tool of the first round is always the same one. The run goes
+    Why: the first run after the images are made met the target's slow mode in
+    four of seven invocations (target CPU 1.4-3.5 s against 0.6-0.7 s later;
+    docs/benchmarks.md, third round), and the first tool of the first round is
+    always the same one. The run goes
     through the same steps as a timed one (prime, fresh server, byte check);
     its figures are thrown away, a failure only logged (the timed runs report it).
     """
