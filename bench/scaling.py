@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             cmp._install_sigterm(stack)  # SIGTERM unwinds like Ctrl-C: servers are stopped
             rows = {"sizes": cmd_sizes, "parallel": cmd_parallel,
                     "codecs": cmd_codecs}[a.what](a, wd)
+    except KeyboardInterrupt:
+        print("scaling: interrupted; servers and restores stopped", file=sys.stderr)
+        return 130
     finally:
         if not a.workdir:
             shutil.rmtree(wd, True)
