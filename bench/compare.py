@@ -839,18 +839,18 @@ def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, w
     Why: the first run after the images are made met the target's slow mode in
     four of seven invocations (target CPU 1.4-3.5 s against 0.6-0.7 s later;
     docs/benchmarks.md, third round), and the first tool of the first round is
-    always the same one. The run goes
-    through the same steps as a timed one (prime, fresh server, byte check);
-    its figures are thrown away, a failure only logged (the timed runs report it).
+    always the same one. The run goes through the same steps as a timed one
+    (prime, fresh server, byte check); its figures are thrown away, a failure
+    only logged (the timed runs report it).
     """
+    cache = opts.caches[0]
+    firsts: dict[str, Case] = {}  # each target group's first case that runs
+    for c in cases:
+        if not rows[f"{cache}/{c.key}"].skipped:
+            firsts.setdefault(c.target, c)
     for n in range(opts.warmup):
-        for target in dict.fromkeys(c.target for c in cases):
-            group = [c for c in cases if c.target == target
-                     and not rows[f"{opts.caches[0]}/{c.key}"].skipped]
-            if not group:
-                continue
-            c = group[0]
-            scratch = Row(c.key, c.target, c.tool, c.how, opts.caches[0])
+        for c in firsts.values():
+            scratch = Row(c.key, c.target, c.tool, c.how, cache)
             try:
                 _run_one(c, scratch, ctx, opts, wd, 0, timeout)
                 log(f"warm-up {scratch.cache} {c.key:<17} {n + 1}: {scratch.seconds[-1]:7.2f} s "

@@ -63,8 +63,8 @@ DEFAULT_FILE_LANES = 2
 # 1.47-1.54 to 1.15-1.17 s (zstd) and 1.24 to 1.00-1.04 s (lz4) (docs/benchmarks.md,
 # "second round"); four were no faster on two cores.
 DEFAULT_NBD_CONNECTIONS = 2
-# NBD early writeback (writer_nbd.c): one unwaited flush per connection every N MiB
-# written, so the server's disk writes back while we decompress (docs/core.md sweep).
+# NBD early writeback (writer_nbd.c): one unwaited flush every N MiB written over all
+# connections, so the server's disk writes back while we decompress (docs/core.md sweep).
 DEFAULT_NBD_FLUSH_EVERY_MIB = 64
 # NBD request size (URI request-size=KiB; 0 = one request per block): a larger block goes
 # out as several writes (writer_nbd.c). 256 KiB, nbdcopy's size: nbdkit's file plugin spent
