@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from vmrestore.errors import SourceError, TargetError, UsageError, VmrError
+from vmrestore.lab import loopdev
 
 MiB = 1 << 20
 BLOCK = MiB
@@ -363,19 +364,14 @@ def loop_device(backing: Path, size: int) -> Iterator[str]:
     """Attach a loop device over a sparse file; always detached on the way out."""
     with open(backing, "wb") as f:
         f.truncate(size)
-    out = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise TargetError(f"losetup {backing}: {out.stderr.strip()}")
-    dev = out.stdout.strip()
+    # Writable even if a fence elsewhere left this device number read-only.
+    dev = loopdev.attach(backing, f"attaching {backing}", TargetError)
     try:
         yield dev
     finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
+        try:
+            loopdev.detach(dev, TargetError)
+        except TargetError:
             print(f"bench: warning: could not detach {dev} (backing {backing})", file=sys.stderr)
 
 

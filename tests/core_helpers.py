@@ -201,10 +201,12 @@ def loop_device(backing: Path) -> Iterator[str]:
     """Attach backing to a free loop device; always detached afterwards."""
     need_root()
     need_tool("losetup")
-    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
-                       text=True)
-    need(r.returncode == 0, f"no loop device available: {r.stderr.strip()}")
-    dev = r.stdout.strip()
+    from vmrestore.lab import loopdev
+
+    try:
+        dev = loopdev.attach(backing, "attaching a loop device", RuntimeError)
+    except RuntimeError as e:
+        need(False, f"no loop device available: {e}")
     try:
         yield dev
     finally:

@@ -93,16 +93,29 @@ def test_down_after_crash_cleans_up(second_lab, cli):
     cli("lab", "up", "--dir", str(second_lab), "--san-size", "256M", check=True)
     info = load_lab(second_lab)
     _vm, paths = create_vm(_si(info), info, "crash", "ds-local", [(4 * MiB, "thin")])
+    from vmrestore.lab import loopdev
+
+    _vm2, (fenced_path,) = create_vm(_si(info), info, "fenced", "ds-local", [(4 * MiB, "thin")])
     hs = HostServices.from_lab(info)
     hs.export_nbd(paths[0])
     hs.hot_add(paths[0])
-    for pid in info.raw["pids"].values():
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    # A stale writer holds a hot-added device when a higher attempt fences it.
+    stale = hs.hot_add(fenced_path, attempt=1)
+    fd = os.open(stale.device, os.O_WRONLY)
+    try:
+        hs.export_nbd(fenced_path, attempt=2)
+        for pid in info.raw["pids"].values():
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    finally:
+        os.close(fd)  # unbound now, and nobody left in hostd to make it writable
+    assert loopdev.is_read_only(stale.device) and not loopdev.is_bound(stale.device)
     status = cli("lab", "status", "--json", "--dir", str(second_lab))
     assert status.returncode == 1 and json.loads(status.stdout)["state"] == "broken"
-    cli("lab", "down", "--dir", str(second_lab), check=True)
+    proc = cli("lab", "down", "--dir", str(second_lab), check=True)
     assert _leftovers(second_lab) == []
+    assert not loopdev.is_read_only(stale.device), proc.stdout
+    assert f"made the fenced {stale.device} writable again" in proc.stdout
 
 
 def test_up_without_root_is_a_clear_error(tmp_path, monkeypatch):

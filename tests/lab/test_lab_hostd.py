@@ -272,6 +272,19 @@ def test_unreachable_service_is_a_clear_error():
     assert e.value.kind == "unreachable" and str(port) in str(e.value)
 
 
+def _writable_within(dev: str, seconds: float) -> bool:
+    import time
+
+    from vmrestore.lab import loopdev
+
+    deadline = time.monotonic() + seconds
+    while loopdev.is_read_only(dev):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_attempt_fencing_revokes_the_stale_attachment(lab, lab_si, host_services):
     """A higher attempt revokes a lower one's export and hot-add before it gets its own;
     a lower attempt is refused; an fd the stale writer still holds cannot write."""
@@ -287,6 +300,9 @@ def test_attempt_fencing_revokes_the_stale_attachment(lab, lab_si, host_services
             os.pwrite(fd, b"b" * 4096, 4096)
     finally:
         os.close(fd)
+    # Once the stale writer lets go, the device number is writable again for its next
+    # user (the read-only flag outlives the binding), without waiting for another call.
+    assert _writable_within(h1.device, 5.0), f"{h1.device} stayed read-only"
     with pytest.raises(HostServiceError) as e:
         host_services.export_nbd(path, attempt=1)
     assert e.value.kind == "stale"

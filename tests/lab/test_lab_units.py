@@ -97,3 +97,59 @@ def test_vcsim_build_is_cached():
     assert vcsim_binary() == first and os.access(first, os.X_OK)
     proc = subprocess.run([str(first), "-h"], capture_output=True, text=True, timeout=30)
     assert "-ds-vvol" in proc.stderr
+
+
+@pytest.mark.root
+def test_attach_gives_a_writable_device_where_a_fence_left_the_number_read_only(tmp_path):
+    """blockdev --setro outlives losetup -d: the next attach of that number must clear it."""
+    from lab_helpers import need_root
+    from vmrestore.lab import loopdev
+
+    need_root()
+    need_tool("losetup", "blockdev")
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    for p in (first, second):
+        with open(p, "wb") as f:
+            f.truncate(MiB)
+    dev = loopdev.attach(first, "attaching", LabError)
+    try:
+        assert loopdev.fence(dev) and loopdev.is_read_only(dev)
+    finally:
+        loopdev.detach(dev, LabError)
+    assert not loopdev.is_bound(dev)
+    # The hazard is real on this kernel: the unbound device is still read-only.
+    assert loopdev.is_read_only(dev), "blockdev --setro did not outlive the detach"
+    dev2 = loopdev.attach(second, "attaching", LabError)
+    try:
+        assert dev2 == dev, f"expected the freed {dev} back (first free), got {dev2}"
+        assert not loopdev.is_read_only(dev2)
+        fd = os.open(dev2, os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"w" * 4096, 0) == 4096
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        loopdev.detach(dev2, LabError)
+    assert second.read_bytes()[:4096] == b"w" * 4096
+
+
+@pytest.mark.root
+def test_unfence_unbound_leaves_bound_devices_fenced(tmp_path):
+    from lab_helpers import need_root
+    from vmrestore.lab import loopdev
+
+    need_root()
+    need_tool("losetup", "blockdev")
+    img = tmp_path / "held.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+    dev = loopdev.attach(img, "attaching", LabError)
+    try:
+        loopdev.fence(dev)
+        assert loopdev.unfence_unbound([dev]) == {dev}
+        assert loopdev.is_read_only(dev)
+    finally:
+        loopdev.detach(dev, LabError)
+    assert loopdev.unfence_unbound([dev]) == set()
+    assert not loopdev.is_read_only(dev)

@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from vmrestore.lab import loopdev
 from vmrestore.transport.host import API_VERSION, PROVISIONING
 
 log = logging.getLogger("vmrestore.lab.hostd")
@@ -96,8 +97,10 @@ class Hostd:
         self.fences: dict[str, dict[str, Any]] = {}
         # Loop devices made read-only by a hot-remove; made writable again once unbound
         # (a stale holder keeps one bound until it closes it), so that the next user of
-        # the device number does not inherit the flag.
+        # the device number does not inherit the flag. Kept in state.json so that
+        # `lab down` can undo them after a crash.
         self._fenced: set[str] = set()
+        self._stop_watch = threading.Event()
         self._si: Any = None
         self.spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hostd-spawner")
         self._save()
@@ -105,7 +108,8 @@ class Hostd:
     # -- state -------------------------------------------------------------------------
     def _save(self) -> None:
         state = {"version": 1, "sock_dir": str(self.sock_dir), "exports": self.exports,
-                 "hotadds": self.hotadds, "fences": self.fences}
+                 "hotadds": self.hotadds, "fences": self.fences,
+                 "fenced_devices": sorted(self._fenced)}
         tmp = self.run_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.run_dir / "state.json")
@@ -511,10 +515,9 @@ class Hostd:
                         and d.controllerKey == ctrl.key and d.unitNumber == unit), None)
             if key is None:
                 raise failed(f"hot-add of {datastore_path}: {proxy} does not show the disk")
-            _unfence_unbound(self._fenced)
+            self._fenced = loopdev.unfence_unbound(self._fenced)
             try:
-                dev = _sh(["losetup", "-f", "--show", str(path)], "attaching the disk").strip()
-                _sh(["blockdev", "--setrw", dev], "making the device writable")
+                dev = loopdev.attach(path, "attaching the disk", failed)
             except HostdError:
                 self._remove_disk(vm, key, datastore_path, proxy)
                 raise
@@ -547,8 +550,7 @@ class Hostd:
             # Fence first: read-only refuses further writes even through a descriptor the
             # proxy still holds open (a detach alone waits for the last close). Then flush
             # what it wrote and detach.
-            with contextlib.suppress(HostdError):
-                _sh(["blockdev", "--setro", dev], "fencing the device")
+            loopdev.fence(dev)
             self._fence_log(rec, "hotadd", "revoked")
             with contextlib.suppress(OSError):
                 fd = os.open(dev, os.O_RDONLY)
@@ -556,9 +558,8 @@ class Hostd:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            _detach(dev)
-            self._fenced.add(dev)
-            _unfence_unbound(self._fenced)
+            loopdev.detach(dev, failed)
+            self._fenced = loopdev.unfence_unbound(self._fenced | {dev})
             try:
                 self._remove_disk(self._find_vm(rec["proxy_vm"]), rec["disk_key"],
                                   rec["datastore_path"], rec["proxy_vm"])
@@ -596,9 +597,25 @@ class Hostd:
             "provisioning": list(PROVISIONING),
         }
 
+    def watch_fences(self, interval: float = 0.5) -> None:
+        """Undo fences as their stale holders let go, not only at the next hot-add."""
+        while not self._stop_watch.wait(interval):
+            with self.lock:
+                if not self._fenced:
+                    continue
+                left = loopdev.unfence_unbound(self._fenced)
+                if left != self._fenced:
+                    log.info("fenced loop device(s) %s released: writable again",
+                             " ".join(sorted(self._fenced - left)))
+                    self._fenced = left
+                    self._save()
+
     def shutdown(self) -> None:
+        self._stop_watch.set()
         self.release_all()
-        _unfence_unbound(self._fenced)
+        with self.lock:
+            self._fenced = loopdev.unfence_unbound(self._fenced)
+            self._save()
         if self.sock_dir != self.run_dir:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
 
@@ -616,23 +633,6 @@ def _forget_cached(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def _unfence_unbound(devices: set[str]) -> None:
-    """Clear the read-only flag of fenced loop devices nobody holds any more."""
-    for dev in list(devices):
-        if not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop/backing_file"):
-            subprocess.run(["blockdev", "--setrw", dev], capture_output=True)
-            devices.discard(dev)
-
-
-def _detach(dev: str) -> None:
-    for _ in range(50):
-        proc = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return
-        time.sleep(0.1)
-    raise failed(f"cannot detach {dev}: {proc.stderr.strip()}")
 
 
 def _free_port() -> int:
@@ -737,6 +737,7 @@ def serve(lab_dir: Path) -> int:
     Handler.hostd = hostd
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    threading.Thread(target=hostd.watch_fences, name="hostd-fences", daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
 
     def stop(signum: int, frame: Any) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vmrestore.errors import LabError
+from vmrestore.lab import loopdev
 from vmrestore.lab.client import STATUS_VERSION, default_lab_dir, lab_is_up
 from vmrestore.procs import pid_alive
 
@@ -121,7 +122,7 @@ def _make_san(lab_dir: Path, run: _Run, size: int) -> tuple[str, Path, Path]:
     image = san / "lun.img"
     with open(image, "wb") as f:
         f.truncate(size)
-    dev = _run(["losetup", "-f", "--show", str(image)], "attaching the SAN LUN").strip()
+    dev = loopdev.attach(image, "attaching the SAN LUN", LabError)
     run.add("loops", dev)
     # 4 KiB blocks, every inode table initialized now: no background writes later.
     _run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-m", "0", "-L", "vmr-san",
@@ -416,6 +417,7 @@ def _down_locked(lab_dir: Path, *, keep_files: bool) -> list[str]:
         _umount(mnt, actions)
     for dev in lab_loops(lab_dir):
         _detach(dev, actions)
+    _unfence(lab_dir, actions)
     if not keep_files:
         for name in OWNED:
             p = lab_dir / name
@@ -433,13 +435,26 @@ def _down_locked(lab_dir: Path, *, keep_files: bool) -> list[str]:
 
 
 def _detach(dev: str, actions: list[str]) -> None:
-    for _ in range(50):
-        proc = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
-        if proc.returncode == 0:
-            actions.append(f"detached {dev}")
-            return
-        time.sleep(0.1)
-    raise LabError(f"cannot detach loop device {dev}: {proc.stderr.strip()}")
+    loopdev.detach(dev, LabError)
+    actions.append(f"detached {dev}")
+
+
+def _unfence(lab_dir: Path, actions: list[str]) -> None:
+    """Clear the read-only flag hostd's fences left on loop devices nobody holds now.
+
+    A killed hostd cannot do it itself; the flag would pass to the next user of
+    the device number (docs/lab.md, "Fencing").
+    """
+    try:
+        state = json.loads((lab_dir / "hostd" / "state.json").read_text())
+    except (OSError, ValueError):
+        return
+    fenced = [d for d in state.get("fenced_devices", [])
+              if isinstance(d, str) and d.startswith("/dev/loop")]
+    still = loopdev.unfence_unbound(fenced)
+    for dev in fenced:
+        if dev not in still:
+            actions.append(f"made the fenced {dev} writable again")
 
 
 def _umount(mnt: str, actions: list[str]) -> None:
