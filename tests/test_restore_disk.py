@@ -114,3 +114,29 @@ def test_failed_restore_removes_the_file_it_created(tmp_path: Path, chain: dict)
     r = restore_cli(str(bad), "--disk", "0", "--to", str(kept), "--force", "-q")
     assert r.returncode == 4, r.stderr
     assert kept.exists()
+
+
+def test_max_rate_holds_the_run_to_the_rate_and_says_so(tmp_path: Path) -> None:
+    """--max-rate: data bytes per second at most (a lower bound on the time, which
+    sleeping guarantees); zero ranges do not count; the JSON names the hold-up."""
+    img = tmp_path / "disk.img"
+    data = make_image(img, 16, seed=7)  # 16 MiB, some blocks zero
+    nonzero = sum(1 for k in range(16) if any(data[k * MiB:(k + 1) * MiB]))
+    bk = backup(img, tmp_path / "b.vmrb")
+    out = tmp_path / "out.img"
+    r = restore_cli(str(bk), "--disk", "0", "--to", str(out), "--max-rate", "8M", "--json")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+    js = json.loads(r.stdout)
+    # The last data entry is let through at (nonzero - 1) MiB / 8 MiB/s after the start.
+    assert js["seconds"] >= (nonzero - 1) / 8 * 0.95, (nonzero, js["seconds"])
+    assert js["busy_pct"]["throttle"] > 50
+    assert js["settings"]["max_rate"] == 8 * MiB
+
+
+def test_max_rate_is_checked_where_it_is_typed(tmp_path: Path) -> None:
+    for bad in ("fast", "-1", "10X"):
+        r = restore_cli("x.vmrb", "--disk", "0", "--to", str(tmp_path / "o.img"),
+                        "--max-rate", bad)
+        assert r.returncode == 2 and "--max-rate" in r.stderr and "not a rate" in r.stderr
+        assert "Traceback" not in r.stderr

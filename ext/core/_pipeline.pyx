@@ -115,6 +115,7 @@ cdef extern from "pipeline.h" nogil:
         uint32_t buffers
         uint32_t disk
         uint32_t compare
+        uint64_t max_rate
     struct vmr_counters:
         uint64_t bytes_read
         uint64_t bytes_decompressed
@@ -135,6 +136,7 @@ cdef extern from "pipeline.h" nogil:
         uint64_t cmp_known_zero
         uint64_t bytes_same
         uint64_t compare_ns
+        uint64_t throttle_ns
     struct vmr_pipeline:
         pass
     vmr_pipeline *vmr_pipeline_create(const vmr_plan_entry *plan, size_t n, vmr_source *src,
@@ -429,7 +431,8 @@ cdef class Pipeline:
 
     def __cinit__(self, plan, fds, Writer writer not None, uint32_t readers=0,
                   uint32_t threads=0, uint32_t lanes=0, uint32_t queue_depth=0,
-                  uint32_t buffers=0, uint32_t disk=0, dict repo=None, bint compare=False):
+                  uint32_t buffers=0, uint32_t disk=0, dict repo=None, bint compare=False,
+                  uint64_t max_rate=0):
         cdef vmr_error e
         cdef vmr_pipeline_config cfg
         cdef size_t nf = len(fds)
@@ -468,6 +471,7 @@ cdef class Pipeline:
         cfg.buffers = buffers
         cfg.disk = disk
         cfg.compare = 1 if compare else 0
+        cfg.max_rate = max_rate
         n = view.shape[0] // 56
         pp = <const vmr_plan_entry *>&view[0] if n else NULL
         _error_init(&e)
@@ -563,6 +567,7 @@ cdef class Pipeline:
             "cmp_known_zero": c.cmp_known_zero,
             "bytes_same": c.bytes_same,
             "compare_ns": c.compare_ns,
+            "throttle_ns": c.throttle_ns,
         }
 
     def source_stats(self):

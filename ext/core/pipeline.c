@@ -124,6 +124,7 @@ struct vmr_pipeline {
     struct lane *lanes;
     int nlanes;
     size_t next_entry;       /* atomic: next plan index for readers */
+    uint64_t rate_bytes;     /* atomic: data bytes let through so far (max_rate) */
     int reader_seq;
     int readers_left, workers_left;
 
@@ -342,6 +343,27 @@ static void thread_exit(struct vmr_pipeline *p)
 
 /* ------------------------------------------------------------------ reader */
 
+/* The rate limit: the bytes let through before this entry are due at
+ * t_start + before / max_rate; wait until then in short sleeps, so a cancel
+ * is seen within 20 ms. Readers share one count, so the limit is per job. */
+#define THROTTLE_SLICE_NS 20000000ull
+
+static void throttle(struct vmr_pipeline *p, uint64_t length)
+{
+    uint64_t before = __atomic_fetch_add(&p->rate_bytes, length, __ATOMIC_RELAXED);
+    uint64_t due = p->t_start +
+        (uint64_t)((unsigned __int128)before * 1000000000u / p->cfg.max_rate);
+    uint64_t t0 = now_ns(), t = t0;
+    while (t < due && !LOAD(p->stop)) {
+        uint64_t ns = due - t < THROTTLE_SLICE_NS ? due - t : THROTTLE_SLICE_NS;
+        struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+        nanosleep(&ts, NULL);
+        t = now_ns();
+    }
+    if (t > t0)
+        ADD(p->c.throttle_ns, t - t0);
+}
+
 /* Read one plan entry into a slot and queue it. 0 = go on, -1 = stop reading. */
 static int read_entry(struct vmr_pipeline *p, void *rh, size_t i)
 {
@@ -361,6 +383,8 @@ static int read_entry(struct vmr_pipeline *p, void *rh, size_t i)
         queue_push(&p->wq, s);
         return 0;
     }
+    if (p->cfg.max_rate)
+        throttle(p, pe->length);
     unsigned char *dst = s->buf;
     if (pe->codec != VMR_CODEC_NONE) {
         s->cbuf = pool_get(p, &p->cbuf_pool);
@@ -1162,6 +1186,7 @@ void vmr_pipeline_counters(struct vmr_pipeline *p, struct vmr_counters *out)
     out->cmp_known_zero = LOAD(p->c.cmp_known_zero);
     out->bytes_same = LOAD(p->c.bytes_same);
     out->compare_ns = LOAD(p->c.compare_ns);
+    out->throttle_ns = LOAD(p->c.throttle_ns);
 }
 
 int vmr_pipeline_error(struct vmr_pipeline *p, struct vmr_error *out)

@@ -57,6 +57,8 @@ struct vmr_pipeline_config {
     uint32_t disk;         /* disk index, for messages only */
     uint32_t compare;      /* 1: quick rollback, write only entries the target does not
                             * already hold (compare.h; the writer needs its read side) */
+    uint64_t max_rate;     /* data bytes per second the readers let through (0 = no limit);
+                            * zero ranges are not counted: the target does not move them */
 };
 
 struct vmr_counters {
@@ -80,6 +82,7 @@ struct vmr_counters {
     uint64_t cmp_known_zero;      /* zero-run bytes the target reported as holes (not read) */
     uint64_t bytes_same;          /* bytes the target already held (not written) */
     uint64_t compare_ns;          /* busy time of the compare (target read + hash), summed */
+    uint64_t throttle_ns;         /* time readers waited for the rate limit (max_rate), summed */
 };
 
 struct vmr_pipeline;

@@ -52,6 +52,7 @@ class TaskSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     lanes: int = 0                # writer lanes (NBD connections / file writer threads)
     readers: int = 0              # reader threads
     buffers: int = 0              # block buffers in the pool
+    max_rate: int = 0             # data bytes per second written at most (0 = no limit)
     direct: bool = True           # O_DIRECT on files and devices
     connections: int = 0          # repository: sockets per reader (core) / fetch threads (TLS)
     retries: int = 5              # reconnects without progress before giving up (retry.py)
@@ -107,7 +108,7 @@ class DiskTask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise UsageError(f"{where}: start_entry must be >= 0")
         s = self.settings
         for name in ("threads", "queue_depth", "lanes", "readers", "buffers", "connections",
-                     "retries", "max_request", "max_inflight"):
+                     "retries", "max_request", "max_inflight", "max_rate"):
             if getattr(s, name) < 0:
                 raise UsageError(f"{where}: settings.{name} must be >= 0")
         if s.checkpoint_interval <= 0 or s.progress_interval <= 0 or s.stall < 0:
@@ -473,7 +474,8 @@ def _open_options(task: DiskTask) -> dict[str, Any]:
     extra = {k: getattr(s, k) for k in ("vddk_libdir", "max_request", "max_inflight")
              if getattr(s, k)}
     return {"threads": s.threads, "queue_depth": s.queue_depth, "lanes": s.lanes,
-            "readers": s.readers, "buffers": s.buffers, "direct": s.direct,
+            "readers": s.readers, "buffers": s.buffers, "max_rate": s.max_rate,
+            "direct": s.direct,
             "target_zeroed": s.target_zeroed, "interval": s.progress_interval,
             "open_options": extra}
 

@@ -84,6 +84,7 @@ class Settings:
     lanes: int = 0
     queue_depth: int = 0
     buffers: int = 0
+    max_rate: int = 0    # data bytes per second, 0 = no limit (not a measured default)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Counters:
     cmp_known_zero: int = 0       # zero-run bytes the target reported as holes (not read)
     bytes_same: int = 0           # bytes the target already held (not written)
     compare_ns: int = 0           # busy time of the compare stage (read + hash), summed
+    throttle_ns: int = 0          # time readers waited for the rate limit (max_rate), summed
 
     @property
     def bytes_done(self) -> int:
@@ -133,6 +135,8 @@ class Counters:
         }
         if self.cmp_entries:
             out["compare"] = self.compare_ns / max(1, self.readers)
+        if self.throttle_ns:  # held back by --max-rate: what bounded the run
+            out["throttle"] = self.throttle_ns / max(1, self.readers)
         return out
 
     @property
@@ -220,7 +224,8 @@ class Job:
                     self.plan.view(np.uint8), self._fds, writer,
                     readers=readers, threads=s.threads or DEFAULT_THREADS,
                     lanes=lanes, queue_depth=s.queue_depth or DEFAULT_QUEUE_DEPTH,
-                    buffers=s.buffers, disk=disk, repo=repo, compare=compare)
+                    buffers=s.buffers, disk=disk, repo=repo, compare=compare,
+                    max_rate=s.max_rate)
             except CoreError as e:
                 raise_core_error(e, disk, self.sources)
         except BaseException:

@@ -42,8 +42,8 @@ def peak_rss() -> int:
 def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int = 0,
              capacity: int | None = None, force: bool = True,
              target_zeroed: bool | None = None, threads: int = 0, queue_depth: int = 0,
-             lanes: int = 0, readers: int = 0, buffers: int = 0, direct: bool = True,
-             retries: int = 3, compare: bool = False,
+             lanes: int = 0, readers: int = 0, buffers: int = 0, max_rate: int = 0,
+             direct: bool = True, retries: int = 3, compare: bool = False,
              open_options: dict[str, Any] | None = None, sampler: Sampler | None = None,
              on_counters: Callable[[Any], None] | None = None,
              on_start: Callable[[Any], None] | None = None,
@@ -81,7 +81,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
             raise UsageError(f"{target}: the {writer.name} target cannot be read back, so a "
                              "quick rollback cannot compare it (use a full overwrite)")
         settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
-                               queue_depth=queue_depth, buffers=buffers)
+                               queue_depth=queue_depth, buffers=buffers, max_rate=max_rate)
         with pl.Job(plan, sources, writer, disk=disk, settings=settings,
                     compare=compare) as job:
             c = job.run(sampler.segment(on_counters), interval, on_start=on_start)
@@ -94,7 +94,7 @@ def run_plan(plan: np.ndarray, sources: Sequence[str], target: str, *, disk: int
         c, disk=disk, target=target, transport=mode, writer=name, capacity=size,
         seconds=time.monotonic() - t0, entries=c.entries_total,
         completed_prefix=c.completed_prefix, compare=compare, note=note,
-        timeline=sampler.as_dict())
+        timeline=sampler.as_dict(), settings={"max_rate": max_rate} if max_rate else None)
 
 
 def _plan_end(plan: np.ndarray) -> int:

@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
+
+from vmrestore.errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1M', '64K', '1MiB', '1048576' -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"cannot read size {text!r} (examples: 1M, 64K, 1048576)")
+    return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
+
+
+def rate(text: str) -> int:
+    """An argparse ``type=`` for bytes per second: '200M', '200MiB/s', '1G'; 0 = no limit."""
+    try:
+        return parse_size(text.strip().removesuffix("/s").removesuffix("/S"))
+    except UsageError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate (examples: 200M, 1G, 500MiB/s; 0 = no limit)") from None
 
 
 def number(lo: float, hi: float | None = None, kind: type = int) -> Any:

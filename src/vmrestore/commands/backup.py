@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any
 
-from vmrestore.commands import number
+from vmrestore.commands import number, parse_size
 from vmrestore.errors import UsageError
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'1M', '64K', '1MiB', '1048576' -> bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"cannot read size {text!r} (examples: 1M, 64K, 1048576)")
-    return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
 def register(subparsers: Any) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmrestore.commands import number, point_id
+from vmrestore.commands import number, point_id, rate
 from vmrestore.errors import UsageError, VmrError
 
 log = logging.getLogger("vmrestore.restore_disk")
@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "URI's connections=N) or file writer threads (default 2)")
     p.add_argument("--buffers", type=number(0, 1 << 20), default=0, metavar="B",
                    help="block buffers in the pool (default: from the above)")
+    p.add_argument("--max-rate", type=rate, default=0, metavar="RATE",
+                   help="write at most RATE data bytes per second (binary units: 200M, 1G, "
+                        "500MiB/s), to spare the datastore other VMs use; zero ranges do "
+                        "not count (default 0: no limit)")
     p.add_argument("--force", action="store_true", help="overwrite an existing regular file")
     p.add_argument("--target-zeroed", action="store_true",
                    help="the target already reads as zeros: skip zero ranges")
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                              "is not one (it exists, or is not a local path)")
         common = {"point": args.point, "threads": args.threads,
                   "queue_depth": args.queue_depth, "lanes": args.connections,
-                  "buffers": args.buffers, "direct": not args.no_direct,
+                  "buffers": args.buffers, "max_rate": args.max_rate,
+                  "direct": not args.no_direct,
                   "progress": progress, **extra}
         if new_file is None:
             res = restore_disk(args.backup, args.disk, args.target, force=args.force,

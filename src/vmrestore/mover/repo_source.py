@@ -324,7 +324,8 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
                       point: str | None = None, force: bool = False,
                       target_zeroed: bool | None = None, start_entry: int = 0,
                       threads: int = 0, queue_depth: int = 0, lanes: int = 0, readers: int = 0,
-                      buffers: int = 0, direct: bool = True, retries: int = RETRIES,
+                      buffers: int = 0, max_rate: int = 0, direct: bool = True,
+                      retries: int = RETRIES,
                       retry_deadline: float | None = None,
                       connections: int = DEFAULT_CONNECTIONS, client: str | None = None,
                       on_counters: Callable[[Any], None] | None = None,
@@ -370,7 +371,7 @@ def restore_repo_disk(url: RepoURL, token: bytes, disk: int, target: str, *,
         retries=3, **(open_options or {})))
     try:
         settings = pl.Settings(readers=readers, threads=threads, lanes=lanes,
-                               queue_depth=queue_depth, buffers=buffers)
+                               queue_depth=queue_depth, buffers=buffers, max_rate=max_rate)
         if compare and not writer.capabilities()["read"]:
             raise UsageError(f"{target}: the {writer.name} target cannot be read back, so a "
                              "quick rollback cannot compare it")
