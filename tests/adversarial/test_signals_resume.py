@@ -37,12 +37,20 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return img, backup(img, d / "b.vmrb", "--codec", "none")
 
 
+def _default_signals() -> None:
+    """In the child: the signals these tests send at their defaults, whatever the test
+    runner inherited (under `nohup` SIGHUP is ignored, and vmrestore rightly keeps it so)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(bk: Path | str, out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "vmrestore", "restore-disk", str(bk),
                              "--disk", "0", "--to", str(out), "-q", "--threads", "1",
                              "--connections", "1", "--checkpoint-every", "0.1",
                              "--max-rate", RATE, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
 
 
 def _wait_checkpoint(proc: subprocess.Popen[str], out: Path) -> dict:
