@@ -65,6 +65,7 @@ class RestoreJob(msgspec.Struct, kw_only=True):
     infra: str | None = None
     threads: int | None = None
     queue_depth: int | None = None
+    max_rate: str | None = None  # data bytes per second per disk at most: "200M", "1G"
     # Who writes the disks: vmrestore's own writers, or VMware's VixDiskLib (vddk).
     disk_library: str = "native"
     vddk_libdir: str | None = None  # None: $VMRESTORE_VDDK_LIBDIR, or vddk_sim on the lab
@@ -83,6 +84,13 @@ class RestoreJob(msgspec.Struct, kw_only=True):
     # Output.
     json: bool = False
 
+    @property
+    def max_rate_bytes(self) -> int:
+        """max_rate in bytes per second (0: no limit); validate() checked the text."""
+        from vmrestore.commands import parse_size
+
+        return parse_size(self.max_rate.removesuffix("/s")) if self.max_rate else 0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the job-state file stores it to check a resume is the same job)."""
         d: dict[str, Any] = msgspec.to_builtins(self, str_keys=True)
@@ -91,7 +99,8 @@ class RestoreJob(msgspec.Struct, kw_only=True):
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it resumes."""
         d = self.to_dict()
-        for k in ("resume", "keep_on_failure", "json", "threads", "queue_depth", "password_file",
+        for k in ("resume", "keep_on_failure", "json", "threads", "queue_depth", "max_rate",
+                  "password_file",
                   "state_dir", "token_file"):
             d.pop(k, None)
         return d
@@ -265,6 +274,14 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
         v = getattr(job, key)
         if v is not None and not 1 <= v <= 256:
             raise bad(key, f"must be 1..256, got {v}")
+    if job.max_rate is not None:
+        from vmrestore.commands import parse_size
+
+        try:
+            parse_size(job.max_rate.removesuffix("/s"))
+        except UsageError:
+            raise bad("max_rate", f"{job.max_rate!r} is not a rate (examples: 200M, 1G; "
+                      "0 = no limit)") from None
     if job.thumbprint is not None:
         tp = job.thumbprint.replace(":", "").lower()
         if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", tp):

@@ -951,7 +951,7 @@ class Orchestrator:
                         checkpoint=str(ckpt_path), attempt=fence,
                         settings=TaskSettings(
                             threads=self.job.threads or 0, queue_depth=self.job.queue_depth or 0,
-                            token_file=self.job.token_file,
+                            max_rate=self.job.max_rate_bytes, token_file=self.job.token_file,
                             target_zeroed=not self._in_place,
                             compare=self._in_place and self.job.quick_rollback,
                             stall=self.faults["stall"]))

@@ -41,6 +41,7 @@ def test_defaults() -> None:
     (["--vcenter", "https://vc"], "'user'"),
     (["--vcenter", "https://vc", "--user", "u"], "'password_file'"),
     (["--threads", "0"], "'threads'"),
+    (["--max-rate", "fast"], "'max_rate'"),
     (["--thumbprint", "zz"], "'thumbprint'"),
 ])
 def test_cli_errors_name_the_field(argv: list[str], field: str) -> None:
@@ -67,6 +68,16 @@ def test_job_file_yaml_same_fields(tmp_path) -> None:
     assert j.disk_datastores == {1: "ds-san"}
 
 
+@pytest.mark.parametrize("text, rate", [("200M", 200 << 20), ("1G/s", 1 << 30), ("0", 0),
+                                        (None, 0)])
+def test_max_rate_in_bytes_per_second(tmp_path, text, rate) -> None:
+    j = parse("--backup", "b.vmrb", *(["--max-rate", text] if text else []))
+    assert j.max_rate_bytes == rate
+    f = tmp_path / "job.yaml"
+    f.write_text("backup: b.vmrb\n" + (f"max_rate: {text}\n" if text else ""))
+    assert parse(str(f)).max_rate_bytes == rate  # a bare 0 in YAML is read as text too
+
+
 def test_job_file_json_and_list_forms(tmp_path) -> None:
     f = tmp_path / "job.json"
     f.write_text(json.dumps({"backup": "/x/b.vmrb", "network_map": ["A=B"],
@@ -82,6 +93,7 @@ def test_job_file_json_and_list_forms(tmp_path) -> None:
     ("backup: b\ntransport: fibre\n", "'transport'"),
     ("backup: b\npower_on: yes please\n", "'power_on'"),
     ("backup: b\nthreads: many\n", "'threads'"),
+    ("backup: b\nmax_rate: 10 MB per second\n", "'max_rate'"),
     ("backup: b\npassword: hunter2\n", "'password'"),
     ("backup: b\nversion: 2\n", "'version'"),
     ("backup: b\nnetwork_map: 3\n", "'network_map'"),

@@ -104,10 +104,14 @@ def test_job_file(lab, lab_si, backup, tmp_path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(f"version: 1\nbackup: {backup.inc}\nname: {name}\ndatastore: ds-local\n"
                    "transport: nbd\nnetwork_map:\n  VM Network: Restore Network\n"
-                   f"state_dir: {tmp_path / 'state'}\n")
-    p, _ = restore_cli(lab, str(job))
+                   f"state_dir: {tmp_path / 'state'}\nmax_rate: 8M\n")
+    p, rep = restore_cli(lab, str(job))
     assert p.returncode == 0, p.stderr
     assert_restored(lab, lab_si, name, backup.images, ["thick-eager", "thin"])
+    # max_rate reached each disk's core: its last data block was let through no earlier
+    # than (data before it) / 8 MiB/s after the start (a lower bound sleeping guarantees).
+    for d in rep["disks"]:
+        assert d["seconds"] >= (d["bytes_written"] - (1 << 20)) / (8 << 20) * 0.95, d
 
 
 def test_table_output_without_json(lab, backup, tmp_path) -> None:

@@ -142,6 +142,9 @@ def register(sub: Any) -> None:
                     help="core worker threads per disk (default: as restore-disk)")
     tr.add_argument("--queue-depth", type=int, metavar="Q",
                     help="requests in flight per disk (default: as restore-disk)")
+    tr.add_argument("--max-rate", metavar="RATE",
+                    help="write at most RATE data bytes per second per disk (200M, 1G), to "
+                         "spare a datastore other VMs use (default: no limit)")
     fl = p.add_argument_group("failure handling")
     fl.add_argument("--resume", action="store_true", default=None,
                     help="continue an interrupted restore from its checkpoint")

@@ -309,6 +309,7 @@ class PlanVmRestore(Orchestrator):
                         checkpoint=str(ckpt_path), attempt=attempt,
                         settings=TaskSettings(threads=self.job.threads or 0,
                                               queue_depth=self.job.queue_depth or 0,
+                                              max_rate=self.job.max_rate_bytes,
                                               token_file=self.job.token_file,
                                               target_zeroed=True, stall=self.faults["stall"]))
 

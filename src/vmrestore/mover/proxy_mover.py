@@ -63,7 +63,7 @@ def _v1_tasks(d: dict[str, Any]) -> list[DiskTask]:
     s = d.get("settings", {}) or {}
     if not isinstance(s, dict):
         raise UsageError("job.settings: expected an object")
-    known = {"connections", "retries", "force", "threads", "queue_depth",
+    known = {"connections", "retries", "force", "threads", "queue_depth", "max_rate",
              "progress_interval", "checkpoint_interval", "stall", "client"}
     unknown = set(s) - known
     if unknown:
@@ -87,6 +87,7 @@ def _v1_tasks(d: dict[str, Any]) -> list[DiskTask]:
     base = dict(connections=int(num("connections", 4, 1)), retries=int(num("retries", 5, 0)),
                 force=bool(s.get("force", False)), threads=int(num("threads", None, 1) or 0),
                 queue_depth=int(num("queue_depth", None, 1) or 0),
+                max_rate=int(num("max_rate", 0, 0)),
                 progress_interval=float(num("progress_interval", 1.0, 0.05)),
                 checkpoint_interval=float(num("checkpoint_interval", 1.0, 0.05)),
                 stall=float(num("stall", 0.0, 0.0)), client=s.get("client"),
