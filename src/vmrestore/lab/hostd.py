@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vmrestore.lab import loopdev
+from vmrestore.procs import run_checked
 from vmrestore.transport.host import API_VERSION, PROVISIONING
 
 log = logging.getLogger("vmrestore.lab.hostd")
@@ -67,10 +68,7 @@ def failed(msg: str) -> HostdError:
 
 
 def _sh(cmd: list[str], what: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise failed(f"{what}: {' '.join(cmd)}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
+    return run_checked(cmd, what, failed)
 
 
 class Hostd:

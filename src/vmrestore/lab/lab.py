@@ -29,7 +29,7 @@ from typing import Any
 from vmrestore.errors import LabError
 from vmrestore.lab import loopdev
 from vmrestore.lab.client import STATUS_VERSION, default_lab_dir, lab_is_up
-from vmrestore.procs import pid_alive
+from vmrestore.procs import pid_alive, run_checked
 
 log = logging.getLogger("vmrestore.lab")
 
@@ -45,13 +45,7 @@ OWNED = ("lab.json", "run.json", "password", "hostd.token", "vcsim.json", "hostd
 
 
 def _run(cmd: list[str], what: str, timeout: float = 120) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LabError(f"{what}: {' '.join(cmd)}: {e}") from e
-    if proc.returncode != 0:
-        raise LabError(f"{what}: {' '.join(cmd)}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
+    return run_checked(cmd, what, LabError, timeout)
 
 
 @contextlib.contextmanager

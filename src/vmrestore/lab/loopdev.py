@@ -15,24 +15,16 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 
+from vmrestore.procs import run_checked
+
 ErrorFactory = Callable[[str], Exception]
-
-
-def _sh(cmd: list[str], what: str, error: ErrorFactory) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise error(f"{what}: {' '.join(cmd)}: {e}") from e
-    if proc.returncode != 0:
-        raise error(f"{what}: {' '.join(cmd)}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
 
 
 def attach(path: str | os.PathLike[str], what: str, error: ErrorFactory) -> str:
     """Bind the first free loop device to path and return it, writable."""
-    dev = _sh(["losetup", "-f", "--show", str(path)], what, error).strip()
+    dev = run_checked(["losetup", "-f", "--show", str(path)], what, error).strip()
     try:
-        _sh(["blockdev", "--setrw", dev], f"{what} (making {dev} writable)", error)
+        run_checked(["blockdev", "--setrw", dev], f"{what} (making {dev} writable)", error)
     except Exception:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
         raise
