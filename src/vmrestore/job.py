@@ -87,9 +87,9 @@ class RestoreJob(msgspec.Struct, kw_only=True):
     @property
     def max_rate_bytes(self) -> int:
         """max_rate in bytes per second (0: no limit); validate() checked the text."""
-        from vmrestore.commands import parse_size
+        from vmrestore.commands import parse_rate
 
-        return parse_size(self.max_rate.removesuffix("/s")) if self.max_rate else 0
+        return parse_rate(self.max_rate) if self.max_rate else 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the job-state file stores it to check a resume is the same job)."""
@@ -275,13 +275,12 @@ def validate(job: RestoreJob, source: str = "job") -> RestoreJob:
         if v is not None and not 1 <= v <= 256:
             raise bad(key, f"must be 1..256, got {v}")
     if job.max_rate is not None:
-        from vmrestore.commands import parse_size
+        from vmrestore.commands import RATE_EXAMPLES, parse_rate
 
         try:
-            parse_size(job.max_rate.removesuffix("/s"))
+            parse_rate(job.max_rate)
         except UsageError:
-            raise bad("max_rate", f"{job.max_rate!r} is not a rate (examples: 200M, 1G; "
-                      "0 = no limit)") from None
+            raise bad("max_rate", f"{job.max_rate!r} is not a rate ({RATE_EXAMPLES})") from None
     if job.thumbprint is not None:
         tp = job.thumbprint.replace(":", "").lower()
         if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", tp):

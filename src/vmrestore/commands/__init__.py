@@ -19,13 +19,23 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
+RATE_EXAMPLES = "examples: 200M, 1G, 500MiB/s; 0 = no limit"
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second: '200M', '500MiB/s', '1G' (binary units); 0 = no limit.
+
+    One reading for `--max-rate` and the job field `max_rate`.
+    """
+    return parse_size(text.strip().removesuffix("/s"))
+
+
 def rate(text: str) -> int:
-    """An argparse ``type=`` for bytes per second: '200M', '200MiB/s', '1G'; 0 = no limit."""
+    """An argparse ``type=`` for :func:`parse_rate`."""
     try:
-        return parse_size(text.strip().removesuffix("/s").removesuffix("/S"))
+        return parse_rate(text)
     except UsageError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a rate (examples: 200M, 1G, 500MiB/s; 0 = no limit)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate ({RATE_EXAMPLES})") from None
 
 
 def number(lo: float, hi: float | None = None, kind: type = int) -> Any:
