@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,56 @@ def test_counters_are_consistent(tmp_path: Path) -> None:
     assert c.entries_done == c.completed_prefix == c.entries_total == len(plan)
     assert not c.running and c.elapsed_ns > 0
     assert set(c.busy) == {"read", "decompress", "write"}
+
+
+def _interrupt_at_call(k: int) -> Callable[..., object]:
+    """A trace function raising KeyboardInterrupt at the k-th Python call (as a Ctrl-C may)."""
+    calls = 0
+
+    def trace(_frame: object, event: str, _arg: object) -> None:
+        nonlocal calls
+        if event == "call":
+            calls += 1
+            if calls == k:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+    return trace
+
+
+@pytest.mark.parametrize("call", ["counters", "flush", "completed_prefix"])
+def test_a_ctrl_c_at_any_point_of_a_call_never_leaves_close_waiting(
+        tmp_path: Path, call: str) -> None:
+    """A Ctrl-C is raised at the next bytecode, wherever that is; close() must still return.
+
+    The interrupt is raised at each Python call inside job.<call>() in turn; a
+    use count kept in Python code could be left raised there and close() would
+    wait for it forever.
+    """
+    data = make_image(tmp_path / "disk.img", 4, seed=12)
+    src = tmp_path / "src.bin"
+    plan = synth_plan(data, src)
+    interrupted = 0
+    for k in range(1, 200):
+        out = tmp_path / f"out{k}.img"
+        w = pl.Writer.open_file(str(out), len(data), pl.F_CREATE)
+        job = pl.Job(plan, [str(src)], w)
+        job.run()
+        sys.settrace(_interrupt_at_call(k))
+        try:
+            getattr(job, call)()
+            done = True
+        except KeyboardInterrupt:
+            interrupted += 1
+            done = False
+        finally:
+            sys.settrace(None)
+        closer = threading.Thread(target=job.close, daemon=True)
+        closer.start()
+        closer.join(10)
+        w.close()
+        assert not closer.is_alive(), f"close() hangs after a Ctrl-C at call {k} of {call}()"
+        assert job.counters().completed_prefix == len(plan)  # the final counters stay
+        job.flush()  # a job that ended well: nothing to flush, no error
+        if done:
+            break
+    assert interrupted > 0, f"{call}() makes no Python call: nothing was interrupted"

@@ -9,6 +9,7 @@ The typed face is vmrestore.pipeline.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from posix.unistd cimport usleep
 
 
 cdef extern from "writer.h" nogil:
@@ -419,9 +420,21 @@ cdef class Pipeline:
 
     start(), wait(), counters(). ``repo`` (a dict: fds, handles, readers, ...)
     selects the repository-agent source (ext/core/source_repo.c) instead of fds.
+
+    Thread-safe against close(): flush() may run in another thread (checkpoints)
+    while the owner closes; close() cancels, waits for those calls to leave the
+    C object, then frees it. The count of calls inside lives here, in compiled
+    code, because a Ctrl-C (a Python exception raised between two bytecodes)
+    cannot land between its increment and its decrement; a count kept in Python
+    could leak and leave close() waiting forever. After close(), counters() and
+    error() give the final ones and flush() returns (or raises the job's error).
     """
 
     cdef vmr_pipeline *p
+    cdef int users            # calls of other threads inside the C object (GIL-held count)
+    cdef bint closing         # close() is cancelling and waiting for them
+    cdef object final_counters
+    cdef object final_error
     cdef vmr_source src
     cdef bint have_src
     cdef bint is_repo
@@ -481,22 +494,36 @@ cdef class Pipeline:
             raise _core_error(&e)
 
     def __dealloc__(self):
-        self._destroy()
+        self._destroy(False)
 
-    cdef _destroy(self):
+    cdef _destroy(self, bint keep=True):
+        """keep: record the final counters and error (not from __dealloc__, where the
+        object's Python attributes may already be gone)."""
         cdef vmr_pipeline *p = self.p
-        self.p = NULL
-        if p != NULL:
+        if p != NULL and not self.closing:
+            if vmr_pipeline_wait(p, 0) == 0:
+                vmr_pipeline_cancel(p)   # before closing is seen: a flush then sees the error
+            self.closing = True          # no new flush enters the C object from here on
+            with nogil:
+                vmr_pipeline_wait(p, -1)
+            while self.users > 0:  # another thread's flush: it returns now that the job ended
+                with nogil:
+                    usleep(1000)
+            # no GIL release from the last check of users to here: nobody entered
+            self.p = NULL
+            if keep:
+                self.final_counters = self._read_counters(p)
+                self.final_error = self._read_error(p)
             with nogil:
                 vmr_pipeline_destroy(p)
         if self.have_src:
-            if self.is_repo:
+            if self.is_repo and keep:
                 self.final_stats = self.source_stats()
             self.have_src = False
             self.src.ops.close(self.src.s)
 
     def close(self):
-        """Join the threads (cancelling if still running) and free the pool."""
+        """Join the threads (cancelling if still running) and free the pool; idempotent."""
         self._destroy()
 
     cdef _live(self):
@@ -518,8 +545,12 @@ cdef class Pipeline:
         self._live()
         cdef int ms = -1 if timeout is None else max(0, int(timeout * 1000))
         cdef int r
-        with nogil:
-            r = vmr_pipeline_wait(self.p, ms)
+        self.users += 1
+        try:
+            with nogil:
+                r = vmr_pipeline_wait(self.p, ms)
+        finally:
+            self.users -= 1
         return r == 1
 
     def cancel(self):
@@ -527,21 +558,40 @@ cdef class Pipeline:
             vmr_pipeline_cancel(self.p)
 
     def flush(self, timeout=None):
-        """Make every completed write durable; safe while running, from any thread."""
-        self._live()
+        """Make every completed write durable; safe while running, from any thread.
+
+        After close(): returns if the job ended well (its lanes flushed at the
+        end), else raises the job's error.
+        """
+        if self.p == NULL or self.closing:
+            err = self.final_error if self.p == NULL else self._read_error(self.p)
+            if err is not None:
+                raise err
+            return
         cdef vmr_error e
         cdef int ms = -1 if timeout is None else max(0, int(timeout * 1000))
         cdef int rc
         _error_init(&e)
-        with nogil:
-            rc = vmr_pipeline_flush(self.p, ms, &e)
+        self.users += 1
+        try:
+            with nogil:
+                rc = vmr_pipeline_flush(self.p, ms, &e)
+        finally:
+            self.users -= 1
         if rc != 0:
             raise _core_error(&e)
 
     def counters(self):
-        self._live()
+        """The live counters; after close(), the final ones."""
+        if self.p == NULL:
+            if self.final_counters is None:
+                raise ValueError("pipeline is closed")
+            return dict(self.final_counters)
+        return self._read_counters(self.p)
+
+    cdef dict _read_counters(self, vmr_pipeline *p):
         cdef vmr_counters c
-        vmr_pipeline_counters(self.p, &c)
+        vmr_pipeline_counters(p, &c)
         return {
             "bytes_read": c.bytes_read,
             "bytes_decompressed": c.bytes_decompressed,
@@ -580,11 +630,15 @@ cdef class Pipeline:
                 "requests": st.requests}
 
     def error(self):
-        """The first error as a CoreError, or None."""
-        self._live()
+        """The first error as a CoreError, or None (after close(): the final one)."""
+        if self.p == NULL:
+            return self.final_error
+        return self._read_error(self.p)
+
+    cdef object _read_error(self, vmr_pipeline *p):
         cdef vmr_error e
         _error_init(&e)
-        if vmr_pipeline_error(self.p, &e) == VMR_OK:
+        if vmr_pipeline_error(p, &e) == VMR_OK:
             return None
         return _core_error(&e)
 

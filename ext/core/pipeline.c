@@ -1110,8 +1110,15 @@ int vmr_pipeline_flush(struct vmr_pipeline *p, int timeout_ms, struct vmr_error 
 {
     pthread_mutex_lock(&p->mu);
     if (!p->started || p->ended) {
+        /* an ended job flushed every lane at its end, unless it failed (then it did not) */
+        int rc = 0;
+        if (p->started && p->err.code != VMR_OK) {
+            if (err)
+                *err = p->err;
+            rc = -1;
+        }
         pthread_mutex_unlock(&p->mu);
-        return 0;
+        return rc;
     }
     uint64_t gen = __atomic_add_fetch(&p->flush_req, 1, __ATOMIC_ACQ_REL);
     pthread_mutex_unlock(&p->mu);

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NoReturn
 
@@ -196,10 +194,6 @@ class Job:
         that is not marked as reading zeros; give it ``plan.compare_plan(...)``.
         """
         s = settings or Settings()
-        self._cv = threading.Condition()
-        self._users = 0
-        self._closed = False
-        self._final: Counters | None = None
         self.disk = disk
         self.sources = list(sources)
         self.plan = as_plan(plan)
@@ -250,42 +244,20 @@ class Job:
     def cancel(self) -> None:
         self._p.cancel()
 
-    @contextmanager
-    def _use(self) -> Iterator[bool]:
-        """Keep the C object alive while another thread calls into it (close waits)."""
-        with self._cv:
-            if self._closed:
-                yield False
-                return
-            self._users += 1
-        try:
-            yield True
-        finally:
-            with self._cv:
-                self._users -= 1
-                self._cv.notify_all()
-
     def flush(self, timeout: float | None = None) -> None:
         """Make every completed write durable (safe from another thread while running).
 
-        After the job ended (or was closed) this returns at once: a finished job
-        has flushed every lane already.
+        After the job ended (or was closed) this returns at once if it ended
+        well (every lane flushed at its end), else raises the job's error.
         """
-        with self._use() as live:
-            if not live:
-                return
-            try:
-                self._p.flush(timeout)
-            except CoreError as e:
-                raise_core_error(e, self.disk, self.sources)
+        try:
+            self._p.flush(timeout)
+        except CoreError as e:
+            raise_core_error(e, self.disk, self.sources)
 
     def counters(self) -> Counters:
         """A snapshot; after close(), the final counters."""
-        with self._use() as live:
-            if live:
-                return _counters(self._p.counters(), self.bytes_total)
-        assert self._final is not None
-        return self._final
+        return _counters(self._p.counters(), self.bytes_total)
 
     def source_stats(self) -> dict[str, int]:
         """Repository source: wire_bytes, bulk_bytes, requests (zeros for local files)."""
@@ -326,17 +298,12 @@ class Job:
         return c
 
     def close(self) -> None:
-        """Join the threads (cancel first if running), free the pool; idempotent."""
+        """Join the threads (cancel first if running), free the pool; idempotent.
+
+        Safe while another thread is inside flush() (the core waits for it).
+        """
         p = getattr(self, "_p", None)
         if p is not None:
-            with self._cv:
-                if self._closed:
-                    return
-                self._final = _counters(p.counters(), self.bytes_total)
-                self._closed = True
-                while self._users:
-                    self._cv.wait()
-            self._final = _counters(p.counters(), self.bytes_total)
             p.close()
         self._close_fds()
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,49 @@ def test_ctrl_c_stops_a_connect_nobody_answers(tmp_path: Path,
     assert took < 10, took
     assert proc.returncode == 130, err
     assert "Traceback" not in err
+
+
+def test_closing_a_job_ends_a_checkpoint_flush_stuck_on_a_silent_server(tmp_path: Path) -> None:
+    """A checkpoint thread's flush waits on a stopped server: close() cancels it and returns."""
+    from core_helpers import synth_plan
+    from vmrestore import pipeline as pl
+    from vmrestore.errors import Interrupted
+
+    data = make_image(tmp_path / "disk.img", 24, block_size=MiB, seed=44)
+    src = tmp_path / "src.bin"
+    plan = synth_plan(data, src)
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(len(data)))
+    with nbdkit(tmp_path, target, "--filter=delay", "delay-write=150ms") as srv:
+        w = pl.Writer.open_nbd(srv.uri, len(data))  # default timeout: 30 s
+        try:
+            job = pl.Job(plan, [str(src)], w, settings=pl.Settings(lanes=1, queue_depth=2))
+            job.start()
+            deadline = time.monotonic() + 30
+            while job.counters().bytes_written == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert job.counters().bytes_written > 0
+            raised: list[BaseException] = []
+
+            def checkpoint() -> None:
+                try:
+                    job.flush()
+                except BaseException as e:
+                    raised.append(e)
+
+            with stopped(srv):
+                t = threading.Thread(target=checkpoint)
+                t.start()
+                time.sleep(0.5)
+                assert t.is_alive()  # the flush waits for the server
+                t0 = time.monotonic()
+                job.close()
+                took = time.monotonic() - t0
+                t.join(10)
+            assert not t.is_alive()
+            assert took < 10, took
+            assert len(raised) == 1 and isinstance(raised[0], Interrupted), raised
+            with pytest.raises(Interrupted):
+                job.flush()  # after close: the job's error, not a silent success
+        finally:
+            w.close()
