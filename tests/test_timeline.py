@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from support import need, run_cli
-from vmrestore.report import DiskReport, Report, from_dict
-from vmrestore.timeline import Sampler, bottleneck, intervals
+from vmrestore.report import DiskReport, Report, format_table, from_dict
+from vmrestore.timeline import TIMELINE_VERSION, Sampler, bottleneck, intervals, role_busy
 
 
 @dataclass
@@ -54,7 +54,8 @@ def test_segments_add_up_across_core_jobs() -> None:
     assert tl["busy_s"]["network"] == [0.1, 0.2, 0.21]
     assert tl["busy_s"]["target"] == [0.0, 0.0, 0.0]
     assert tl["busy_s"]["source"][-1] == 0.05
-    assert tl["t"] == sorted(tl["t"]) and tl["version"] == 1
+    assert tl["t"] == sorted(tl["t"]) and tl["version"] == TIMELINE_VERSION == 2
+    assert tl["busy_s"]["throttle"] == [0.0, 0.0, 0.0]
 
 
 def test_long_runs_are_thinned_but_keep_the_last_reading() -> None:
@@ -80,6 +81,43 @@ def test_intervals_and_bottleneck() -> None:
     role, share, led = bottleneck(tl)
     assert role == "network" and share == pytest.approx(3.9 / 4) and led == 1.0
     assert bottleneck({"t": []}) == ("", 0.0, 0.0)
+    # a version 1 document has no throttle column: read as never held back
+    assert all(r["throttle"] == 0.0 for r in rows)
+
+
+def test_busy_names_the_rate_limit_only_when_it_held_the_disk_back() -> None:
+    assert "throttle" not in role_busy("nbd", {"read": 0.2, "decompress": 0.3, "write": 0.9})
+    held = role_busy("hotadd", {"read": 0.1, "write": 0.2, "throttle": 0.8})
+    assert held["throttle"] == 0.8 and held["target"] == 0.2
+    r = Report(vm_name="web01")
+    d = r.disk(0)
+    d.transport, d.status, d.busy = "hotadd", "ok", held
+    assert "held back by the rate limit 80% of the time" in format_table(r)
+    d.busy = role_busy("hotadd", {"read": 0.1, "write": 0.9})
+    assert "held back" not in format_table(r)
+
+
+def test_a_held_back_restore_names_the_rate_limit_as_its_bottleneck(tmp_path: Path) -> None:
+    """A real restore-disk at --max-rate: the timeline and the page say what bounded it."""
+    from vmrestore.sample import write_sample_disk
+
+    raw, vmrb, out = tmp_path / "d.raw", tmp_path / "d.vmrb", tmp_path / "out.img"
+    write_sample_disk(raw, 32 << 20, seed=6)
+    run_cli("backup", "create", "--disk", str(raw), "-o", str(vmrb), "-q", check=True)
+    p = run_cli("restore-disk", str(vmrb), "--disk", "0", "--to", str(out), "--json", "-q",
+                "--max-rate", "32M", check=True)
+    rd = json.loads(p.stdout)
+    tl = rd["timeline"]
+    assert tl["version"] == 2 and tl["busy_s"]["throttle"][-1] > 0
+    role, share, _led = bottleneck(tl)
+    assert role == "throttle" and share > 0.5, tl["busy_s"]
+    page = tmp_path / "t.html"
+    rep = tmp_path / "rd.json"
+    rep.write_text(p.stdout)
+    run_cli("report", str(rep), "--html", str(page), check=True)
+    text = page.read_text()
+    assert "bottleneck: the rate limit" in text
+    assert 'data-role="throttle"' in text
 
 
 def test_report_keeps_the_timeline_through_json() -> None:

@@ -56,7 +56,8 @@ class DiskReport(msgspec.Struct):
     resumed_from: int = 0  # bytes of the disk already done by an earlier run
     wire_bytes: int = 0  # from a repository agent: bytes received over the network (0: local)
     seconds: float = 0.0
-    busy: dict[str, float] = msgspec.field(default_factory=dict)  # source/proxy/network/target
+    # source/proxy/network/target (and throttle when --max-rate held the disk back)
+    busy: dict[str, float] = msgspec.field(default_factory=dict)
     # Counter samples over time (vmrestore.timeline; docs/restore.md "Timeline").
     timeline: dict[str, Any] = msgspec.field(default_factory=dict)
     # --original: compared/differing/written figures ("original" in the document)
@@ -221,6 +222,9 @@ def format_table(r: Report) -> str:
             busy = "/".join(f"{100 * d.busy.get(k, 0):.0f}%"
                             for k in ("source", "proxy", "network", "target"))
             reason = d.reason + ("; " + "; ".join(d.history) if d.history else "")
+            if d.busy.get("throttle"):
+                held = f"held back by the rate limit {100 * d.busy['throttle']:.0f}% of the time"
+                reason = f"{held}; {reason}" if reason else held
             lines.append(f"{d.disk:<5}{d.transport or '-':<10}{_mib(d.bytes_written):>9}"
                          f"{_mib(d.bytes_zeroed):>9}{_mib(d.bytes_skipped):>9}{d.mbps:>8.1f}"
                          f"  {busy:<24}  {reason}")

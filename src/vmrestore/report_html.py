@@ -19,11 +19,12 @@ from vmrestore.timeline import ROLES, bottleneck, intervals
 W, H = 760, 230                  # chart size (SVG user units)
 ML, MR, MT, MB = 58, 150, 14, 34  # margins: room for axes and the legend
 COLORS = {"data": "#2f6fb0", "zeros": "#b9c4cf", "source": "#8e5ea2", "proxy": "#e08a1e",
-          "network": "#2f9e5b", "target": "#c9393b"}
+          "network": "#2f9e5b", "target": "#c9393b", "throttle": "#7a7a7a"}
 ROLE_TEXT = {"source": "source (reading the backup)",
              "proxy": "proxy (decompress + verify)",
              "network": "network (NBD write lane)",
-             "target": "target (local device / LUN writes)"}
+             "target": "target (local device / LUN writes)",
+             "throttle": "the rate limit (--max-rate / max_rate: readers held back)"}
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:980px}
@@ -192,12 +193,13 @@ def _disk_section(d: dict[str, Any]) -> str:
             f'{d.get("seconds", 0):.2f} s ({d.get("mb_per_s", 0):.0f} MB/s), '
             f'{html.escape(d.get("status", ""))}</h2>')
     busy = d.get("busy") or {}
-    avg = ", ".join(f"{k} {100 * float(busy.get(k, 0)):.0f}%" for k in ROLES)
+    avg = ", ".join(f"{k} {100 * float(busy.get(k, 0)):.0f}%" for k in ROLES
+                    if k != "throttle" or busy.get(k))
     if not tl.get("t"):
         return (head + f'<p class="muted">no timeline recorded for this disk '
                 f'(average busy: {avg})</p></section>')
     rows = intervals(tl)
-    roles = [r for r in ROLES if any(x[r] > 0 for x in rows)] or list(ROLES)
+    roles = [r for r in ROLES if any(x[r] > 0 for x in rows)] or list(ROLES[:4])
     return "\n".join([
         head,
         f'<p class="bottleneck">{html.escape(bottleneck_text(tl))}</p>',

@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TIMELINE_VERSION = 1
+TIMELINE_VERSION = 2  # 2: busy_s.throttle (version 1 documents read it as zeros)
 SAMPLE_INTERVAL = 0.1  # seconds between counter readings (also the progress refresh)
-ROLES = ("source", "proxy", "network", "target")
+# "throttle" is not a place but a choice: time the readers waited for --max-rate.
+ROLES = ("source", "proxy", "network", "target", "throttle")
 _BYTES = ("written", "zeroed", "skipped")
 
 
@@ -31,9 +32,11 @@ def stage_roles(transport: str) -> dict[str, str]:
 
     The writer stage is network time for nbd/nbdssl (the host's own disk write
     sits behind the socket) and target time for local I/O (hotadd, san, files).
+    The readers' waits for the rate limit (``max_rate``) are their own role, so a
+    held-back disk says so instead of looking idle.
     """
     write = "network" if transport in ("nbd", "nbdssl") else "target"
-    return {"read": "source", "decompress": "proxy", "write": write}
+    return {"read": "source", "decompress": "proxy", "write": write, "throttle": "throttle"}
 
 
 def role_busy(transport: str, stage: dict[str, float]) -> dict[str, float]:
@@ -41,6 +44,8 @@ def role_busy(transport: str, stage: dict[str, float]) -> dict[str, float]:
     out = dict.fromkeys(ROLES, 0.0)
     for st, role in stage_roles(transport).items():
         out[role] = stage.get(st, 0.0)
+    if not out["throttle"]:  # only a held-back disk names the rate limit
+        del out["throttle"]
     return out
 
 
@@ -108,6 +113,12 @@ class Sampler:
                 "busy_s": {r: self.cols[r] for r in ROLES}}
 
 
+def busy_column(tl: dict[str, Any], role: str) -> list[float]:
+    """The cumulative busy seconds of a role; zeros where a document lacks it (version 1)."""
+    col = (tl.get("busy_s") or {}).get(role)
+    return col if col is not None else [0.0] * len(tl.get("t", []))
+
+
 def intervals(tl: dict[str, Any]) -> list[dict[str, float]]:
     """Per sampling interval: start, end, MB/s (data and zeros) and busy share per role.
 
@@ -122,7 +133,7 @@ def intervals(tl: dict[str, Any]) -> list[dict[str, float]]:
         if dt <= 0:
             continue
         cur = {k: float(tl[k][i - 1]) for k in _BYTES}
-        cur.update({r: float(tl["busy_s"][r][i - 1]) for r in ROLES})
+        cur.update({r: float(busy_column(tl, r)[i - 1]) for r in ROLES})
         row = {"t0": t[i - 1], "t1": t[i],
                "data_mbps": (cur["written"] - prev["written"]) / dt / 1e6,
                "zero_mbps": (cur["zeroed"] + cur["skipped"] - prev["zeroed"]
@@ -145,7 +156,7 @@ def bottleneck(tl: dict[str, Any]) -> tuple[str, float, float]:
     if not rows:
         return "", 0.0, 0.0
     span = rows[-1]["t1"]
-    totals = {r: float(tl["busy_s"][r][-1]) for r in ROLES}
+    totals = {r: float(busy_column(tl, r)[-1]) for r in ROLES}
     role = max(ROLES, key=lambda r: totals[r])
     led = sum(1 for x in rows if max(ROLES, key=lambda r: x[r]) == role)
     return role, min(1.0, totals[role] / span) if span > 0 else 0.0, led / len(rows)

@@ -112,6 +112,9 @@ def test_job_file(lab, lab_si, backup, tmp_path) -> None:
     # than (data before it) / 8 MiB/s after the start (a lower bound sleeping guarantees).
     for d in rep["disks"]:
         assert d["seconds"] >= (d["bytes_written"] - (1 << 20)) / (8 << 20) * 0.95, d
+        # and the report says what held it back (busy role "throttle", its timeline column)
+        assert d["busy"].get("throttle", 0) > 0.3, d["busy"]
+        assert d["timeline"]["busy_s"]["throttle"][-1] > 0
 
 
 def test_table_output_without_json(lab, backup, tmp_path) -> None:
