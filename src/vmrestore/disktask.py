@@ -530,7 +530,7 @@ def _run_tls(run: _Run, a: int, b: int, out: DiskTaskResult) -> None:
         run.p.remote, run.p.url, run.p.token, task.disk, task.target.removeprefix("file://"),
         start_entry=a, end_entry=b, connections=s.connections or CONNECTIONS,
         force=s.force or a > 0, retries=s.retries, retry_deadline=s.retry_deadline,
-        client=s.client, target_zeroed=s.target_zeroed,
+        client=s.client, target_zeroed=s.target_zeroed, max_rate=s.max_rate,
         progress=lambda done, prefix: run.counters(a, done, prefix),
         on_checkpoint=run.record, checkpoint_interval=s.checkpoint_interval,
         interval=s.progress_interval)

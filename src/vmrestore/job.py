@@ -12,13 +12,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from msgspec import field
 
 from vmrestore import schema
 from vmrestore.errors import UsageError
+
+if TYPE_CHECKING:
+    from vmrestore.disktask import TaskSettings
 
 DISK_FORMATS = ("same", "thin", "thick-lazy", "thick-eager")
 TRANSPORTS = ("auto", "san", "hotadd", "nbd", "nbdssl")
@@ -90,6 +93,19 @@ class RestoreJob(msgspec.Struct, kw_only=True):
         from vmrestore.commands import parse_rate
 
         return parse_rate(self.max_rate) if self.max_rate else 0
+
+    def task_settings(self, *, target_zeroed: bool, compare: bool = False,
+                      stall: float = 0.0) -> TaskSettings:
+        """The disk task settings this job gives every disk (disktask.TaskSettings).
+
+        One place for what the job's options mean to the data mover: the
+        orchestrator and the fleet's VM restore both build their disk tasks here.
+        """
+        from vmrestore.disktask import TaskSettings as Settings
+
+        return Settings(threads=self.threads or 0, queue_depth=self.queue_depth or 0,
+                            max_rate=self.max_rate_bytes, token_file=self.token_file,
+                            target_zeroed=target_zeroed, compare=compare, stall=stall)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the job-state file stores it to check a resume is the same job)."""

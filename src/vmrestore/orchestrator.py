@@ -917,7 +917,7 @@ class Orchestrator:
         return self.original is not None and not self.original.replace
 
     def _restore_one(self, t: Any, base: str, rd: Any, st: DiskStatus) -> None:
-        from vmrestore.disktask import DiskTask, TaskSettings
+        from vmrestore.disktask import DiskTask
         from vmrestore.jobstate import read_checkpoint
 
         dec = self.decisions[t.index]
@@ -949,9 +949,7 @@ class Orchestrator:
                         job_id=self.state.id, vm=self.layout.name, disk=t.index,
                         source=self._point_source(), target=att.uri, transport=mode,
                         checkpoint=str(ckpt_path), attempt=fence,
-                        settings=TaskSettings(
-                            threads=self.job.threads or 0, queue_depth=self.job.queue_depth or 0,
-                            max_rate=self.job.max_rate_bytes, token_file=self.job.token_file,
+                        settings=self.job.task_settings(
                             target_zeroed=not self._in_place,
                             compare=self._in_place and self.job.quick_rollback,
                             stall=self.faults["stall"]))

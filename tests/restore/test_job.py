@@ -78,6 +78,18 @@ def test_max_rate_in_bytes_per_second(tmp_path, text, rate) -> None:
     assert parse(str(f)).max_rate_bytes == rate  # a bare 0 in YAML is read as text too
 
 
+def test_every_disk_task_gets_the_jobs_data_mover_options(tmp_path) -> None:
+    tok = tmp_path / "tok"
+    tok.write_text("x")
+    j = parse("--repository", "repo://h:1/b.vmrb", "--threads", "3",
+              "--queue-depth", "8", "--max-rate", "8M", "--token-file", str(tok))
+    s = j.task_settings(target_zeroed=False, compare=True, stall=0.5)
+    assert (s.threads, s.queue_depth, s.max_rate, s.token_file) == (3, 8, 8 << 20, str(tok))
+    assert (s.target_zeroed, s.compare, s.stall) == (False, True, 0.5)
+    d = parse("--backup", "b.vmrb").task_settings(target_zeroed=True)
+    assert (d.threads, d.queue_depth, d.max_rate, d.compare) == (0, 0, 0, False)
+
+
 def test_job_file_json_and_list_forms(tmp_path) -> None:
     f = tmp_path / "job.json"
     f.write_text(json.dumps({"backup": "/x/b.vmrb", "network_map": ["A=B"],

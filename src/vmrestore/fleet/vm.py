@@ -302,16 +302,13 @@ class PlanVmRestore(Orchestrator):
     def _disk_task(self, t: Any, uri: str, mode: str, ckpt_path: Any, attempt: int) -> Any:
         """The unit of work the proxy's worker runs (the one driver's DiskTask): it resumes
         from the durable checkpoint, which it claims for ``attempt`` (a lower one stops)."""
-        from vmrestore.disktask import DiskTask, TaskSettings
+        from vmrestore.disktask import DiskTask
 
         return DiskTask(job_id=self.state.id, vm=self.layout.name, disk=t.index,
                         source=self._point_source(), target=uri, transport=mode,
                         checkpoint=str(ckpt_path), attempt=attempt,
-                        settings=TaskSettings(threads=self.job.threads or 0,
-                                              queue_depth=self.job.queue_depth or 0,
-                                              max_rate=self.job.max_rate_bytes,
-                                              token_file=self.job.token_file,
-                                              target_zeroed=True, stall=self.faults["stall"]))
+                        settings=self.job.task_settings(target_zeroed=True,
+                                                        stall=self.faults["stall"]))
 
     def _record_outcome(self, t: Any, base: str, rd: Any, st: Any, g: Any, out: Any) -> None:
         with self._lock:

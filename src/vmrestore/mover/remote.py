@@ -78,6 +78,13 @@ class RemoteResult:
     refetches: int = 0
     connections: int = 0
     tls: bool = False
+    busy_ns: dict[str, float] = field(default_factory=dict)  # "throttle": waits for max_rate
+    settings: dict[str, int] | None = None  # {"max_rate": ...} when a rate limit was set
+
+    @property
+    def elapsed_ns(self) -> int:
+        """The run's time, against which busy_ns is a share (disktask._add sums both)."""
+        return int(self.seconds * 1e9)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -115,6 +122,30 @@ class _Shared:
     reconnects: int = 0
     refetches: int = 0
     done_entries: int = 0
+    max_rate: int = 0         # data bytes per second over all fetchers (0: no limit)
+    t0: float = field(default_factory=time.monotonic)
+    paced: int = 0            # data bytes let through so far
+    throttle_s: float = 0.0   # time the fetchers waited for the rate, summed
+
+    def pace(self, nbytes: int) -> None:
+        """Hold a batch of nbytes data bytes back until the rate allows it.
+
+        As in the core (docs/core.md, "Rate limit"): a batch may start at
+        t0 + bytes_before_it / max_rate; waits are short sleeps so an error of
+        another fetcher is seen.
+        """
+        if not self.max_rate:
+            return
+        with self.lock:
+            due = self.t0 + self.paced / self.max_rate
+            self.paced += nbytes
+        start = time.monotonic()
+        while self.error is None and (left := due - time.monotonic()) > 0:
+            time.sleep(min(left, 0.02))
+        waited = time.monotonic() - start
+        if waited > 0.001:
+            with self.lock:
+                self.throttle_s += waited
 
     def prefix(self, total: int) -> int:
         """Plan entries [0, prefix) are all written (data entries are taken in plan order)."""
@@ -284,6 +315,7 @@ def _fetcher(sh: _Shared, connector: Connector, sources: list[str], sums: dict[s
                     item = sh.take()
                     if item is None:
                         break
+                    sh.pace(int(item[1]["length"].sum()))
                     rid, rg = _fetch_batch(conn, files, item[1])
                     pending.append((item[0], item[1], rid, rg))
                 if not pending:
@@ -378,7 +410,7 @@ def run_tls_plan(remote: Any, url: RepoURL, token: bytes, disk: int, target: str
                  start_entry: int = 0, end_entry: int | None = None,
                  connections: int = CONNECTIONS, force: bool = False, retries: int = RETRIES,
                  retry_deadline: float | None = None, client: str | None = None,
-                 target_zeroed: bool | None = None,
+                 target_zeroed: bool | None = None, max_rate: int = 0,
                  progress: Callable[[int, int], None] | None = None,
                  on_checkpoint: Callable[[int], None] | None = None,
                  checkpoint_interval: float = 1.0, interval: float = 0.2) -> RemoteResult:
@@ -386,7 +418,8 @@ def run_tls_plan(remote: Any, url: RepoURL, token: bytes, disk: int, target: str
 
     ``remote`` is the repo_source.RemotePlan (planned by the disk task driver).
     ``target_zeroed`` (default: only for a file this call creates) skips zero
-    runs. ``progress(done_bytes, completed_prefix)`` (both of the slice) runs
+    runs. ``max_rate`` holds the data written to that many bytes per second.
+    ``progress(done_bytes, completed_prefix)`` (both of the slice) runs
     every ``interval`` seconds; ``on_checkpoint(prefix)`` (entries of the whole
     plan) every ``checkpoint_interval`` seconds once the target was fsynced
     after the prefix was read. An exception from ``progress`` stops the run.
@@ -414,7 +447,7 @@ def run_tls_plan(remote: Any, url: RepoURL, token: bytes, disk: int, target: str
         idx = np.arange(len(part))
         sel = part["kind"] == KIND_DATA
         data, data_idx = part[sel], idx[sel]
-        sh = _Shared(batches_of(data, BATCH_BYTES, 1024))
+        sh = _Shared(batches_of(data, BATCH_BYTES, 1024), max_rate=max_rate)
         pos = 0
         for b in sh.batches:
             sh.first_index.append(int(data_idx[pos]))
@@ -457,4 +490,7 @@ def run_tls_plan(remote: Any, url: RepoURL, token: bytes, disk: int, target: str
     res.reconnects = sh.reconnects
     res.refetches = sh.refetches
     res.seconds = time.monotonic() - t0
+    if max_rate:
+        res.settings = {"max_rate": max_rate}
+        res.busy_ns = {"throttle": sh.throttle_s * 1e9 / max(1, len(threads))}
     return res
