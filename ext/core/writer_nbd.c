@@ -275,32 +275,33 @@ static int connection_lost(int e)
 
 /* Let the server answer what it still owes on a live connection (bounded), so
  * that a close never races its reply threads. Completion callbacks run here and
- * only record results. */
-static void drain(struct nbd_handle *h, int timeout_ms)
+ * only record results. A cancel that comes meanwhile shortens the wait to its
+ * grace (wait_end), so Ctrl-C is never held up by a long drain. */
+static void drain(struct nbd_writer *w, struct nbd_handle *h, int timeout_ms)
 {
-    struct timespec t0, t;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    while (!nbd_aio_is_dead(h) && !nbd_aio_is_closed(h) && nbd_aio_in_flight(h) > 0) {
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        long ms = (t.tv_sec - t0.tv_sec) * 1000L + (t.tv_nsec - t0.tv_nsec) / 1000000L;
-        if (ms >= timeout_ms || nbd_poll(h, 100) == -1)
+    uint64_t end = mono_ns() + (uint64_t)timeout_ms * 1000000ull;
+    int ms;
+    while (!nbd_aio_is_dead(h) && !nbd_aio_is_closed(h) && nbd_aio_in_flight(h) > 0 &&
+           (ms = ms_left(wait_end(w, end), 100)) > 0)
+        if (nbd_poll(h, ms) == -1)
             break;
-    }
 }
 
 /* Drain, then disconnect cleanly when the connection is still usable; close.
- * Every wait is bounded by timeout_ms (nbd_shutdown would wait without one). */
-static int close_handle(struct nbd_handle *h, int timeout_ms)
+ * Every wait is bounded by timeout_ms and by a cancel's grace (nbd_shutdown
+ * would wait without one). */
+static int close_handle(struct nbd_writer *w, struct nbd_handle *h, int timeout_ms)
 {
     int rc = 0;
-    drain(h, timeout_ms);
+    drain(w, h, timeout_ms);
     if (nbd_aio_is_ready(h)) {
         if (nbd_aio_disconnect(h, 0) == -1) {
             rc = -1;
         } else {
             uint64_t end = mono_ns() + (uint64_t)timeout_ms * 1000000ull;
             int ms;
-            while (!nbd_aio_is_closed(h) && !nbd_aio_is_dead(h) && (ms = ms_left(end, 100)) > 0)
+            while (!nbd_aio_is_closed(h) && !nbd_aio_is_dead(h) &&
+                   (ms = ms_left(wait_end(w, end), 100)) > 0)
                 if (nbd_poll(h, ms) == -1)
                     break;
         }
@@ -322,12 +323,12 @@ static int reconnect(struct nbd_lane *L, struct vmr_error *err)
 {
     struct nbd_writer *w = L->w;
     if (L->h)
-        drain(L->h, drain_ms(L)); /* answered requests keep their result */
+        drain(w, L->h, drain_ms(L)); /* answered requests keep their result */
     for (struct nreq *r = L->active; r; r = r->next)
         if (r->state == R_INFLIGHT)
             r->state = R_RESUBMIT;
     if (L->h)
-        close_handle(L->h, 0);
+        close_handle(w, L->h, 0);
     L->h = NULL;
     L->bg_flush = 0;
     L->stalled = 0;
@@ -715,7 +716,7 @@ static int nw_close_lane(void *lane, struct vmr_error *err)
     int rc = 0;
     /* close first (draining what the server owes), then report what is left: the
      * completion callbacks must never see a freed request */
-    if (L->h && close_handle(L->h, drain_ms(L)) != 0) {
+    if (L->h && close_handle(L->w, L->h, drain_ms(L)) != 0) {
         nbd_err(err, VMR_E_TRANSPORT, UINT64_MAX, "shutdown", L->w->uri);
         rc = -1;
     }
@@ -827,7 +828,7 @@ static void nw_close_read(void *rh)
 {
     struct nbd_reader *r = rh;
     if (r->h)
-        close_handle(r->h, DRAIN_MS);
+        close_handle(r->w, r->h, DRAIN_MS);
     free(r);
 }
 
@@ -979,7 +980,7 @@ int vmr_nbd_writer_open(const struct vmr_nbd_options *opt, uint64_t size, struct
     w->can_flush = nbd_can_flush(h) == 1;
     w->can_multi_conn = nbd_can_multi_conn(h) == 1;
     int ro = nbd_is_read_only(h) == 1;
-    close_handle(h, (int)w->timeout_ms);
+    close_handle(w, h, (int)w->timeout_ms);
     w->interrupted = NULL; /* lanes connect from other threads */
     if (sz < 0) {
         vmr_error_set(err, VMR_E_TRANSPORT, 0, UINT64_MAX, "%s: cannot read the export size",
