@@ -170,3 +170,27 @@ def test_closing_a_job_ends_a_checkpoint_flush_stuck_on_a_silent_server(tmp_path
                 job.flush()  # after close: the job's error, not a silent success
         finally:
             w.close()
+
+
+def test_ctrl_c_during_a_reconnect_drain_ends_within_the_grace(
+        tmp_path: Path, backed_up: tuple[bytes, Path]) -> None:
+    """A write answered ESHUTDOWN starts a reconnect, which first lets the old connection
+    answer what it owes (up to 5 s); a Ctrl-C meanwhile ends that wait after 1 s."""
+    data, bk = backed_up
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(len(data)))
+    # the error filter sits nearest the client: an injected ESHUTDOWN comes back at
+    # once, every other write waits 20 s in the delay filter behind it
+    with nbdkit(tmp_path, target, "--filter=error", "--filter=delay", "error=ESHUTDOWN",
+                "error-pwrite-rate=50%", "delay-write=20") as srv:
+        proc = _popen(str(bk), "--disk", "0", "--to", srv.uri, "-q",
+                      "--connections", "1", "--queue-depth", "4")
+        time.sleep(1.5)  # start-up (~0.2 s), the first ESHUTDOWN, then the drain (5 s bound)
+        assert proc.poll() is None, proc.communicate()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert took < 3, took  # the drain's own bound held it ~3.7 s here (checked)
