@@ -104,8 +104,8 @@ class RestoreJob(msgspec.Struct, kw_only=True):
         from vmrestore.disktask import TaskSettings as Settings
 
         return Settings(threads=self.threads or 0, queue_depth=self.queue_depth or 0,
-                            max_rate=self.max_rate_bytes, token_file=self.token_file,
-                            target_zeroed=target_zeroed, compare=compare, stall=stall)
+                        max_rate=self.max_rate_bytes, token_file=self.token_file,
+                        target_zeroed=target_zeroed, compare=compare, stall=stall)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the job-state file stores it to check a resume is the same job)."""

@@ -17,6 +17,7 @@ import msgspec
 
 from vmrestore import schema
 from vmrestore.errors import FormatError
+from vmrestore.timeline import PLACES
 
 REPORT_VERSION = 1
 PHASES = ("initialize", "config", "snapshot", "data", "commit")
@@ -220,7 +221,7 @@ def format_table(r: Report) -> str:
                      f"{'MB/s':>8}  busy src/proxy/net/target  reason")
         for d in sorted(r.disks, key=lambda d: d.disk):
             busy = "/".join(f"{100 * d.busy.get(k, 0):.0f}%"
-                            for k in ("source", "proxy", "network", "target"))
+                            for k in PLACES)
             reason = d.reason + ("; " + "; ".join(d.history) if d.history else "")
             if d.busy.get("throttle"):
                 held = f"held back by the rate limit {100 * d.busy['throttle']:.0f}% of the time"

@@ -14,7 +14,7 @@ import html
 import math
 from typing import Any
 
-from vmrestore.timeline import ROLES, bottleneck, intervals
+from vmrestore.timeline import PLACES, ROLES, bottleneck, intervals
 
 W, H = 760, 230                  # chart size (SVG user units)
 ML, MR, MT, MB = 58, 150, 14, 34  # margins: room for axes and the legend
@@ -194,12 +194,12 @@ def _disk_section(d: dict[str, Any]) -> str:
             f'{html.escape(d.get("status", ""))}</h2>')
     busy = d.get("busy") or {}
     avg = ", ".join(f"{k} {100 * float(busy.get(k, 0)):.0f}%" for k in ROLES
-                    if k != "throttle" or busy.get(k))
+                    if k in PLACES or busy.get(k))
     if not tl.get("t"):
         return (head + f'<p class="muted">no timeline recorded for this disk '
                 f'(average busy: {avg})</p></section>')
     rows = intervals(tl)
-    roles = [r for r in ROLES if any(x[r] > 0 for x in rows)] or list(ROLES[:4])
+    roles = [r for r in ROLES if any(x[r] > 0 for x in rows)] or list(PLACES)
     return "\n".join([
         head,
         f'<p class="bottleneck">{html.escape(bottleneck_text(tl))}</p>',

@@ -22,8 +22,9 @@ from typing import Any
 
 TIMELINE_VERSION = 2  # 2: busy_s.throttle (version 1 documents read it as zeros)
 SAMPLE_INTERVAL = 0.1  # seconds between counter readings (also the progress refresh)
+PLACES = ("source", "proxy", "network", "target")  # where a disk's time is spent
 # "throttle" is not a place but a choice: time the readers waited for --max-rate.
-ROLES = ("source", "proxy", "network", "target", "throttle")
+ROLES = (*PLACES, "throttle")
 _BYTES = ("written", "zeroed", "skipped")
 
 
@@ -127,13 +128,14 @@ def intervals(tl: dict[str, Any]) -> list[dict[str, float]]:
     """
     t = [0.0, *tl.get("t", [])]
     out: list[dict[str, float]] = []
+    busy = {r: busy_column(tl, r) for r in ROLES}
     prev = {k: 0.0 for k in (*_BYTES, *ROLES)}
     for i in range(1, len(t)):
         dt = t[i] - t[i - 1]
         if dt <= 0:
             continue
         cur = {k: float(tl[k][i - 1]) for k in _BYTES}
-        cur.update({r: float(busy_column(tl, r)[i - 1]) for r in ROLES})
+        cur.update({r: float(busy[r][i - 1]) for r in ROLES})
         row = {"t0": t[i - 1], "t1": t[i],
                "data_mbps": (cur["written"] - prev["written"]) / dt / 1e6,
                "zero_mbps": (cur["zeroed"] + cur["skipped"] - prev["zeroed"]
