@@ -10,12 +10,16 @@ functions so that ``vmrestore --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import gc
 import importlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from vmrestore import __version__
 from vmrestore.errors import Interrupted, VmrError
@@ -161,6 +165,47 @@ def _interrupted_exit(message: str) -> int:
     return Interrupted.exit_code
 
 
+@contextlib.contextmanager
+def heavy_imports() -> Iterator[None]:
+    """Import a command's heavy modules (numpy, the core) with the cyclic GC paused.
+
+    Why: those imports make tens of thousands of objects that live as long as the
+    process, and the collector walked them several times while they were made;
+    frozen afterwards, no later pass walks them again. Only in a process of our
+    own (a test calling main() in-process keeps its collector as it is).
+    """
+    if not REAL_COMMAND_LINE:
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def _exit_now(rc: int) -> None:
+    """End a finished run without the interpreter's teardown, if nothing else still runs.
+
+    Why: after restore-disk's last byte, freeing every module (numpy's among them)
+    took 30-50 ms of a 1 s restore (docs/benchmarks.md, sixth round), spent after
+    the work is done. The exit handlers still run (logging's flush, finalizers),
+    the output is flushed; a non-daemon thread still alive means work is still
+    going on, and then the normal exit waits for it as always.
+    """
+    if threading.active_count() > 1 and any(
+            not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the output was not wanted
+            pass
+    os._exit(rc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # vmrestore never does linear algebra, but numpy's OpenBLAS starts one spinning
     # thread per core at import: ~0.1-0.3 CPU-s stolen from the restore (perf, docs/core.md).
@@ -176,8 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if REAL_COMMAND_LINE:  # a process of its own: not a test calling main() in-process
         install_signal_handlers()
     try:
-        rc = args.func(args)
-        return int(rc or 0)
+        rc = int(args.func(args) or 0)
+        if REAL_COMMAND_LINE and getattr(args, "quick_exit", False):
+            _exit_now(rc)
+        return rc
     except KeyboardInterrupt:
         return _interrupted_exit("vmrestore: interrupted")
     except Interrupted as e:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Iterable
@@ -65,7 +64,7 @@ def record_created(path: str, dev: int, ino: int) -> FileIdentity | None:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (dev, ino):
             return None
-        token = secrets.token_hex(16)
+        token = os.urandom(16).hex()  # what secrets.token_hex does, without its imports
         try:
             os.setxattr(fd, TOKEN_XATTR, token.encode())
         except OSError:  # tmpfs before 6.6, some NFS: identity by inode alone

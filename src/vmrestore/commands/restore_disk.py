@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vmrestore.cli import heavy_imports
 from vmrestore.commands import number, point_id, rate
 from vmrestore.errors import UsageError, VmrError
 
@@ -95,13 +96,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "seconds for --resume (default 2)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, quick_exit=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmrestore.mover.url import is_repo_url
-    from vmrestore.restore_disk import restore_disk
-    from vmrestore.ui import Display
+    with heavy_imports():
+        from vmrestore.mover.url import is_repo_url
+        from vmrestore.restore_disk import restore_disk
+        from vmrestore.transport import vddk_uri
+        from vmrestore.ui import Display
 
     for name in ("threads", "queue_depth", "connections", "buffers", "agent_connections",
                  "retries", "readers"):
@@ -109,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if args.disk < 0:
         raise UsageError("--disk must be >= 0")
-    from vmrestore.transport import vddk_uri
-
     if vddk_uri.is_vddk_uri(args.target):  # VMware's search path rule, before any load
         from vmrestore import vddk
 
@@ -145,15 +146,19 @@ def run(args: argparse.Namespace) -> int:
                   "buffers": args.buffers, "max_rate": args.max_rate,
                   "direct": not args.no_direct,
                   "progress": progress, **extra}
+        log.info("restore-disk %s disk %d -> %s (pid %d)", args.backup, args.disk, args.target,
+                 os.getpid())
         if new_file is None:
             res = restore_disk(args.backup, args.disk, args.target, force=args.force,
                                target_zeroed=True if args.target_zeroed else None, **common)
         else:
             res = _restore_new_file(args, new_file, common)
         task.done()
+    log.info("restore-disk done: disk %d -> %s (%s): written %d, zeroed %d, skipped %d bytes "
+             "in %.2f s; %d blocks verified", res.disk, res.target, res.writer, res.bytes_written,
+             res.bytes_zeroed, res.bytes_skipped, res.seconds, res.verified_blocks)
     if args.json:
-        json.dump(res.as_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(res.as_dict(), indent=2) + "\n")  # one write, not one per token
     elif not args.quiet:
         busy = ", ".join(f"{k} {v * 100:.0f}%" for k, v in res.busy.items())
         print(f"disk {res.disk} -> {res.target} ({res.writer}): {res.capacity} bytes in "
