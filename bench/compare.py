@@ -639,7 +639,7 @@ class Options:
     seed: int = 1
     caches: tuple[str, ...] = CACHES
     codec: str = ""  # backup create --codec ("": the default)
-    warmup: int = 1  # untimed runs per target group before the timed rounds
+    warmup: int = 1  # untimed runs of every tool before the timed rounds
 
 
 def _prepare(opts: Options, wd: Path, log: Callable[[str], None],
@@ -830,22 +830,23 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, wd: Path,
              timeout: float, log: Callable[[str], None]) -> None:
-    """Untimed runs before the timed rounds, one per target group and warm-up round.
+    """Untimed runs of every tool before the timed rounds, once per warm-up round.
 
-    Why: the first run after the images are made met the target's slow mode in
-    four of seven invocations (target CPU 1.4-3.5 s against 0.6-0.7 s later;
-    docs/benchmarks.md, third round), and the first tool of the first round is
-    always the same one. The run goes through the same steps as a timed one
-    (prime, fresh server, byte check); its figures are thrown away, a failure
-    only logged (the timed runs report it).
+    Why: the first runs after the images are made meet the target's slow mode
+    (third round, docs/benchmarks.md). One untimed run per target group did not
+    take it out: over six runs of the fifth round, the first three NBD tools of
+    timed round 1 (vmrestore, qemu-img, nbdcopy <- qemu-nbd) each had their
+    slowest run there (1.5-3.4 s against 1.13-1.29 s for vmrestore) and the
+    fourth (nbdcopy from raw) never did, so round 1 judged three tools on a
+    slower machine than the fourth. Each tool's untimed run goes through the same
+    steps as a timed one (prime, fresh server, byte check); its figures are thrown
+    away, a failure only logged (the timed runs report it).
     """
     cache = opts.caches[0]
-    firsts: dict[str, Case] = {}  # each target group's first case that runs
-    for c in cases:
-        if not rows[f"{cache}/{c.key}"].skipped:
-            firsts.setdefault(c.target, c)
     for n in range(opts.warmup):
-        for c in firsts.values():
+        for c in cases:
+            if rows[f"{cache}/{c.key}"].skipped:
+                continue
             scratch = Row(c.key, c.target, c.tool, c.how, cache)
             try:
                 _run_one(c, scratch, ctx, opts, wd, 0, timeout)
@@ -1019,7 +1020,7 @@ def render(report: dict[str, Any]) -> str:
         f"vmrestore backup {fmt_size(img.get('vmrb_bytes', 0))} "
         f"({img.get('codec', 'default')} codec)",
         f"best of {report['runs']} per tool and case, runs interleaved, after "
-        f"{report.get('warmup', 0)} untimed warm-up run(s) per target; every run "
+        f"{report.get('warmup', 0)} untimed warm-up run(s) of every tool; every run "
         "byte-verified; every tool flushes the target before it exits",
         *[f"- **{c}**: {(report.get('cases') or CACHE_TEXT).get(c, c)}" for c in caches],
         "",
