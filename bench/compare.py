@@ -797,29 +797,32 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
             ctx.dev = stack.enter_context(loop_device(wd / "target-loop.img", opts.size))
             log(f"loop target: {ctx.dev} over {wd / 'target-loop.img'}")
         timeout = max(300.0, opts.size / 4e6)
-        _warm_up(cases, rows, ctx, opts, wd, timeout, log)
         report["warmup"] = opts.warmup
-        # Interleave: run 1 of every tool, then run 2 of every tool, ... so a noisy
-        # neighbour on the shared machine hurts all tools alike. Rotate the order in
-        # every round: the first run after the other case's cache drop meets the target
-        # file system's metadata (block bitmaps) cold, and no tool should be the one that
-        # always pays for it.
-        for run_no in range(1, opts.runs + 1):
-            order = _rotated(cases, run_no - 1)
-            for cache in opts.caches:
-                for c in order:
-                    row = rows[f"{cache}/{c.key}"]
-                    if row.skipped or row.error:
-                        continue
-                    try:
-                        _run_one(c, row, ctx, opts, wd, run_no, timeout)
-                    except TargetError as e:
-                        row.error = str(e)
-                        log(f"FAILED {cache} {c.key}: {e}")
-                        continue
-                    log(f"{cache} {c.key:<22} run {run_no}: {row.seconds[-1]:7.2f} s  "
-                        f"peak RSS {fmt_size(row.rss_kib[-1] * 1024)}  bytes verified  "
-                        f"(load {os.getloadavg()[0]:.2f})")
+        # One target group at a time (every NBD run, then every loop run): each ratio
+        # compares tools of one group, and a group's first run after the other group's
+        # writes was slower than any other (docs/benchmarks.md, sixth round). Inside a
+        # group, interleave: run 1 of every tool, then run 2, ... so a noisy neighbour
+        # hurts all tools alike. Rotate the order in every round: the first run after
+        # the other case's cache drop meets the target file system's metadata (block
+        # bitmaps) cold, and no tool should be the one that always pays for it.
+        for group in _groups(cases):
+            _warm_up(group, rows, ctx, opts, wd, timeout, log)
+            for run_no in range(1, opts.runs + 1):
+                order = _rotated(group, run_no - 1)
+                for cache in opts.caches:
+                    for c in order:
+                        row = rows[f"{cache}/{c.key}"]
+                        if row.skipped or row.error:
+                            continue
+                        try:
+                            _run_one(c, row, ctx, opts, wd, run_no, timeout)
+                        except TargetError as e:
+                            row.error = str(e)
+                            log(f"FAILED {cache} {c.key}: {e}")
+                            continue
+                        log(f"{cache} {c.key:<22} run {run_no}: {row.seconds[-1]:7.2f} s  "
+                            f"peak RSS {fmt_size(row.rss_kib[-1] * 1024)}  bytes verified  "
+                            f"(load {os.getloadavg()[0]:.2f})")
         report["load_avg_end"] = list(os.getloadavg())
         report["results"] = _summarize(rows, opts.size)
         report["targets"] = _targets(report["results"], opts.caches)
@@ -830,17 +833,16 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, wd: Path,
              timeout: float, log: Callable[[str], None]) -> None:
-    """Untimed runs of every tool before the timed rounds, once per warm-up round.
+    """Untimed runs of every tool of a target group before its timed rounds.
 
-    Why: the first runs after the images are made meet the target's slow mode
-    (third round, docs/benchmarks.md). One untimed run per target group did not
-    take it out: over six runs of the fifth round, the first three NBD tools of
-    timed round 1 (vmrestore, qemu-img, nbdcopy <- qemu-nbd) each had their
-    slowest run there (1.5-3.4 s against 1.13-1.29 s for vmrestore) and the
-    fourth (nbdcopy from raw) never did, so round 1 judged three tools on a
-    slower machine than the fourth. Each tool's untimed run goes through the same
-    steps as a timed one (prime, fresh server, byte check); its figures are thrown
-    away, a failure only logged (the timed runs report it).
+    Why: the first runs after the images are made, or after the other target
+    group's writes, meet the target's slow mode (third and sixth rounds,
+    docs/benchmarks.md): with one untimed run per group before rounds that
+    alternated the groups, the first three NBD tools of round 1 (vmrestore,
+    qemu-img, nbdcopy <- qemu-nbd) each had their slowest run there in the fifth
+    round's six runs and the fourth never did. Each tool's untimed run goes
+    through the same steps as a timed one (prime, fresh server, byte check); its
+    figures are thrown away, a failure only logged (the timed runs report it).
     """
     cache = opts.caches[0]
     for n in range(opts.warmup):
@@ -856,14 +858,15 @@ def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, w
                 log(f"warm-up {c.key}: {e} (not counted)")
 
 
-def _rotated(cases: list[Case], k: int) -> list[Case]:
-    """The cases of each target (nbd, then loop), each group rotated by k places."""
-    out: list[Case] = []
-    for target in dict.fromkeys(c.target for c in cases):
-        group = [c for c in cases if c.target == target]
-        j = k % len(group)
-        out += group[j:] + group[:j]
-    return out
+def _groups(cases: list[Case]) -> list[list[Case]]:
+    """The cases by target (nbd, then loop), in their order."""
+    return [[c for c in cases if c.target == t] for t in dict.fromkeys(c.target for c in cases)]
+
+
+def _rotated(group: list[Case], k: int) -> list[Case]:
+    """The cases of one target group, rotated by k places."""
+    j = k % len(group)
+    return group[j:] + group[:j]
 
 
 def _install_sigterm(stack: contextlib.ExitStack) -> None:

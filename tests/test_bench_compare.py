@@ -138,6 +138,9 @@ def test_compare_smoke_every_row_verified(compare: ModuleType, tmp_path: Path) -
     for r in ran:
         assert re.search(rf"warm-up warm {re.escape(r['key'])} +1: +[0-9.]+ s \(not counted\)",
                          proc.stderr), r["key"]
+    # one target group at a time: every NBD line (warm-up and timed) before any loop line
+    groups = re.findall(r"^bench: (?:warm-up )?(?:warm|cold) (nbd|loop)/", proc.stderr, re.M)
+    assert groups == sorted(groups, key=("nbd", "loop").index) and set(groups) == {"nbd", "loop"}
     assert _leftovers(tmp_path) == []
     assert not (tmp_path / "disk.raw").exists()  # cleaned up without --keep
     need(not report["image"]["vmrestore"], f"vmrestore rows: {report['image']['vmrestore']}")
