@@ -639,7 +639,7 @@ class Options:
     seed: int = 1
     caches: tuple[str, ...] = CACHES
     codec: str = ""  # backup create --codec ("": the default)
-    warmup: int = 1  # untimed runs of every tool before the timed rounds
+    warmup: int = 1  # untimed rounds (every tool, every case) before the timed ones
 
 
 def _prepare(opts: Options, wd: Path, log: Callable[[str], None],
@@ -833,29 +833,31 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, wd: Path,
              timeout: float, log: Callable[[str], None]) -> None:
-    """Untimed runs of every tool of a target group before its timed rounds.
+    """Untimed rounds before a target group's timed ones: every tool, every cache case.
 
-    Why: the first runs after the images are made, or after the other target
-    group's writes, meet the target's slow mode (third and sixth rounds,
-    docs/benchmarks.md): with one untimed run per group before rounds that
-    alternated the groups, the first three NBD tools of round 1 (vmrestore,
-    qemu-img, nbdcopy <- qemu-nbd) each had their slowest run there in the fifth
-    round's six runs and the fourth never did. Each tool's untimed run goes
-    through the same steps as a timed one (prime, fresh server, byte check); its
-    figures are thrown away, a failure only logged (the timed runs report it).
+    Why: the first runs after the images are made met the target's slow mode
+    (third round, docs/benchmarks.md), and one untimed run per group, or one of
+    every tool in the warm case only, did not take it out: in the sixth round's
+    first three runs the first three NBD tools of timed round 1 (vmrestore,
+    qemu-img, nbdcopy <- qemu-nbd) were slower there than in rounds 2 and 3,
+    which follow a cold round's cache drops. A warm-up round is the timed
+    round's order and cases, so round 1 starts from the same history as the
+    others. Each run goes through the same steps as a timed one (prime, fresh
+    server, cache drop when cold, byte check); its figures are thrown away, a
+    failure only logged (the timed runs report it).
     """
-    cache = opts.caches[0]
     for n in range(opts.warmup):
-        for c in cases:
-            if rows[f"{cache}/{c.key}"].skipped:
-                continue
-            scratch = Row(c.key, c.target, c.tool, c.how, cache)
-            try:
-                _run_one(c, scratch, ctx, opts, wd, 0, timeout)
-                log(f"warm-up {scratch.cache} {c.key:<17} {n + 1}: {scratch.seconds[-1]:7.2f} s "
-                    "(not counted)")
-            except TargetError as e:
-                log(f"warm-up {c.key}: {e} (not counted)")
+        for cache in opts.caches:
+            for c in cases:
+                if rows[f"{cache}/{c.key}"].skipped:
+                    continue
+                scratch = Row(c.key, c.target, c.tool, c.how, cache)
+                try:
+                    _run_one(c, scratch, ctx, opts, wd, 0, timeout)
+                    log(f"warm-up {scratch.cache} {c.key:<17} {n + 1}: "
+                        f"{scratch.seconds[-1]:7.2f} s (not counted)")
+                except TargetError as e:
+                    log(f"warm-up {cache} {c.key}: {e} (not counted)")
 
 
 def _groups(cases: list[Case]) -> list[list[Case]]:
@@ -1023,7 +1025,7 @@ def render(report: dict[str, Any]) -> str:
         f"vmrestore backup {fmt_size(img.get('vmrb_bytes', 0))} "
         f"({img.get('codec', 'default')} codec)",
         f"best of {report['runs']} per tool and case, runs interleaved, after "
-        f"{report.get('warmup', 0)} untimed warm-up run(s) of every tool; every run "
+        f"{report.get('warmup', 0)} untimed warm-up round(s) of every tool; every run "
         "byte-verified; every tool flushes the target before it exits",
         *[f"- **{c}**: {(report.get('cases') or CACHE_TEXT).get(c, c)}" for c in caches],
         "",

@@ -133,11 +133,12 @@ def test_compare_smoke_every_row_verified(compare: ModuleType, tmp_path: Path) -
         assert f" {r['best_s']:.2f} | " in table
     assert "warm: s" in table and "cold: s" in table and "caches dropped" in table
     assert "| issue 12 target | case |" in table
-    # one untimed warm-up run of every tool that runs, not counted in any row
-    assert report["warmup"] == 1 and "after 1 untimed warm-up run(s) of every tool" in table
+    # one untimed warm-up round of every tool that runs, both cases, not counted in any row
+    assert report["warmup"] == 1 and "after 1 untimed warm-up round(s) of every tool" in table
     for r in ran:
-        assert re.search(rf"warm-up warm {re.escape(r['key'])} +1: +[0-9.]+ s \(not counted\)",
-                         proc.stderr), r["key"]
+        for cache in ("warm", "cold"):
+            assert re.search(rf"warm-up {cache} {re.escape(r['key'])} +1: +[0-9.]+ s "
+                             r"\(not counted\)", proc.stderr), (cache, r["key"])
     # one target group at a time: every NBD line (warm-up and timed) before any loop line
     groups = re.findall(r"^bench: (?:warm-up )?(?:warm|cold) (nbd|loop)/", proc.stderr, re.M)
     assert groups == sorted(groups, key=("nbd", "loop").index) and set(groups) == {"nbd", "loop"}

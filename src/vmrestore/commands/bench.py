@@ -122,9 +122,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--size", default="2G", help="logical disk size (default 2G; multiple of 1M)")
     c.add_argument("--runs", type=int, default=3, help="runs per tool, best is kept (default 3)")
     c.add_argument("--warmup", type=int, default=1, metavar="N",
-                   help="untimed runs of every tool before the timed ones (default 1): "
-                        "the first runs after the images are made meet a machine still "
-                        "settling, and round 1 would judge its first tools on it")
+                   help="untimed rounds (every tool, every case) before each target "
+                        "group's timed ones (default 1): the first runs after the images "
+                        "are made meet a machine still settling, and round 1 would judge "
+                        "its first tools on it")
     c.add_argument("--workdir", metavar="DIR",
                    help="where images and targets go (default: a new dir in /var/tmp)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
