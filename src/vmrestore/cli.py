@@ -194,8 +194,7 @@ def _exit_now(rc: int) -> None:
     the output is flushed; a non-daemon thread still alive means work is still
     going on, and then the normal exit waits for it as always.
     """
-    if threading.active_count() > 1 and any(
-            not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
