@@ -922,7 +922,8 @@ def _targets(results: list[dict[str, Any]],
             if a and peers:
                 b, key = min(peers)
                 ratio = a / b
-                row.update(ratio=round(ratio, 2), against=key,
+                # three decimals: 1.004 over a bound of 1.0 must not print as a met "1.0"
+                row.update(ratio=round(ratio, 3), against=key,
                            status="met" if ratio <= bound else "missed")
             out.append(row)
     rss = [r["peak_rss_kib"] for r in results if r["key"].endswith("/vmrestore")
@@ -1063,7 +1064,7 @@ def render(report: dict[str, Any]) -> str:
               "|---|---|---:|---|---|---|"]
     for t in report["targets"]:
         val = "-" if t["ratio"] is None else (
-            f"{t['ratio']} MiB" if "RSS" in t["target"] else f"{t['ratio']:.2f}x")
+            f"{t['ratio']} MiB" if "RSS" in t["target"] else f"{t['ratio']:.3f}x")
         lines.append(f"| {t['target']} | {t['case']} | {val} | {t.get('against') or '-'} | "
                      f"{t['bound']} | {t['status']} |")
     tcpu = [f"{r.get('cache', 'cold')} {r['key']} {r['best_target_cpu_s']:.2f}"

@@ -77,6 +77,9 @@ def test_target_ratios_met_and_missed(compare: ModuleType) -> None:
     assert [(t["case"], t["status"]) for t in both if "compressed" in t["target"]] == [
         ("warm", "met"), ("cold", "missed"), ("warm", "met"), ("cold", "missed")]
     assert [t["case"] for t in both if "nbdcopy --flush" in t["target"]] == ["warm"]
+    near = compare._targets([row("nbd/vmrestore", 1.13), row("nbd/nbdcopy-raw", 1.125)], ("warm",))
+    flush = next(t for t in near if "nbdcopy --flush" in t["target"])
+    assert flush["status"] == "missed" and flush["ratio"] == 1.004  # not a "1.0" that reads as met
     partial = compare._targets([row("nbd/qemu-img", 3.0)], ("warm",))
     assert {t["status"] for t in partial} == {"n/a"}
 
