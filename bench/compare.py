@@ -799,8 +799,8 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         timeout = max(300.0, opts.size / 4e6)
         report["warmup"] = opts.warmup
         # One target group at a time (every NBD run, then every loop run): each ratio
-        # compares tools of one group, and a group's first run after the other group's
-        # writes was slower than any other (docs/benchmarks.md, sixth round). Inside a
+        # compares tools of one group, so the other group's writes need not sit between
+        # them (docs/benchmarks.md, sixth round). Inside a
         # group, interleave: run 1 of every tool, then run 2, ... so a noisy neighbour
         # hurts all tools alike. Rotate the order in every round: the first run after
         # the other case's cache drop meets the target file system's metadata (block
