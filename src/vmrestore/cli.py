@@ -169,9 +169,9 @@ def _interrupted_exit(message: str) -> int:
 def heavy_imports() -> Iterator[None]:
     """Import a command's heavy modules (numpy, the core) with the cyclic GC paused.
 
-    Why: those imports make tens of thousands of objects that live as long as the
-    process, and the collector walked them several times while they were made;
-    frozen afterwards, no later pass walks them again. Only in a process of our
+    Why: restore-disk's imports make some 16 000 tracked objects that live as long
+    as the process, and the collector ran 46 passes while they were made; frozen
+    afterwards, no later pass walks them again. Only in a process of our
     own (a test calling main() in-process keeps its collector as it is).
     """
     if not REAL_COMMAND_LINE:
@@ -189,7 +189,7 @@ def _exit_now(rc: int) -> None:
     """End a finished run without the interpreter's teardown, if nothing else still runs.
 
     Why: after restore-disk's last byte, freeing every module (numpy's among them)
-    took 30-50 ms of a 1 s restore (docs/benchmarks.md, sixth round), spent after
+    took 25-50 ms of a 1 s restore (docs/benchmarks.md, sixth round), spent after
     the work is done. The exit handlers still run (logging's flush, finalizers),
     the output is flushed; a non-daemon thread still alive means work is still
     going on, and then the normal exit waits for it as always.

@@ -220,8 +220,7 @@ def format_table(r: Report) -> str:
         lines.append(f"{'disk':<5}{'transport':<10}{'written':>9}{'zeroed':>9}{'skipped':>9}"
                      f"{'MB/s':>8}  busy src/proxy/net/target  reason")
         for d in sorted(r.disks, key=lambda d: d.disk):
-            busy = "/".join(f"{100 * d.busy.get(k, 0):.0f}%"
-                            for k in PLACES)
+            busy = "/".join(f"{100 * d.busy.get(k, 0):.0f}%" for k in PLACES)
             reason = d.reason + ("; " + "; ".join(d.history) if d.history else "")
             if d.busy.get("throttle"):
                 held = f"held back by the rate limit {100 * d.busy['throttle']:.0f}% of the time"

@@ -146,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
                   "buffers": args.buffers, "max_rate": args.max_rate,
                   "direct": not args.no_direct,
                   "progress": progress, **extra}
-        log.info("restore-disk %s disk %d -> %s (pid %d)", args.backup, args.disk, args.target,
-                 os.getpid())
+        log.info("restore-disk %s disk %d -> %s", args.backup, args.disk, args.target)
         if new_file is None:
             res = restore_disk(args.backup, args.disk, args.target, force=args.force,
                                target_zeroed=True if args.target_zeroed else None, **common)
