@@ -800,17 +800,18 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         report["warmup"] = opts.warmup
         # One target group at a time (every NBD run, then every loop run): each ratio
         # compares tools of one group, so the other group's writes need not sit between
-        # them (docs/benchmarks.md, sixth round). Inside a
-        # group, interleave: run 1 of every tool, then run 2, ... so a noisy neighbour
-        # hurts all tools alike. Rotate the order in every round: the first run after
-        # the other case's cache drop meets the target file system's metadata (block
-        # bitmaps) cold, and no tool should be the one that always pays for it.
+        # them (docs/benchmarks.md, sixth round). Inside a group, every warm round, then
+        # every cold round: a warm run never follows a cache drop (seventh round: the
+        # first warm run after the cold round's drop was vmrestore's slowest, 1.10x its
+        # median on average, and with three runs of four tools the rotation never put
+        # nbdcopy from raw there). Inside a case, interleave: run 1 of every tool, then
+        # run 2, ... so a noisy neighbour hurts all tools alike, rotating the order in
+        # every round so no tool always runs first.
         for group in _groups(cases):
             _warm_up(group, rows, ctx, opts, wd, timeout, log)
-            for run_no in range(1, opts.runs + 1):
-                order = _rotated(group, run_no - 1)
-                for cache in opts.caches:
-                    for c in order:
+            for cache in opts.caches:
+                for run_no in range(1, opts.runs + 1):
+                    for c in _rotated(group, run_no - 1):
                         row = rows[f"{cache}/{c.key}"]
                         if row.skipped or row.error:
                             continue
@@ -837,17 +838,15 @@ def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, w
 
     Why: the first runs after the images are made met the target's slow mode
     (third round, docs/benchmarks.md), and one untimed run per group, or one of
-    every tool in the warm case only, did not take it out: in the sixth round's
-    first three runs the first three NBD tools of timed round 1 (vmrestore,
-    qemu-img, nbdcopy <- qemu-nbd) were slower there than in rounds 2 and 3,
-    which follow a cold round's cache drops. A warm-up round is the timed
-    round's order and cases, so round 1 starts from the same history as the
-    others. Each run goes through the same steps as a timed one (prime, fresh
-    server, cache drop when cold, byte check); its figures are thrown away, a
-    failure only logged (the timed runs report it).
+    every tool in the warm case only, did not take it out (sixth round). Each
+    run goes through the same steps as a timed one (prime, fresh server, cache
+    drop when cold, byte check); its figures are thrown away, a failure only
+    logged (the timed runs report it). The cold case goes first, so the timed
+    warm rounds that follow start, like each other, after warm runs and not
+    after a cache drop.
     """
     for n in range(opts.warmup):
-        for cache in opts.caches:
+        for cache in sorted(opts.caches, key=lambda k: k != "cold"):
             for c in cases:
                 if rows[f"{cache}/{c.key}"].skipped:
                     continue
@@ -1025,7 +1024,8 @@ def render(report: dict[str, Any]) -> str:
         f"{fmt_size(img['raw_allocated'])}; qcow2 -c {fmt_size(img.get('qcow2_bytes', 0))}; "
         f"vmrestore backup {fmt_size(img.get('vmrb_bytes', 0))} "
         f"({img.get('codec', 'default')} codec)",
-        f"best of {report['runs']} per tool and case, runs interleaved, after "
+        f"best of {report['runs']} per tool and case, runs interleaved (every warm round, "
+        f"then every cold one, per target), after "
         f"{report.get('warmup', 0)} untimed warm-up round(s) of every tool; every run "
         "byte-verified; every tool flushes the target before it exits",
         *[f"- **{c}**: {(report.get('cases') or CACHE_TEXT).get(c, c)}" for c in caches],
