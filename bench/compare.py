@@ -804,7 +804,7 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         # machine for minutes (its freed memory goes back to the host and comes back page
         # by page), so no warm run may follow one: with the cases alternating per round,
         # the first warm run after the cold round's drops was vmrestore's slowest (1.10x
-        # its median on average over twelve runs), and with three runs of four tools the
+        # its median on average over ten runs), and with three runs of four tools the
         # rotation never put nbdcopy from raw there (docs/benchmarks.md, seventh round).
         # Inside a group, interleave: run 1 of every tool, then run 2, ... so a noisy
         # neighbour hurts all tools alike, rotating the order in every round.
