@@ -798,19 +798,18 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
             log(f"loop target: {ctx.dev} over {wd / 'target-loop.img'}")
         timeout = max(300.0, opts.size / 4e6)
         report["warmup"] = opts.warmup
-        # Every warm run, then every cold one; inside a case one target group at a time
-        # (every NBD run, then every loop run: each ratio compares tools of one group, so
-        # the other group's writes need not sit between them). A cache drop slows this
-        # machine for minutes (its freed memory goes back to the host and comes back page
-        # by page), so no warm run may follow one: with the cases alternating per round,
-        # the first warm run after the cold round's drops was vmrestore's slowest (1.10x
-        # its median on average over ten runs), and with three runs of four tools the
-        # rotation never put nbdcopy from raw there (docs/benchmarks.md, seventh round).
-        # Inside a group, interleave: run 1 of every tool, then run 2, ... so a noisy
-        # neighbour hurts all tools alike, rotating the order in every round.
-        for cache in opts.caches:
-            for group in _groups(cases):
-                _warm_up(group, cache, rows, ctx, opts, wd, timeout, log)
+        # One target group at a time (every NBD run, then every loop run): each ratio
+        # compares tools of one group, so the other group's writes need not sit between
+        # them (docs/benchmarks.md, sixth round). Inside a group, every warm round, then
+        # every cold round: no timed warm run comes right after a cache drop (seventh round: the
+        # first warm run after the cold round's drop was vmrestore's slowest, 1.11x its
+        # median on average, and with three runs of four tools the rotation never put
+        # nbdcopy from raw there). Inside a case, interleave: run 1 of every tool, then
+        # run 2, ... so a noisy neighbour hurts all tools alike, rotating the order in
+        # every round so no tool always runs first.
+        for group in _groups(cases):
+            _warm_up(group, rows, ctx, opts, wd, timeout, log)
+            for cache in opts.caches:
                 for run_no in range(1, opts.runs + 1):
                     for c in _rotated(group, run_no - 1):
                         row = rows[f"{cache}/{c.key}"]
@@ -833,28 +832,31 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         return report
 
 
-def _warm_up(cases: list[Case], cache: str, rows: dict[str, Row], ctx: Ctx, opts: Options,
-             wd: Path, timeout: float, log: Callable[[str], None]) -> None:
-    """Untimed rounds of every tool of a target group in one cache case, before its timed ones.
+def _warm_up(cases: list[Case], rows: dict[str, Row], ctx: Ctx, opts: Options, wd: Path,
+             timeout: float, log: Callable[[str], None]) -> None:
+    """Untimed rounds before a target group's timed ones: every tool, every cache case.
 
     Why: the first runs after the images are made met the target's slow mode
-    (third round, docs/benchmarks.md), and the first timed round was slower than
-    the others for the tools that ran first (sixth round). Each run goes through
-    the same steps as a timed one (prime, fresh server, cache drop when cold,
-    byte check); its figures are thrown away, a failure only logged (the timed
-    runs report it).
+    (third round, docs/benchmarks.md), and one untimed run per group, or one of
+    every tool in the warm case only, did not take it out (sixth round). Each
+    run goes through the same steps as a timed one (prime, fresh server, cache
+    drop when cold, byte check); its figures are thrown away, a failure only
+    logged (the timed runs report it). The cold case goes first, so the timed
+    warm rounds that follow start, like each other, after warm runs and not
+    after a cache drop.
     """
     for n in range(opts.warmup):
-        for c in cases:
-            if rows[f"{cache}/{c.key}"].skipped:
-                continue
-            scratch = Row(c.key, c.target, c.tool, c.how, cache)
-            try:
-                _run_one(c, scratch, ctx, opts, wd, 0, timeout)
-                log(f"warm-up {cache} {c.key:<17} {n + 1}: "
-                    f"{scratch.seconds[-1]:7.2f} s (not counted)")
-            except TargetError as e:
-                log(f"warm-up {cache} {c.key}: {e} (not counted)")
+        for cache in sorted(opts.caches, key=lambda k: k != "cold"):
+            for c in cases:
+                if rows[f"{cache}/{c.key}"].skipped:
+                    continue
+                scratch = Row(c.key, c.target, c.tool, c.how, cache)
+                try:
+                    _run_one(c, scratch, ctx, opts, wd, 0, timeout)
+                    log(f"warm-up {scratch.cache} {c.key:<17} {n + 1}: "
+                        f"{scratch.seconds[-1]:7.2f} s (not counted)")
+                except TargetError as e:
+                    log(f"warm-up {cache} {c.key}: {e} (not counted)")
 
 
 def _groups(cases: list[Case]) -> list[list[Case]]:
@@ -1022,8 +1024,8 @@ def render(report: dict[str, Any]) -> str:
         f"{fmt_size(img['raw_allocated'])}; qcow2 -c {fmt_size(img.get('qcow2_bytes', 0))}; "
         f"vmrestore backup {fmt_size(img.get('vmrb_bytes', 0))} "
         f"({img.get('codec', 'default')} codec)",
-        f"best of {report['runs']} per tool and case, runs interleaved (every warm run "
-        f"before any cold one, one target group at a time), after "
+        f"best of {report['runs']} per tool and case, runs interleaved (every warm round, "
+        f"then every cold one, per target), after "
         f"{report.get('warmup', 0)} untimed warm-up round(s) of every tool; every run "
         "byte-verified; every tool flushes the target before it exits",
         *[f"- **{c}**: {(report.get('cases') or CACHE_TEXT).get(c, c)}" for c in caches],
