@@ -801,12 +801,12 @@ def run_compare(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         # One target group at a time (every NBD run, then every loop run): each ratio
         # compares tools of one group, so the other group's writes need not sit between
         # them (docs/benchmarks.md, sixth round). Inside a group, every warm round, then
-        # every cold round: no timed warm run comes right after a cache drop (seventh round: the
-        # first warm run after the cold round's drop was vmrestore's slowest, 1.11x its
-        # median on average, and with three runs of four tools the rotation never put
-        # nbdcopy from raw there). Inside a case, interleave: run 1 of every tool, then
-        # run 2, ... so a noisy neighbour hurts all tools alike, rotating the order in
-        # every round so no tool always runs first.
+        # every cold round: no timed warm run comes right after a cache drop (seventh
+        # round: the first warm run after the cold round's drop was vmrestore's slowest,
+        # 1.11x its median on average, and with three runs of four tools the rotation
+        # never put nbdcopy from raw there). Inside a case, interleave: run 1 of every
+        # tool, then run 2, ... so a noisy neighbour hurts all tools alike, rotating the
+        # order in every round so no tool always runs first.
         for group in _groups(cases):
             _warm_up(group, rows, ctx, opts, wd, timeout, log)
             for cache in opts.caches:
